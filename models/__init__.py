@@ -1,0 +1,5 @@
+"""Pyro models: reverse processes p_theta(x_{0:T}). Installed as ``pyro_ddpm.models``."""
+
+from .reverse_process import ReverseProcess
+
+__all__ = ["ReverseProcess"]

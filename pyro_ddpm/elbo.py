@@ -1,0 +1,93 @@
+"""ELBO bookkeeping: the bound's terms one by one, and the two training objectives.
+
+The bound (Eq. 5)   L = L_T + sum_{t=2}^T L_{t-1} + L_0
+is what ``pyro.infer.TraceMeanField_ELBO`` computes for a model/guide pair following
+:mod:`pyro_ddpm.protocol`: each latent site contributes its analytic KL, the observed ``x_0`` its
+negative log-likelihood. :class:`TermwiseELBO` returns those contributions unsummed.
+
+Objectives (Eqs. 12 and 14), for the same model and guide:
+
+- ``elbo``: the true bound, every term with weight 1.
+- ``simple``: L_simple. By Eq. 12, L_{t-1} = w_t E||eps - eps_theta||^2 + D C_t, so scaling each
+  pair's terms by lambda_t = 1 / (T w_t) with ``poutine.scale`` turns the per-timestep estimate
+  (T/K) sum_k L_{t_k - 1} into (1/K) sum_k ||eps - eps_theta(x_t, t_k)||^2 plus constants, whose
+  gradient is Algorithm 1's. At t = 1 L_simple uses the eps error too, which is the t = 1 term of
+  the model whose decoder is the Gaussian transition density itself (the paper's remark after
+  Eq. 14): -log N(x_0; mu_theta(x_1, 1), sigma_1^2) = w_1 ||eps - eps_theta||^2 + const. The
+  constants (D C_t / (T w_t) and the Gaussian's normalizer) stay in the reported loss value; they
+  carry no gradient. The true bound of a model trained on L_simple is measured with the evaluator.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from pyro.distributions.util import scale_and_mask
+from pyro.infer import TraceMeanField_ELBO
+from torch.distributions import kl_divergence
+
+from pyro_ddpm.likelihoods import GaussianLikelihood
+
+OBJECTIVES = ("elbo", "simple")
+
+
+class Term(NamedTuple):
+    """One site's contribution: ``value`` (masked, batch-shaped, nats) and the ``scale`` Pyro applies."""
+
+    value: torch.Tensor
+    scale: torch.Tensor | float
+
+
+class TermwiseELBO(TraceMeanField_ELBO):
+    """``TraceMeanField_ELBO`` that also returns its terms, one per sample site, unsummed.
+
+    Subclassed because Pyro's ELBOs return only the total, while a diffusion model is read term by
+    term (L_T, each L_{t-1}, L_0; rate against distortion). :meth:`terms` takes the traces exactly as
+    the loss does (Pyro's own ``_get_trace``, with its model/guide and mean-field checks) and applies
+    the same rule per site: KL(guide || model) masked by the guide site's mask for latent sites,
+    -log p masked by the model site's mask for observed ones. ``sum(value * scale)`` over all terms is
+    the loss of a single particle.
+    """
+
+    def terms(self, model, guide, *args, **kwargs) -> dict[str, Term]:
+        model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)
+        out = {}
+        for name, site in model_trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            if site["is_observed"]:
+                mask, scale = site["mask"], site["scale"]
+                value = -site["fn"].log_prob(site["value"])
+            else:
+                guide_site = guide_trace.nodes[name]
+                mask, scale = guide_site["mask"], guide_site["scale"]
+                value = kl_divergence(guide_site["fn"], site["fn"])
+            if mask is False:
+                continue
+            out[name] = Term(scale_and_mask(value, 1.0, mask), scale)
+        return out
+
+    def loss_from_terms(self, terms: dict[str, Term]) -> torch.Tensor:
+        return sum((term.value * term.scale).sum() for term in terms.values())
+
+
+def simple_weights(model) -> torch.Tensor:
+    """lambda_t = 1 / (T w_t), t = 1..T (index 0 unused): the scale that turns the bound into L_simple."""
+    w = model.schedule.variance(model.variance).w
+    weight = torch.zeros_like(w)
+    weight[1:] = 1.0 / (model.T * w[1:])
+    return weight
+
+
+def objective(name: str, model):
+    """The model and per-timestep weights that SVI optimizes for the objective ``name``.
+
+    ``elbo``: ``(model, None)``. ``simple``: the model with the Gaussian transition density as its
+    t = 1 term, sharing the network, and lambda_t = 1 / (T w_t).
+    """
+    if name == "elbo":
+        return model, None
+    if name == "simple":
+        return model.with_likelihood(GaussianLikelihood()), simple_weights(model)
+    raise ValueError(f"unknown objective {name!r}; choose one of {OBJECTIVES}")

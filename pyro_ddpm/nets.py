@@ -1,0 +1,213 @@
+"""Noise-prediction networks eps_theta(x_t, t), t an integer in 1..T.
+
+:class:`UNet` is the architecture of Ho et al. (2020, Appendix B; the official ``diffusion`` code):
+a sinusoidal embedding of t fed to every residual block, residual blocks with GroupNorm, SiLU and
+dropout, self-attention at chosen resolutions, ``ch * ch_mult[i]`` channels at level i and
+``num_res_blocks`` blocks per level. The last convolution of each residual block, of each attention
+block and of the network start at zero, as in the official code. :class:`MLP` is the same idea for
+flat data (2-D toys).
+
+The reverse process accepts any ``torch.nn.Module`` with this call signature, so analytic or
+third-party networks plug in unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """The Transformer's sinusoidal embedding of the (integer) timesteps ``t``: shape (len(t), dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / max(half - 1, 1))
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def _norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(groups, channels), channels, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, temb_dim: int, dropout: float, groups: int):
+        super().__init__()
+        self.norm1 = _norm(c_in, groups)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.temb_proj = nn.Linear(temb_dim, c_out)
+        self.norm2 = _norm(c_out, groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = _zero(nn.Conv2d(c_out, c_out, 3, padding=1))
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, temb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.norm = _norm(channels, groups)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = _zero(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (f(h).reshape(B, C, H * W).transpose(1, 2) for f in (self.q, self.k, self.v))
+        h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v
+        return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))
+
+
+class UNet(nn.Module):
+    """The DDPM U-Net eps_theta(x_t, t) for images of shape (in_channels, resolution, resolution)."""
+
+    def __init__(
+        self,
+        resolution: int,
+        in_channels: int = 3,
+        ch: int = 128,
+        ch_mult: Sequence[int] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attn_resolutions: Sequence[int] = (16,),
+        dropout: float = 0.1,
+        groups: int = 32,
+    ):
+        super().__init__()
+        self.config = dict(
+            resolution=resolution, in_channels=in_channels, ch=ch, ch_mult=tuple(ch_mult),
+            num_res_blocks=num_res_blocks, attn_resolutions=tuple(attn_resolutions), dropout=dropout, groups=groups,
+        )
+        self.shape = (in_channels, resolution, resolution)
+        self.ch = ch
+        temb_dim = 4 * ch
+        self.temb = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+
+        self.down = nn.ModuleList()
+        skips, c, res = [ch], ch, resolution
+        for level, mult in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                blocks = [ResBlock(c, ch * mult, temb_dim, dropout, groups)]
+                c = ch * mult
+                if res in attn_resolutions:
+                    blocks.append(AttnBlock(c, groups))
+                self.down.append(nn.ModuleList(blocks))
+                skips.append(c)
+            if level != len(ch_mult) - 1:
+                self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+                skips.append(c)
+                res //= 2
+
+        self.mid = nn.ModuleList(
+            [ResBlock(c, c, temb_dim, dropout, groups), AttnBlock(c, groups), ResBlock(c, c, temb_dim, dropout, groups)]
+        )
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(ch_mult))):
+            for _ in range(num_res_blocks + 1):
+                blocks = [ResBlock(c + skips.pop(), ch * mult, temb_dim, dropout, groups)]
+                c = ch * mult
+                if res in attn_resolutions:
+                    blocks.append(AttnBlock(c, groups))
+                self.up.append(nn.ModuleList(blocks))
+            if level != 0:
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)))
+                res *= 2
+        self.norm_out = _norm(c, groups)
+        self.conv_out = _zero(nn.Conv2d(c, in_channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        temb = self.temb(timestep_embedding(t, self.ch).to(x.dtype))
+        hs = [self.conv_in(x)]
+        for layer in self.down:
+            if isinstance(layer, nn.ModuleList):
+                h = layer[0](hs[-1], temb)
+                for attn in layer[1:]:
+                    h = attn(h)
+                hs.append(h)
+            else:
+                hs.append(layer(hs[-1]))
+        h = hs[-1]
+        h = self.mid[2](self.mid[1](self.mid[0](h, temb)), temb)
+        for layer in self.up:
+            if isinstance(layer, nn.ModuleList):
+                h = layer[0](torch.cat([h, hs.pop()], dim=1), temb)
+                for attn in layer[1:]:
+                    h = attn(h)
+            else:
+                h = layer(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class MLP(nn.Module):
+    """eps_theta(x_t, t) for flat data of shape (dim,): residual MLP blocks with a time embedding."""
+
+    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, temb_dim: int = 64):
+        super().__init__()
+        self.config = dict(dim=dim, hidden=hidden, depth=depth, temb_dim=temb_dim)
+        self.shape = (dim,)
+        self.temb_dim = temb_dim
+        self.temb = nn.Sequential(nn.Linear(temb_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.inp = nn.Linear(dim, hidden)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, hidden)) for _ in range(depth)
+        )
+        self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        temb = self.temb(timestep_embedding(t, self.temb_dim).to(x.dtype))
+        h = self.inp(x)
+        for block in self.blocks:
+            h = h + block(h + temb)
+        return self.out(h)
+
+
+PRESETS = {
+    # sklearn digits: 1 x 8 x 8, 17 levels.
+    "digits": dict(kind="unet", resolution=8, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+                   attn_resolutions=(4,), dropout=0.1),
+    # MNIST: 1 x 28 x 28, 8-bit.
+    "mnist": dict(kind="unet", resolution=28, in_channels=1, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2,
+                  attn_resolutions=(14,), dropout=0.1),
+    # The paper's CIFAR-10 model: 3 x 32 x 32, 35.7M parameters.
+    "cifar10": dict(kind="unet", resolution=32, in_channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
+                    attn_resolutions=(16,), dropout=0.1),
+    # 2-D toy data.
+    "toy2d": dict(kind="mlp", dim=2, hidden=128, depth=3, temb_dim=64),
+}
+
+
+def build_network(config: dict) -> nn.Module:
+    """A network from a preset-style config: ``{"kind": "unet" | "mlp", **constructor arguments}``."""
+    config = dict(config)
+    kind = config.pop("kind", None)
+    if kind == "unet":
+        return UNet(**config)
+    if kind == "mlp":
+        return MLP(**config)
+    raise ValueError(f"network: unknown kind {kind!r}; expected 'unet' or 'mlp'")
+
+
+def network_config(net: nn.Module) -> dict:
+    """The config that rebuilds ``net`` with :func:`build_network` (for checkpoints)."""
+    kind = {UNet: "unet", MLP: "mlp"}.get(type(net))
+    if kind is None:
+        raise ValueError(f"network: cannot record the configuration of a {type(net).__name__}")
+    return {"kind": kind, **net.config}

@@ -1,0 +1,81 @@
+"""The protocol a reverse-process model and a forward-process guide follow.
+
+Both programs expose the same two entry points with the same arguments, so that Pyro's ``SVI``,
+``Predictive`` and this package's evaluator can pair any model with any guide.
+
+``chain(x0=None, num_images=None)`` -- the full chain, Eq. 5 term by term.
+    Under ``pyro.plate("images", B)`` the sites are ``x_T`` (written ``f"x_{T}"``, e.g. ``x_1000``),
+    then ``x_{T-1}``, ..., ``x_1`` (latent, event shape = the image shape) and the observed ``x_0``.
+    With ``TraceMeanField_ELBO`` the latent site ``x_s`` contributes L_s (s = 1..T; ``x_T`` gives
+    L_T) and ``x_0`` contributes L_0: site ``x_s`` <-> term L_s. Run with ``x0=None`` the model is
+    ancestral sampling (Algorithm 2).
+
+``per_timestep(x0, t, weight=None)`` -- the training form: ``t`` is a (B, K) integer tensor of
+    timesteps in 1..T. Sites:
+
+    - ``x_T`` under ``pyro.plate("images", B)``: L_T.
+    - under :func:`timestep_plate`, a plate over the B*T (image, t) pairs subsampled to the B*K given
+      ones (so each term carries the unbiasing scale T/K):
+        - ``x_t``: x_t ~ q(x_t | x_0) (Eq. 4), masked out in both programs (it only conditions);
+        - ``x_{t-1}``: q(x_{t-1} | x_t, x_0) against p_theta(x_{t-1} | x_t), masked to t > 1: L_{t-1};
+        - ``x_0`` (observed, model only): the decoder at t = 1, masked to t = 1: L_0.
+    - ``weight`` (optional, length T + 1, indexed by t) scales each pair's terms by weight[t] through
+      ``poutine.scale`` in both programs: how L_simple reweights the bound.
+
+Batch layout of the pair sites: pair b * K + k is image b at timestep t[b, k].
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pyro
+import torch
+from pyro import poutine
+
+IMAGES = "images"
+PAIRS = "(x_0, t)"
+X_T = "x_T"
+X_t = "x_t"
+X_PREV = "x_{t-1}"
+X_0 = "x_0"
+
+
+def chain_site(s: int) -> str:
+    """The chain form's name of x_s (s = 0..T)."""
+    return f"x_{s}"
+
+
+def timestep_plate(t: torch.Tensor, T: int) -> pyro.plate:
+    """``pyro.plate`` over all B*T (image, timestep) pairs, subsampled to the pairs in ``t`` (B, K).
+
+    Pyro scales every site inside by B*T / (B*K) = T / K, which makes the K-term sum an unbiased
+    estimate of sum_t L_{t-1}. The indices are passed as ``subsample=`` so the model and the guide see
+    the same pairs without a random permutation over the full size.
+    """
+    B, K = t.shape
+    image = torch.arange(B, device=t.device).unsqueeze(1)
+    return pyro.plate(PAIRS, B * T, subsample=(image * T + (t - 1)).reshape(-1))
+
+
+def pairs(x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_0 repeated for each of its K timesteps and the flat timesteps: shapes (B*K, ...), (B*K,)."""
+    return x0.repeat_interleave(t.shape[1], dim=0), t.reshape(-1)
+
+
+def weighted(weight: torch.Tensor | None, t: torch.Tensor):
+    """``poutine.scale`` by weight[t] per pair, or nothing for the true bound."""
+    if weight is None:
+        return contextlib.nullcontext()
+    return poutine.scale(scale=weight.to(t.device)[t])
+
+
+def draw_timesteps(batch: int, K: int, T: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """K timesteps per image, each uniform on 1..T (drawn with replacement): a (batch, K) LongTensor."""
+    t = torch.randint(1, T + 1, (batch, K), generator=generator)
+    return t if device is None else t.to(device)
+
+
+def all_timesteps(batch: int, T: int, device=None) -> torch.Tensor:
+    """Every timestep for every image: (batch, T); with it the training form is the full bound."""
+    return torch.arange(1, T + 1, device=device).expand(batch, T)

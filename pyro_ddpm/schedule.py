@@ -1,0 +1,177 @@
+"""The variance schedule and every constant derived from it, in one place.
+
+All constants are computed once, in float64, from the array beta_1..beta_T
+(Ho, Jain, Abbeel 2020, section 2) and stored as buffers of a
+:class:`torch.nn.Module`, so ``schedule.to(device)`` (or ``.to(dtype)``) moves
+them with the network. Every buffer has length ``T + 1`` and is indexed by the
+paper's ``t``: ``schedule.beta[t]`` is beta_t. Index 0 holds the t = 0 value
+where the paper defines one (abar_0 = 1, alpha_0 = 1) and 0 elsewhere.
+
+Names follow the paper:
+
+===================  ==========================================================
+``beta``             beta_t
+``alpha``            alpha_t = 1 - beta_t
+``abar``             abar_t = prod_{s<=t} alpha_s                       (Eq. 4)
+``abar_prev``        abar_{t-1}
+``beta_tilde``       (1 - abar_{t-1}) / (1 - abar_t) beta_t, beta_tilde_1 = 0 (Eq. 7)
+``coef_x0``          sqrt(abar_{t-1}) beta_t / (1 - abar_t)     mu_tilde's x_0 (Eq. 7)
+``coef_xt``          sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t)  mu_tilde's x_t (Eq. 7)
+``eps_coef``         beta_t / sqrt(1 - abar_t)                         (Eq. 11)
+``sigma2_large``     sigma_t^2 = beta_t, with sigma_1^2 = beta_tilde_2
+``sigma2_small``     sigma_t^2 = beta_tilde_t, with sigma_1^2 = beta_tilde_2
+``w_large/_small``   w_t = beta_t^2 / (2 sigma_t^2 alpha_t (1 - abar_t))  (Eq. 12)
+``C_large/_small``   C_t = (r - 1 - log r) / 2, r = beta_tilde_t / sigma_t^2 (t >= 2)
+===================  ==========================================================
+
+The sigma_1^2 = beta_tilde_2 replacement is the official code's: beta_tilde_1 = 0
+would give a degenerate decoder. C_1 is stored as 0: the t = 1 term is the
+decoder's L_0, not a Gaussian KL.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+VARIANCES = ("large", "small")
+
+
+class ModelVariance(NamedTuple):
+    """The reverse process's fixed variance sigma_t^2 and its Eq. 12 weight and constant."""
+
+    sigma2: torch.Tensor
+    w: torch.Tensor
+    C: torch.Tensor
+
+
+class Schedule(nn.Module):
+    """Forward-process variances beta_1..beta_T and the constants derived from them.
+
+    :param betas: the T values beta_1..beta_T, each strictly between 0 and 1, T >= 2.
+    """
+
+    def __init__(self, betas):
+        super().__init__()
+        beta = np.asarray(betas.detach().cpu() if torch.is_tensor(betas) else betas, dtype=np.float64)
+        if beta.ndim != 1:
+            raise ValueError(f"schedule: betas must be a 1-D array, got shape {beta.shape}")
+        if beta.size < 2:
+            raise ValueError(f"schedule: need T >= 2 timesteps, got T = {beta.size}")
+        if not np.all(np.isfinite(beta)) or np.any(beta <= 0) or np.any(beta >= 1):
+            bad = beta[~(np.isfinite(beta) & (beta > 0) & (beta < 1))]
+            raise ValueError(f"schedule: every beta_t must satisfy 0 < beta_t < 1, got {bad[:5].tolist()}")
+        self.T = int(beta.size)
+
+        beta = np.concatenate([[0.0], beta])  # index t = 0..T
+        alpha = 1.0 - beta
+        abar = np.cumprod(alpha)
+        abar_prev = np.concatenate([[1.0], abar[:-1]])
+        one_minus_abar = 1.0 - abar
+        t = slice(1, None)  # where the ratio over (1 - abar_t) is defined
+
+        beta_tilde = np.zeros_like(beta)
+        beta_tilde[t] = (1.0 - abar_prev[t]) / one_minus_abar[t] * beta[t]
+        coef_x0 = np.zeros_like(beta)
+        coef_x0[t] = np.sqrt(abar_prev[t]) * beta[t] / one_minus_abar[t]
+        coef_xt = np.zeros_like(beta)
+        coef_xt[t] = np.sqrt(alpha[t]) * (1.0 - abar_prev[t]) / one_minus_abar[t]
+        eps_coef = np.zeros_like(beta)
+        eps_coef[t] = beta[t] / np.sqrt(one_minus_abar[t])
+
+        constants = dict(
+            beta=beta,
+            alpha=alpha,
+            abar=abar,
+            abar_prev=abar_prev,
+            sqrt_abar=np.sqrt(abar),
+            sqrt_one_minus_abar=np.sqrt(one_minus_abar),
+            beta_tilde=beta_tilde,
+            coef_x0=coef_x0,
+            coef_xt=coef_xt,
+            eps_coef=eps_coef,
+            recip_sqrt_alpha=1.0 / np.sqrt(alpha),
+        )
+        for name, base in (("large", beta), ("small", beta_tilde)):
+            sigma2 = base.copy()
+            sigma2[0] = 0.0
+            sigma2[1] = beta_tilde[2]
+            w = np.zeros_like(beta)
+            w[t] = beta[t] ** 2 / (2.0 * sigma2[t] * alpha[t] * one_minus_abar[t])
+            C = np.zeros_like(beta)
+            r = beta_tilde[2:] / sigma2[2:]
+            C[2:] = 0.5 * (r - 1.0 - np.log(r))
+            constants[f"sigma2_{name}"] = sigma2
+            constants[f"w_{name}"] = w
+            constants[f"C_{name}"] = C
+        for name, value in constants.items():
+            self.register_buffer(name, torch.as_tensor(value, dtype=torch.float64))
+
+    # ----------------------------------------------------------------- constructors
+    @classmethod
+    def linear(cls, T: int = 1000, beta_1: float = 1e-4, beta_T: float = 0.02) -> "Schedule":
+        """The paper's schedule: beta increasing linearly from 1e-4 to 0.02 over T = 1000 steps."""
+        return cls(np.linspace(beta_1, beta_T, int(T), dtype=np.float64))
+
+    @classmethod
+    def cosine(cls, T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> "Schedule":
+        """Nichol and Dhariwal (2021, Eq. 17): abar_t = f(t)/f(0), f(t) = cos^2((t/T + s)/(1 + s) pi/2).
+
+        beta_t = 1 - abar_t / abar_{t-1}, clipped at ``max_beta``.
+        """
+        steps = np.arange(int(T) + 1, dtype=np.float64) / int(T)
+        f = np.cos((steps + s) / (1.0 + s) * math.pi / 2.0) ** 2
+        abar = f / f[0]
+        return cls(np.minimum(1.0 - abar[1:] / abar[:-1], max_beta))
+
+    @classmethod
+    def from_name(cls, name: str, T: int) -> "Schedule":
+        """``linear`` or ``cosine`` with T steps (the CLI's and checkpoints' spelling)."""
+        constructors = {"linear": cls.linear, "cosine": cls.cosine}
+        if name not in constructors:
+            raise ValueError(f"schedule: unknown schedule {name!r}; choose one of {sorted(constructors)}")
+        return constructors[name](T)
+
+    # ----------------------------------------------------------------- accessors
+    @property
+    def betas(self) -> torch.Tensor:
+        """beta_1..beta_T (length T, float64): what a checkpoint stores."""
+        return self.beta[1:]
+
+    def variance(self, kind: str) -> ModelVariance:
+        """The model variance ``"large"`` (sigma_t^2 = beta_t) or ``"small"`` (beta_tilde_t)."""
+        if kind not in VARIANCES:
+            raise ValueError(f"schedule: unknown variance {kind!r}; choose one of {VARIANCES}")
+        return ModelVariance(
+            getattr(self, f"sigma2_{kind}"), getattr(self, f"w_{kind}"), getattr(self, f"C_{kind}")
+        )
+
+    def check_timesteps(self, t: torch.Tensor) -> None:
+        """Raise ValueError unless every entry of ``t`` is an integer in 1..T."""
+        if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
+            raise ValueError(f"timesteps t must be an integer tensor, got dtype {t.dtype}")
+        if t.numel() and (int(t.min()) < 1 or int(t.max()) > self.T):
+            raise ValueError(
+                f"timesteps t must lie in 1..T = 1..{self.T}, got values in {int(t.min())}..{int(t.max())}"
+            )
+
+    def check_matches(self, betas, what: str = "checkpoint") -> None:
+        """Raise ValueError unless ``betas`` is this schedule's beta_1..beta_T."""
+        other = torch.as_tensor(betas, dtype=torch.float64).cpu()
+        if other.numel() != self.T:
+            raise ValueError(f"schedule mismatch: the {what} has T = {other.numel()}, this schedule has T = {self.T}")
+        if not torch.allclose(other, self.betas.cpu(), rtol=1e-12, atol=0.0):
+            raise ValueError(f"schedule mismatch: the {what}'s betas differ from this schedule's (same T = {self.T})")
+
+    def extra_repr(self) -> str:
+        return f"T={self.T}, beta_1={self.beta[1].item():.3g}, beta_T={self.beta[-1].item():.3g}"
+
+
+def at(constant: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``constant[t]`` shaped to broadcast against ``x`` (batch dims of ``t`` first) in ``x``'s dtype."""
+    c = constant[t].to(dtype=x.dtype)
+    return c.reshape(c.shape + (1,) * (x.dim() - c.dim()))
