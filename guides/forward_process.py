@@ -71,7 +71,7 @@ class ForwardProcess(nn.Module):
             T = torch.full((B,), self.T, dtype=torch.long, device=x0.device)
             pyro.sample(protocol.X_T, self._event(dist.Normal(*self.q_t(x0, T)), x0))
         x0, t = protocol.pairs(x0, t)
-        with protocol.timestep_plate(t.view(B, -1), self.T), protocol.weighted(weight, t):
+        with protocol.timestep_plate(t.view(B, -1), self.T), protocol.weighted(weight, t, x0):
             with poutine.mask(mask=False):
                 x_t = pyro.sample(protocol.X_t, self._event(dist.Normal(*self.q_t(x0, t)), x0))
             loc, scale = self.posterior(x_t, x0, t)

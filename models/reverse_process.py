@@ -131,7 +131,7 @@ class ReverseProcess(nn.Module):
         with pyro.plate(protocol.IMAGES, B):
             pyro.sample(protocol.X_T, self.prior(B, x0))
         x0, t = protocol.pairs(x0, t)
-        with protocol.timestep_plate(t.view(B, -1), self.T), protocol.weighted(weight, t):
+        with protocol.timestep_plate(t.view(B, -1), self.T), protocol.weighted(weight, t, x0):
             with poutine.mask(mask=False):
                 x_t = pyro.sample(protocol.X_t, self.prior(x0.shape[0], x0))
             loc, scale = self.transition(x_t, t)

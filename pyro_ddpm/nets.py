@@ -37,7 +37,7 @@ def _zero(module: nn.Module) -> nn.Module:
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(groups, channels), channels, eps=1e-6)
+    return nn.GroupNorm(math.gcd(groups, channels), channels, eps=1e-6)
 
 
 class ResBlock(nn.Module):
@@ -181,7 +181,7 @@ class MLP(nn.Module):
 
 PRESETS = {
     # sklearn digits: 1 x 8 x 8, 17 levels.
-    "digits": dict(kind="unet", resolution=8, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+    "digits": dict(kind="unet", resolution=8, in_channels=1, ch=16, ch_mult=(1, 2), num_res_blocks=1,
                    attn_resolutions=(4,), dropout=0.1),
     # MNIST: 1 x 28 x 28, 8-bit.
     "mnist": dict(kind="unet", resolution=28, in_channels=1, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2,

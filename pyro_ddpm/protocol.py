@@ -63,11 +63,11 @@ def pairs(x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return x0.repeat_interleave(t.shape[1], dim=0), t.reshape(-1)
 
 
-def weighted(weight: torch.Tensor | None, t: torch.Tensor):
-    """``poutine.scale`` by weight[t] per pair, or nothing for the true bound."""
+def weighted(weight: torch.Tensor | None, t: torch.Tensor, like: torch.Tensor):
+    """``poutine.scale`` by weight[t] per pair (in ``like``'s dtype), or nothing for the true bound."""
     if weight is None:
         return contextlib.nullcontext()
-    return poutine.scale(scale=weight.to(t.device)[t])
+    return poutine.scale(scale=weight.to(like)[t])
 
 
 def draw_timesteps(batch: int, K: int, T: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:

@@ -1,0 +1,97 @@
+"""Checkpoints: written atomically, read back into a model and guide with every mismatch named.
+
+A checkpoint is a ``torch.save``d dict: ``format``, ``step``, ``config`` (the training config),
+``network`` (its config), ``schedule`` (``name`` and ``betas``), ``variance``, ``likelihood`` (its
+config), ``data`` (name, shape, levels), ``net`` and ``ema`` (state dicts), ``optim`` (Pyro
+optimizer state) and ``rng`` (torch RNG state).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+FORMAT = 1
+FILENAME = "checkpoint.pt"
+
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call ``write(file)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.
+
+    A crash at any point leaves either the old file or the new one, never a partial file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save(state: dict, path: str | os.PathLike) -> Path:
+    return atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A checkpoint file, or the run directory holding ``checkpoint.pt``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILENAME
+    if not path.is_file():
+        raise ValueError(f"no checkpoint at {path} (expected a file or a run directory holding {FILENAME})")
+    return path
+
+
+def load(path: str | os.PathLike, map_location="cpu") -> dict:
+    path = resolve(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - one clear message for any unreadable file
+        raise ValueError(f"{path} is not a readable pyro-ddpm checkpoint: {e}") from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a pyro-ddpm checkpoint of format {FORMAT}")
+    return state
+
+
+def build(state: dict, schedule=None, use_ema: bool = True, device="cpu"):
+    """The model and guide a checkpoint describes, with its EMA (or raw) weights, in eval mode.
+
+    :param schedule: optionally, the schedule the caller expects; a different T or betas raises ValueError.
+    """
+    from pyro_ddpm.guides import ForwardProcess
+    from pyro_ddpm.likelihoods import likelihood_from_config
+    from pyro_ddpm.models import ReverseProcess
+    from pyro_ddpm.nets import build_network
+    from pyro_ddpm.schedule import Schedule
+
+    stored = Schedule(state["schedule"]["betas"])
+    if schedule is not None:
+        schedule.check_matches(stored.betas)
+    net = build_network(state["network"])
+    net.load_state_dict(state["ema" if use_ema else "net"])
+    model = ReverseProcess(net, stored, state["variance"], likelihood_from_config(state["likelihood"]),
+                           shape=state["data"]["shape"]).to(device).eval()
+    guide = ForwardProcess(model.schedule, event_dim=len(model.shape))
+    return model, guide
