@@ -17,9 +17,11 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.infer.util import is_validation_enabled
 from torch import nn
 
 from pyro_ddpm import protocol
+from pyro_ddpm.likelihoods import check_images
 from pyro_ddpm.schedule import Schedule, at
 
 
@@ -54,8 +56,16 @@ class ForwardProcess(nn.Module):
         var = at(s.beta_tilde, t, x0)
         return loc, torch.where(var > 0, var, torch.ones_like(var)).sqrt().expand_as(loc)
 
+    def _check(self, x0: torch.Tensor, t: torch.Tensor | None = None) -> None:
+        # The guide runs first under every ELBO: bad input must be named here, not deep inside Normal.
+        if is_validation_enabled():
+            check_images(x0, None)
+            if t is not None:
+                self.schedule.check_timesteps(t)
+
     def chain(self, x0: torch.Tensor, num_images: int | None = None) -> None:
         """q(x_T | x_0) prod_{t=T..2} q(x_{t-1} | x_t, x_0)."""
+        self._check(x0)
         B = x0.shape[0]
         with pyro.plate(protocol.IMAGES, B):
             t = torch.full((B,), self.T, dtype=torch.long, device=x0.device)
@@ -66,6 +76,7 @@ class ForwardProcess(nn.Module):
 
     def per_timestep(self, x0: torch.Tensor, t: torch.Tensor, weight: torch.Tensor | None = None) -> None:
         """q(x_T | x_0), then for each (image, t) pair x_t ~ q(x_t | x_0) and x_{t-1} ~ q(x_{t-1} | x_t, x_0)."""
+        self._check(x0, t)
         B = x0.shape[0]
         with pyro.plate(protocol.IMAGES, B):
             T = torch.full((B,), self.T, dtype=torch.long, device=x0.device)

@@ -61,22 +61,35 @@ class _Grid(constraints.Constraint):
         return (value >= -1.0 - 1e-6) & (value <= 1.0 + 1e-6) & ((k - k.round()).abs() <= 1e-3)
 
 
+# |z| beyond this gives log-probabilities far below LOG_PROB_FLOOR; clamping keeps log_ndtr's gradient finite.
+Z_MAX = 1e6
+
+
 def _log1mexp(d: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(-d)) for d > 0, accurate for small and large d (Maechler 2012)."""
-    return torch.where(d < math.log(2.0), torch.log(-torch.expm1(-d)), torch.log1p(-torch.exp(-d)))
+    """log(1 - exp(-d)) for d > 0, accurate for small and large d (Maechler 2012).
+
+    Each branch gets a harmless input where it is not selected, so no NaN reaches the gradient.
+    """
+    small = d < math.log(2.0)
+    near = torch.log(-torch.expm1(-torch.where(small, d, torch.ones_like(d))))
+    far = torch.log1p(-torch.exp(-torch.where(small, torch.ones_like(d), d)))
+    return torch.where(small, near, far)
 
 
 def _log_normal_mass(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """log(Phi(b) - Phi(a)) for a < b, computed in the lower tail where log_ndtr is exact."""
     flip = (a + b) > 0
     lo, hi = torch.where(flip, -b, a), torch.where(flip, -a, b)
-    log_hi, log_lo = torch.special.log_ndtr(hi), torch.special.log_ndtr(lo)
+    width = hi - lo
+    narrow = width < 1e-5
+    # Exact difference of CDFs (inputs replaced by a harmless bin where the midpoint rule is used).
+    lo_e, hi_e = torch.where(narrow, -torch.ones_like(lo), lo), torch.where(narrow, torch.zeros_like(hi), hi)
+    log_hi, log_lo = torch.special.log_ndtr(hi_e), torch.special.log_ndtr(lo_e)
     exact = log_hi + _log1mexp((log_hi - log_lo).clamp_min(1e-300))
     # A bin far narrower than the scale: the midpoint rule, exact to O((b - a)^2).
-    width = hi - lo
     mid = 0.5 * (hi + lo)
     midpoint = torch.log(width.clamp_min(1e-300)) - 0.5 * mid**2 - 0.5 * math.log(2 * math.pi)
-    return torch.where(width < 1e-5, midpoint, exact)
+    return torch.where(narrow, midpoint, exact)
 
 
 class DiscretizedGaussian(TorchDistribution):
@@ -115,23 +128,21 @@ class DiscretizedGaussian(TorchDistribution):
         new._validate_args = self._validate_args
         return new
 
-    @property
-    def bin_half_width(self) -> float:
-        return 1.0 / (self.levels - 1)
-
     def log_prob(self, value):
         if self._validate_args:
             check_images(value, self.levels, name="DiscretizedGaussian value")
         value, loc, scale = broadcast_all(value, self.loc, self.scale)
         out_dtype = loc.dtype
         x, mu, s = value.double(), loc.double(), scale.double()
-        h = self.bin_half_width
-        z_hi = (x + h - mu) / s
-        z_lo = (x - h - mu) / s
+        K = self.levels
+        # Bin edges from the level index, so that neighbouring bins share their edge exactly.
+        k = ((x + 1.0) * (K - 1) / 2.0).round()
+        z_hi = ((-1.0 + (2.0 * k + 1.0) / (K - 1) - mu) / s).clamp(-Z_MAX, Z_MAX)
+        z_lo = ((-1.0 + (2.0 * k - 1.0) / (K - 1) - mu) / s).clamp(-Z_MAX, Z_MAX)
         interior = _log_normal_mass(z_lo, z_hi)
         lower_edge = torch.special.log_ndtr(z_hi)  # x = -1: Phi(z_hi)
         upper_edge = torch.special.log_ndtr(-z_lo)  # x = +1: 1 - Phi(z_lo)
-        lp = torch.where(x < -1.0 + h / 2, lower_edge, torch.where(x > 1.0 - h / 2, upper_edge, interior))
+        lp = torch.where(k <= 0, lower_edge, torch.where(k >= K - 1, upper_edge, interior))
         return lp.clamp_min(LOG_PROB_FLOOR).to(out_dtype)
 
     def sample(self, sample_shape=torch.Size()):
