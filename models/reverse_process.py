@@ -11,6 +11,8 @@ the per-timestep training form and the sampler all call it. Site names and shape
 
 from __future__ import annotations
 
+import copy
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -56,8 +58,11 @@ class ReverseProcess(nn.Module):
         return self.schedule.variance(self.variance).sigma2
 
     def with_likelihood(self, likelihood) -> "ReverseProcess":
-        """The same network, schedule and variance with another decoder (the network is shared)."""
-        return ReverseProcess(self.eps, self.schedule, self.variance, likelihood, self.shape)
+        """The same program (same class, network, schedule, variance) with another decoder; the network is shared."""
+        new = copy.copy(self)
+        new._modules = dict(self._modules)
+        new.likelihood = likelihood
+        return new
 
     # ------------------------------------------------------------------ the transition
     def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -75,10 +75,22 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
     return state
 
 
-def build(state: dict, schedule=None, use_ema: bool = True, device="cpu"):
+def check_data(state: dict, shape, levels: int, what: str = "the data") -> None:
+    """Raise ValueError unless data of ``shape`` with ``levels`` levels is what the checkpoint was trained on."""
+    data = state["data"]
+    if tuple(shape) != tuple(data["shape"]):
+        raise ValueError(f"{what} has images of shape {tuple(shape)}, the checkpoint was trained on shape {tuple(data['shape'])}")
+    if int(levels) != int(data["levels"]):
+        raise ValueError(f"{what} has {levels} levels per dimension, the checkpoint was trained on {data['levels']}")
+
+
+def build(state: dict, schedule=None, use_ema: bool = True, device="cpu", model_class=None, likelihood=None):
     """The model and guide a checkpoint describes, with its EMA (or raw) weights, in eval mode.
 
     :param schedule: optionally, the schedule the caller expects; a different T or betas raises ValueError.
+    :param model_class: a :class:`~pyro_ddpm.models.ReverseProcess` subclass to build instead
+        (e.g. :class:`~pyro_ddpm.models.ClippedReverseProcess` for ``clip_denoised``).
+    :param likelihood: a decoder to use instead of the stored one (e.g. the official tanh approximation).
     """
     from pyro_ddpm.guides import ForwardProcess
     from pyro_ddpm.likelihoods import likelihood_from_config
@@ -91,7 +103,8 @@ def build(state: dict, schedule=None, use_ema: bool = True, device="cpu"):
         schedule.check_matches(stored.betas)
     net = build_network(state["network"])
     net.load_state_dict(state["ema" if use_ema else "net"])
-    model = ReverseProcess(net, stored, state["variance"], likelihood_from_config(state["likelihood"]),
-                           shape=state["data"]["shape"]).to(device).eval()
+    model = (model_class or ReverseProcess)(
+        net, stored, state["variance"], likelihood or likelihood_from_config(state["likelihood"]),
+        shape=state["data"]["shape"]).to(device).eval()
     guide = ForwardProcess(model.schedule, event_dim=len(model.shape))
     return model, guide

@@ -47,19 +47,39 @@ def _config(args, objective: str):
     )
 
 
-def _evaluate(run: Path, split: str, limit: int | None, max_batch: int, device: str, progress: bool) -> dict:
+def _evaluate(args, run: Path, stem: str | None = None):
+    """Evaluate a run's checkpoint as ``args`` asks; write netCDF, JSON and figures; return the summary."""
     from pyro_ddpm import checkpoint, data as datasets
-    from pyro_ddpm.evaluate import bound_terms, summarize
+    from pyro_ddpm.evaluate import bound, save, summarize
+    from pyro_ddpm.likelihoods import TanhDiscretizedGaussianLikelihood
+    from pyro_ddpm.models import ClippedReverseProcess
+    from pyro_ddpm.schedule import Schedule
 
     state = checkpoint.load(run)
-    model, guide = checkpoint.build(state, device=device)
-    dataset = datasets.load(state["data"]["name"])
-    x = getattr(dataset, split)[:limit].to(device)
-    torch.manual_seed(0)
-    L = bound_terms(model, guide, x, max_batch=max_batch, progress=progress)
-    summary = summarize(L, dataset.dims)
-    summary.update(split=split, objective=state["config"]["objective"], step=state["step"], T=model.T)
-    return summary
+    dataset = datasets.load(args.data or state["data"]["name"])
+    checkpoint.check_data(state, dataset.shape, dataset.levels, what=f"data set {dataset.name!r}")
+    expected = Schedule.from_name(args.schedule, args.T) if args.T is not None else None
+    model, guide = checkpoint.build(
+        state, schedule=expected, device=args.device,
+        model_class=ClippedReverseProcess if args.clip_denoised else None,
+        likelihood=TanhDiscretizedGaussianLikelihood(dataset.levels) if args.cdf == "tanh" else None)
+    x = getattr(dataset, args.split)[:args.limit].to(args.device)
+    idata = bound(model, guide, x, draws=args.draws, max_batch=args.max_batch, seed=args.seed,
+                  progress=not args.no_progress)
+    idata.bound.attrs.update(split=args.split, data=dataset.name, clip_denoised=int(args.clip_denoised), cdf=args.cdf,
+                             checkpoint=str(checkpoint.resolve(run)), step=state["step"],
+                             objective=state["config"]["objective"])
+    summary = summarize(idata)
+    summary.update(split=args.split, data=dataset.name, objective=state["config"]["objective"], step=state["step"],
+                   clip_denoised=args.clip_denoised, cdf=args.cdf)
+    run_dir = run if run.is_dir() else run.parent
+    stem = stem or f"bound_{args.split}"
+    paths = save(idata, summary, run_dir, stem)
+    if not args.no_figures:
+        from pyro_ddpm.figures import save_all
+
+        paths.update(save_all(idata, run_dir, stem))
+    return summary, paths
 
 
 def cmd_train(args) -> int:
@@ -71,13 +91,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from pyro_ddpm.checkpoint import atomic_write
     from pyro_ddpm.evaluate import format_summary
 
-    summary = _evaluate(Path(args.run), args.split, args.limit, args.max_batch, args.device, not args.no_progress)
-    print(format_summary(summary))
-    run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
-    atomic_write(run_dir / f"bound_{args.split}.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+    summary, paths = _evaluate(args, Path(args.run))
+    header = (f"{summary['data']} {summary['split']} split, objective {summary['objective']}, step {summary['step']}; "
+              f"{'exact log-CDF' if args.cdf == 'exact' else 'tanh-approximated CDF'}, clip_denoised={args.clip_denoised}")
+    print(format_summary(summary, header))
+    print("written: " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
@@ -111,7 +131,7 @@ def cmd_compare(args) -> int:
     for name in OBJECTIVES:
         run = out / name
         train(_config(args, name), run, progress=not args.no_progress)
-        results[name] = _evaluate(run, "test", args.limit, args.max_batch, args.device, not args.no_progress)
+        results[name], _ = _evaluate(args, run)
         print(f"\n== objective {name} ==\n{format_summary(results[name])}")
         model, _ = checkpoint.build(checkpoint.load(run), device=args.device)
         torch.manual_seed(args.seed)
@@ -129,9 +149,26 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N test images")
+def _eval_args(p: argparse.ArgumentParser, standalone: bool = True) -> None:
+    from pyro_ddpm.data import LOADERS
+
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of the split")
     p.add_argument("--max-batch", type=int, default=4096, help="(image, timestep) pairs per network call")
+    p.add_argument("--draws", type=int, default=1, help="noise draws per term (default %(default)s)")
+    p.add_argument("--clip-denoised", action="store_true",
+                   help="clip the x_0 prediction to [-1, 1] in the mean, as the official evaluation does")
+    p.add_argument("--cdf", default="exact", choices=["exact", "tanh"],
+                   help="decoder CDF: exact log-CDF or the official tanh approximation")
+    p.add_argument("--no-figures", action="store_true")
+    if standalone:
+        p.add_argument("--split", default="test", choices=["train", "test"])
+        p.add_argument("--data", default=None, choices=sorted(LOADERS), help="data set (default: the checkpoint's)")
+        p.add_argument("--seed", type=int, default=0, help="seed of the evaluation noise")
+        p.add_argument("--schedule", default="linear", choices=["linear", "cosine"],
+                       help="with --T: the schedule the checkpoint must have")
+        p.add_argument("--T", type=int, default=None, help="the T the checkpoint must have")
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--no-progress", action="store_true")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -146,9 +183,6 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="per-term bits/dim of a trained model on a data split")
     p.add_argument("run", help="run directory or checkpoint file")
-    p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-progress", action="store_true")
     _eval_args(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -162,9 +196,9 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="train with each objective (elbo, simple) and compare their bounds")
     _train_args(p)
-    _eval_args(p)
+    _eval_args(p, standalone=False)
     p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_compare)
+    p.set_defaults(func=cmd_compare, split="test", data=None, schedule="linear")
     return ap
 
 

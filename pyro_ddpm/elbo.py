@@ -50,8 +50,14 @@ class TermwiseELBO(TraceMeanField_ELBO):
     the loss of a single particle.
     """
 
+    def traces(self, model, guide, *args, **kwargs):
+        """The model and guide traces of one particle, as the loss takes them."""
+        return self._get_trace(model, guide, args, kwargs)
+
     def terms(self, model, guide, *args, **kwargs) -> dict[str, Term]:
-        model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)
+        return self.terms_from_traces(*self.traces(model, guide, *args, **kwargs))
+
+    def terms_from_traces(self, model_trace, guide_trace) -> dict[str, Term]:
         out = {}
         for name, site in model_trace.nodes.items():
             if site["type"] != "sample":

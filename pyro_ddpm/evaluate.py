@@ -1,77 +1,245 @@
-"""The bound of Eq. 5, term by term, for each image: L_T, every L_{t-1}, L_0 (nats), and bits/dim.
+"""The bound of Eq. 5 term by term, per image: L_T, every L_{t-1}, L_0 (nats), bits/dim, progressive coding.
 
 The terms are the traced per-site values of the model/guide pair (:class:`pyro_ddpm.elbo.TermwiseELBO`
-on the per-timestep form with every timestep), not a parallel formula. Network calls are batched
-over (image, timestep) pairs, at most ``max_batch`` pairs per call. Each L_{t-1} uses one draw of
-x_t ~ q(x_t | x_0). The decoder uses the exact normal log-CDF and the predicted x_0 is not clipped
-(``clip_denoised=False``): this is the bound the ``elbo`` objective trains.
+on the per-timestep form with every timestep), not a parallel formula, so any pair following
+:mod:`pyro_ddpm.protocol` is evaluated without new code. Network calls are batched over (image,
+timestep) pairs, at most ``max_batch`` pairs per call.
+
+Noise. Each L_{t-1} is an expectation over x_t ~ q(x_t | x_0); it is estimated with ``draws``
+independent draws. The standard-normal noise of image i, draw d is one stream seeded by
+(seed, d, i), and :class:`FixedNoise` turns it into the guide's x_t by reparameterization, so results
+do not depend on how images and timesteps are chunked into network calls.
+
+Progressive coding (section 4.3, Table 4, Figure 5). At reverse step t a receiver holding x_t
+predicts x_0; since the model's mean is the posterior mean at its prediction,
+mu_theta(x_t, t) = coef_x0 x0_hat + coef_xt x_t (Eq. 7 with Eq. 15), the prediction is read off the
+traced transition: x0_hat = (mu_theta - coef_xt x_t) / coef_x0. Its distortion is the RMSE on the
+0..255 scale; the rate is the bits sent until then, L_T + L_{T-1} + ... + L_t.
+
+Standard errors: over images, std / sqrt(N) of the per-image values (each averaged over its draws);
+with several draws, the noise-only part sqrt(sum_i var_draws(i) / draws) / N as well. Draws and
+images are independent, so these are the Monte-Carlo standard errors ArviZ's ``mcse`` estimates for
+correlated chains, computed exactly.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from pathlib import Path
 
+import numpy as np
 import torch
+from pyro.poutine.messenger import Messenger
 from tqdm.auto import tqdm
 
 from pyro_ddpm import protocol
 from pyro_ddpm.elbo import TermwiseELBO
 
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)  # arviz announces its 1.0 refactor on import
+    import arviz as az
+import xarray as xr
+
+
+class FixedNoise(Messenger):
+    """Draw the named Normal sites as loc + scale * noise from given standard-normal ``noise``.
+
+    A reparameterized ``poutine.condition``: the site stays latent (its KL is still taken) and its
+    value keeps its gradient with respect to the guide's loc and scale.
+    """
+
+    def __init__(self, noise: dict[str, torch.Tensor]):
+        super().__init__()
+        self.noise = noise
+
+    def _pyro_sample(self, msg):
+        if msg["name"] not in self.noise or msg["is_observed"] or msg["value"] is not None:
+            return
+        fn = msg["fn"]
+        while hasattr(fn, "base_dist"):
+            fn = fn.base_dist
+        msg["value"] = fn.loc + fn.scale * self.noise[msg["name"]].to(fn.loc)
+
+
+def image_noise(image_ids, steps: torch.Tensor, T: int, shape, seed: int, draw: int) -> torch.Tensor:
+    """Standard-normal noise for x_t of each image at ``steps``: (len(image_ids), len(steps), *shape).
+
+    Image i's noise is one draw of shape (T, *shape) seeded by (seed, draw, i), read at rows t - 1.
+    """
+    rows = steps.cpu() - 1
+    out = []
+    for i in image_ids:
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, draw, int(i)]).generate_state(1)[0]))
+        out.append(torch.randn((T, *shape), generator=g, dtype=torch.float64)[rows])
+    return torch.stack(out)
+
 
 @torch.no_grad()
-def bound_terms(model, guide, x0: torch.Tensor, max_batch: int = 4096, progress: bool = False) -> torch.Tensor:
-    """Per-image terms in nats: a (N, T + 1) float64 tensor whose column s holds L_s (s = 0..T).
+def bound(model, guide, x0: torch.Tensor, draws: int = 1, max_batch: int = 4096, seed: int = 0,
+          image_ids=None, noise: torch.Tensor | None = None, strip_steps=None, progress: bool = False):
+    """Per-image, per-term bound and progressive-coding distortion as an ``arviz.InferenceData``.
 
-    Column 0 is L_0 (distortion), columns 1..T-1 the rate terms L_1..L_{T-1}, column T is L_T.
+    :param x0: images (N, *shape) on the model's device.
+    :param draws: noise draws per term.
+    :param image_ids: identifiers seeding each image's noise (default 0..N-1).
+    :param noise: optionally the standard-normal noise itself, (draws, N, T, *shape), t = 1..T.
+    :param strip_steps: the timesteps at which the x_0 prediction of the first image is kept (Figure 6).
+    :returns: ``InferenceData`` with group ``bound``: ``L`` (draw, image, t) in nats with t = 0..T (column
+        t holds L_t), ``sq_error`` (draw, image, step), the mean squared error of x0_hat on the 0..255
+        scale at reverse step 1..T, and ``x0_hat_strip`` (step_strip, *shape).
     """
-    T, N = model.T, x0.shape[0]
+    T, N, shape = model.T, x0.shape[0], tuple(x0.shape[1:])
+    ids = list(range(N)) if image_ids is None else [int(i) for i in image_ids]
+    strip_steps = sorted({int(s) for s in (strip_steps or _strip_steps(T))}, reverse=True)
     images_per_call = max(1, max_batch // T)
     steps_per_call = min(T, max_batch)
+    s = model.schedule
     elbo = TermwiseELBO()
-    L = torch.zeros(N, T + 1, dtype=torch.float64)
+    L = torch.zeros(draws, N, T + 1, dtype=torch.float64)
+    sq_error = torch.zeros(draws, N, T, dtype=torch.float64)
+    strip = torch.zeros(len(strip_steps), *shape, dtype=torch.float64)
     was_training = model.training
     model.eval()
-    calls = math.ceil(N / images_per_call) * math.ceil(T / steps_per_call)
-    bar = tqdm(total=calls, desc="bound", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=draws * N * T, desc="bound (image x t)", unit="term",
+               disable=not progress, dynamic_ncols=True)
     try:
-        for i in range(0, N, images_per_call):
-            x = x0[i:i + images_per_call]
-            for t0 in range(1, T + 1, steps_per_call):
-                steps = torch.arange(t0, min(t0 + steps_per_call, T + 1), device=x.device)
-                t = steps.expand(x.shape[0], -1)
-                terms = elbo.terms(model.per_timestep, guide.per_timestep, x, t)
-                per_pair = terms[protocol.X_PREV].value + terms[protocol.X_0].value  # masked to t>1 / t=1
-                L[i:i + x.shape[0], steps.cpu() - 1] = per_pair.reshape(t.shape).double().cpu()
-                if t0 == 1:
-                    L[i:i + x.shape[0], T] = terms[protocol.X_T].value.double().cpu()
-                bar.update()
+        for d in range(draws):
+            for i in range(0, N, images_per_call):
+                x = x0[i:i + images_per_call]
+                rows = slice(i, i + x.shape[0])
+                for t0 in range(1, T + 1, steps_per_call):
+                    steps = torch.arange(t0, min(t0 + steps_per_call, T + 1), device=x.device)
+                    t = steps.expand(x.shape[0], -1)
+                    eps = (noise[d, rows, steps.cpu() - 1] if noise is not None
+                           else image_noise(ids[rows], steps, T, shape, seed, d))
+                    eps = eps.reshape(-1, *shape)
+                    model_trace, guide_trace = elbo.traces(
+                        model.per_timestep, FixedNoise({protocol.X_t: eps})(guide.per_timestep), x, t)
+                    terms = elbo.terms_from_traces(model_trace, guide_trace)
+                    per_pair = terms[protocol.X_PREV].value + terms[protocol.X_0].value  # masked t>1 / t=1
+                    L[d, rows, steps.cpu() - 1] = per_pair.reshape(t.shape).double().cpu()
+                    if t0 == 1:
+                        L[d, rows, T] = terms[protocol.X_T].value.double().cpu()
+                    # progressive coding: x0_hat from the traced transition mean (no extra network call)
+                    x_t = guide_trace.nodes[protocol.X_t]["value"].double()
+                    loc = _loc(model_trace.nodes[protocol.X_PREV]["fn"]).double()
+                    tf = t.reshape(-1)
+                    x0_hat = ((loc - _at(s.coef_xt, tf, x_t) * x_t) / _at(s.coef_x0, tf, x_t)).reshape(*t.shape, *shape)
+                    err = ((x0_hat - x.double().unsqueeze(1)) * 127.5) ** 2
+                    sq_error[d, rows, steps.cpu() - 1] = err.flatten(2).mean(-1).cpu()
+                    if d == 0 and i == 0:
+                        for j, step in enumerate(strip_steps):
+                            if t0 <= step < t0 + len(steps):
+                                strip[j] = x0_hat[0, step - t0].cpu()
+                    bar.update(t.numel())
     finally:
         bar.close()
         model.train(was_training)
-    return L
+    dims = int(np.prod(shape))
+    ds = xr.Dataset(
+        {
+            "L": (("draw", "image", "t"), L.numpy(), {"units": "nats", "description": "column t holds L_t (Eq. 5)"}),
+            "sq_error": (("draw", "image", "step"), sq_error.numpy(),
+                         {"description": "mean squared error of x0_hat on the 0..255 scale at reverse step"}),
+            "x0_hat_strip": (("strip_step",) + tuple(f"dim_{k}" for k in range(len(shape))), strip.numpy()),
+            "x0_strip": (tuple(f"dim_{k}" for k in range(len(shape))), x0[0].double().cpu().numpy()),
+        },
+        coords={"draw": np.arange(draws), "image": np.asarray(ids), "t": np.arange(T + 1),
+                "step": np.arange(1, T + 1), "strip_step": np.asarray(strip_steps)},
+        attrs={"T": T, "dims": dims, "draws": draws, "seed": seed, "likelihood": repr(model.likelihood),
+               "model": type(model).__name__, "guide": type(guide).__name__, "variance": getattr(model, "variance", "")},
+    )
+    return az.InferenceData(bound=ds)
 
 
-def summarize(L: torch.Tensor, dims: int) -> dict:
-    """Bits/dim of the total, L_T, the rate L_1..L_{T-1} and the distortion L_0: mean and standard error over images."""
-    per_image = {
-        "total": L.sum(1),
-        "prior_L_T": L[:, -1],
-        "rate_L_1_to_L_T-1": L[:, 1:-1].sum(1),
-        "distortion_L_0": L[:, 0],
+def _strip_steps(T: int) -> list[int]:
+    return sorted({max(1, round(T * f)) for f in (1.0, 0.8, 0.6, 0.4, 0.25, 0.1, 0.05, 0.01)} | {1}, reverse=True)
+
+
+def _loc(fn):
+    while hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return fn.loc
+
+
+def _at(constant, t, x):
+    c = constant.to(x.device, torch.float64)[t]
+    return c.reshape(c.shape + (1,) * (x.dim() - 1))
+
+
+def bound_terms(model, guide, x0: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Per-image terms in nats, averaged over draws: a (N, T + 1) float64 tensor, column s = L_s."""
+    return torch.as_tensor(bound(model, guide, x0, **kwargs).bound["L"].values).mean(0)
+
+
+def summarize(idata, coding_points: int = 10) -> dict:
+    """Bits/dim of the total, L_T, the rate L_1..L_{T-1} and the distortion L_0 with standard errors,
+    and the progressive-coding table (rate and RMSE at reverse steps T..1)."""
+    ds = idata.bound
+    L = ds["L"].values  # (draws, N, T + 1)
+    draws, N, _ = L.shape
+    D = int(ds.attrs["dims"])
+    to_bpd = 1.0 / (D * math.log(2))
+    parts = {
+        "total": L.sum(-1),
+        "prior_L_T": L[..., -1],
+        "rate_L_1_to_L_T-1": L[..., 1:-1].sum(-1),
+        "distortion_L_0": L[..., 0],
     }
-    n = L.shape[0]
-    out = {"images": n, "dims": dims}
-    for name, v in per_image.items():
-        bpd = v / (dims * math.log(2))
-        se = bpd.std(unbiased=True).item() / math.sqrt(n) if n > 1 else float("nan")
-        out[name] = {"bits_per_dim": bpd.mean().item(), "se": se}
+    out = {"images": N, "dims": D, "draws": draws, "T": int(ds.attrs["T"])}
+    for name, v in parts.items():
+        v = v * to_bpd
+        per_image = v.mean(0)
+        entry = {"bits_per_dim": float(per_image.mean()),
+                 "se": float(per_image.std(ddof=1) / math.sqrt(N)) if N > 1 else float("nan")}
+        if draws > 1:
+            entry["se_noise"] = float(math.sqrt(v.var(0, ddof=1).sum() / draws) / N)
+        out[name] = entry
+    T = out["T"]
+    L_mean = L.mean((0, 1)) * to_bpd
+    mse = ds["sq_error"].values.mean((0, 1))  # (T,), step 1..T
+    steps = sorted({T} | {max(1, round(T * (1 - k / (coding_points - 1)))) for k in range(coding_points)}, reverse=True)
+    out["progressive_coding"] = [
+        {"step": s, "rate_bits_per_dim": float(L_mean[s:].sum()), "distortion_rmse": float(math.sqrt(mse[s - 1]))}
+        for s in steps
+    ]
     return out
 
 
-def format_summary(summary: dict) -> str:
-    rows = [f"{'term':<20} {'bits/dim':>12} {'+- s.e.':>10}"]
+def format_summary(summary: dict, header: str = "") -> str:
+    rows = [header] if header else []
+    rows.append(f"{'term':<20} {'bits/dim':>10} {'+- s.e.':>9}" + (f" {'(noise)':>9}" if summary["draws"] > 1 else ""))
     for name in ("total", "prior_L_T", "rate_L_1_to_L_T-1", "distortion_L_0"):
         v = summary[name]
-        rows.append(f"{name:<20} {v['bits_per_dim']:>12.5f} {v['se']:>10.5f}")
-    rows.append(f"({summary['images']} images, D = {summary['dims']}; exact log-CDF, clip_denoised=False)")
+        rows.append(f"{name:<20} {v['bits_per_dim']:>10.5f} {v['se']:>9.5f}"
+                    + (f" {v['se_noise']:>9.5f}" if "se_noise" in v else ""))
+    rows.append(f"({summary['images']} images x {summary['draws']} noise draw(s), D = {summary['dims']}, T = {summary['T']})")
+    rows.append("")
+    rows.append("progressive coding (Table 4): reverse step, rate so far L_T+...+L_t (bits/dim), distortion RMSE [0, 255]")
+    for r in summary["progressive_coding"]:
+        rows.append(f"  t = {r['step']:>5}   rate {r['rate_bits_per_dim']:>8.4f}   RMSE {r['distortion_rmse']:>8.3f}")
     return "\n".join(rows)
+
+
+def save(idata, summary: dict, directory: str | Path, stem: str = "bound") -> dict[str, Path]:
+    """Write ``stem.nc`` (netCDF of the InferenceData) and ``stem.json`` (the summary) atomically."""
+    import json
+    import os
+    import tempfile
+
+    from pyro_ddpm.checkpoint import atomic_write
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    nc = directory / f"{stem}.nc"
+    fd, tmp = tempfile.mkstemp(prefix=f".{nc.name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        idata.to_netcdf(tmp)
+        os.replace(tmp, nc)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    js = atomic_write(directory / f"{stem}.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+    return {"netcdf": nc, "json": js}

@@ -154,3 +154,27 @@ def test_terms_match_closed_forms(variance, data, ref):
     nll = -D * float(p @ np.log(p))
     assert mean > nll - 4 * se, (mean, nll, se)
     assert sum(expected.values()) >= nll
+
+
+@pytest.mark.parametrize("variance", ["large", "small"])
+def test_evaluator_matches_closed_forms(variance, data, ref):
+    """The same check through the evaluator's API (two noise draws per term, chunked network calls)."""
+    from pyro_ddpm.evaluate import bound, summarize
+
+    betas = ref.linear_betas(T, BETA_1, BETA_T)
+    c = ref.constants(betas)
+    p = ref.quantized_gaussian_probs(M, S, K)
+    expected = closed_form_terms(c, variance, ref, p)
+    sched = Schedule.linear(T, BETA_1, BETA_T)
+    model = ReverseProcess(OptimalEps(betas, M, S, D), sched, variance, DiscretizedGaussianLikelihood(K))
+    idata = bound(model, ForwardProcess(sched), data[:1000], draws=2, max_batch=997, seed=5)
+    L = idata.bound["L"].values.mean(0)  # (images, T + 1): column s holds L_s
+    for s in range(T + 1):
+        key = "T" if s == T else s
+        se = L[:, s].std(ddof=1) / np.sqrt(L.shape[0])
+        assert abs(L[:, s].mean() - expected[key]) < 4 * se, (s, L[:, s].mean(), expected[key], se)
+    summary = summarize(idata)
+    nll_bpd = -float(p @ np.log(p)) / np.log(2)
+    assert summary["total"]["bits_per_dim"] > nll_bpd - 4 * summary["total"]["se"]
+    assert summary["total"]["bits_per_dim"] * D * np.log(2) == pytest.approx(sum(expected.values()),
+                                                                           abs=4 * summary["total"]["se"] * D * np.log(2))

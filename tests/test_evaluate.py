@@ -1,0 +1,187 @@
+"""The evaluator: traced terms equal the chain's, chunking does not matter, variants plug in."""
+
+import math
+
+import numpy as np
+import pyro
+import pytest
+import torch
+from pyro import poutine
+
+from pyro_ddpm.elbo import TermwiseELBO
+from pyro_ddpm.evaluate import bound, bound_terms, summarize
+from pyro_ddpm.guides import ForwardProcess
+from pyro_ddpm.likelihoods import (
+    DiscretizedGaussianLikelihood,
+    TanhDiscretizedGaussian,
+    TanhDiscretizedGaussianLikelihood,
+)
+from pyro_ddpm.models import ClippedReverseProcess, ReverseProcess
+from pyro_ddpm.nets import MLP
+from pyro_ddpm.schedule import Schedule
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+K = 17
+
+
+def make(schedule, variance="large", model_class=ReverseProcess, likelihood=None, dim=3, seed=0):
+    torch.manual_seed(seed)
+    net = MLP(dim=dim, hidden=16)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    model = model_class(net, schedule, variance, likelihood or DiscretizedGaussianLikelihood(K))
+    return model, ForwardProcess(schedule)
+
+
+def grid_data(n, dim=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, K, (n, dim), generator=g).double() * 2 / (K - 1) - 1
+
+
+SCHEDULES = {
+    "linear": lambda: Schedule.linear(6, 0.05, 0.4),
+    "cosine": lambda: Schedule.cosine(7),
+}
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+@pytest.mark.parametrize("variance", ["large", "small"])
+@pytest.mark.parametrize("model_class", [ReverseProcess, ClippedReverseProcess])
+def test_terms_equal_the_chain_forms_traced_kls_for_the_same_noise(schedule, variance, model_class):
+    schedule = SCHEDULES[schedule]()
+    T = schedule.T
+    model, guide = make(schedule, variance, model_class)
+    x0 = grid_data(4)
+    guide_trace = poutine.trace(guide.chain).get_trace(x0)
+    chain_terms = TermwiseELBO().terms(model.chain, poutine.replay(guide.chain, trace=guide_trace), x0)
+    # the chain's x_t, t = 1..T, as the evaluator's standard-normal noise
+    abar = np.cumprod(1 - schedule.betas.numpy())
+    noise = torch.stack([
+        (guide_trace.nodes[f"x_{t}"]["value"] - math.sqrt(abar[t - 1]) * x0) / math.sqrt(1 - abar[t - 1])
+        for t in range(1, T + 1)
+    ], dim=1)[None]
+    L = torch.as_tensor(bound(model, guide, x0, noise=noise).bound["L"].values[0])
+    for s in range(T + 1):
+        torch.testing.assert_close(L[:, s], chain_terms[f"x_{s}"].value, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("max_batch", [1, 4, 7, 1000])
+def test_chunking_does_not_change_the_result(max_batch):
+    schedule = Schedule.linear(6, 0.05, 0.4)
+    model, guide = make(schedule)
+    x0 = grid_data(5)
+    reference = bound(model, guide, x0, draws=2, max_batch=6 * 5, seed=3).bound
+    chunked = bound(model, guide, x0, draws=2, max_batch=max_batch, seed=3).bound
+    for name in ("L", "sq_error"):
+        np.testing.assert_allclose(chunked[name].values, reference[name].values, rtol=1e-12, atol=1e-12)
+    # and a subset of images keeps its own noise, identified by image id
+    subset = bound(model, guide, x0[2:4], draws=2, seed=3, image_ids=[2, 3]).bound
+    np.testing.assert_allclose(subset["L"].values, reference["L"].values[:, 2:4], rtol=1e-12)
+
+
+def test_draws_are_independent_and_summarized_with_noise_errors():
+    schedule = Schedule.linear(6, 0.05, 0.4)
+    model, guide = make(schedule)
+    idata = bound(model, guide, grid_data(8), draws=3)
+    L = idata.bound["L"].values
+    assert not np.allclose(L[0, :, 1:-1], L[1, :, 1:-1])  # the rate terms depend on the noise
+    np.testing.assert_allclose(L[0, :, -1], L[1, :, -1])  # L_T is analytic given x_0
+    summary = summarize(idata)
+    assert summary["draws"] == 3 and 0 < summary["total"]["se_noise"] < 10 * summary["total"]["se"]
+    D = 3
+    total = L.sum(-1).mean() / (D * math.log(2))
+    assert summary["total"]["bits_per_dim"] == pytest.approx(total, rel=1e-12)
+    parts = sum(summary[k]["bits_per_dim"] for k in ("prior_L_T", "rate_L_1_to_L_T-1", "distortion_L_0"))
+    assert summary["total"]["bits_per_dim"] == pytest.approx(parts, rel=1e-12)
+    coding = {r["step"]: r for r in summary["progressive_coding"]}
+    L_mean = L.mean((0, 1)) / (D * math.log(2))
+    assert coding[6]["rate_bits_per_dim"] == pytest.approx(L_mean[6], rel=1e-12)  # only L_T received
+    assert coding[1]["rate_bits_per_dim"] == pytest.approx(L_mean[1:].sum(), rel=1e-12)
+    mse = idata.bound["sq_error"].values.mean((0, 1))
+    assert coding[1]["distortion_rmse"] == pytest.approx(math.sqrt(mse[0]), rel=1e-12)
+    np.testing.assert_allclose(bound_terms(model, guide, grid_data(8), draws=3).numpy(), L.mean(0), rtol=1e-12)
+
+
+def test_x0_prediction_read_from_the_trace_is_eq15():
+    """sq_error uses x0_hat recovered from the traced mean; compare with Eq. 15 from eps_theta directly."""
+    schedule = Schedule.linear(5, 0.05, 0.4)
+    model, guide = make(schedule)
+    x0 = grid_data(3)
+    abar = np.cumprod(1 - schedule.betas.numpy())
+    noise = torch.randn(1, 3, 5, 3)
+    sq = bound(model, guide, x0, noise=noise).bound["sq_error"].values[0]
+    for t in range(1, 6):
+        x_t = math.sqrt(abar[t - 1]) * x0 + math.sqrt(1 - abar[t - 1]) * noise[0, :, t - 1]
+        eps = model.eps(x_t, torch.full((3,), t))
+        x0_hat = (x_t - math.sqrt(1 - abar[t - 1]) * eps) / math.sqrt(abar[t - 1])
+        expected = (((x0_hat - x0) * 127.5) ** 2).mean(-1)
+        np.testing.assert_allclose(sq[:, t - 1], expected.detach().numpy(), rtol=1e-8)
+
+
+def test_clipped_mean_is_eq11_inside_the_box_and_posterior_mean_of_the_clip_outside():
+    schedule = Schedule.linear(6, 0.05, 0.4)
+    model, _ = make(schedule)
+    clipped = ClippedReverseProcess(model.eps, schedule, "large", model.likelihood)
+    abar = np.cumprod(1 - schedule.betas.numpy())
+    beta = schedule.betas.numpy()
+    x_t = torch.randn(200, 3) * 2
+    for t in range(1, 7):
+        tt = torch.full((200,), t)
+        eps = model.eps(x_t, tt).detach()
+        x0_hat = (x_t - math.sqrt(1 - abar[t - 1]) * eps) / math.sqrt(abar[t - 1])
+        abar_prev = abar[t - 2] if t > 1 else 1.0
+        c0 = math.sqrt(abar_prev) * beta[t - 1] / (1 - abar[t - 1])
+        ct = math.sqrt(1 - beta[t - 1]) * (1 - abar_prev) / (1 - abar[t - 1])
+        expected = c0 * x0_hat.clamp(-1, 1) + ct * x_t
+        torch.testing.assert_close(clipped.transition(x_t, tt)[0], expected, rtol=1e-10, atol=1e-10)
+        inside = (x0_hat.abs() <= 1).all(-1)
+        torch.testing.assert_close(model.transition(x_t, tt)[0][inside], expected[inside], rtol=1e-10, atol=1e-10)
+    assert not torch.equal(model.transition(x_t, tt)[0], clipped.transition(x_t, tt)[0])
+
+
+def official_tanh_log_prob(x, loc, scale, levels):
+    """The official code's discretized_gaussian_log_likelihood, generalized to K levels (numpy)."""
+    def cdf(z):
+        return 0.5 * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (z + 0.044715 * z ** 3)))
+    h = 1.0 / (levels - 1)
+    cdf_plus, cdf_min = cdf((x - loc + h) / scale), cdf((x - loc - h) / scale)
+    log_cdf_plus = np.log(np.maximum(cdf_plus, 1e-12))
+    log_1m_cdf_min = np.log(np.maximum(1 - cdf_min, 1e-12))
+    log_delta = np.log(np.maximum(cdf_plus - cdf_min, 1e-12))
+    return np.where(x < -0.999, log_cdf_plus, np.where(x > 0.999, log_1m_cdf_min, log_delta))
+
+
+@pytest.mark.parametrize("levels", [17, 256])
+def test_tanh_decoder_is_the_official_formula(levels):
+    g = np.random.default_rng(0)
+    x = -1 + 2 * g.integers(0, levels, 500) / (levels - 1)
+    loc, scale = g.uniform(-1.2, 1.2, 500), g.uniform(1e-3, 0.5, 500)
+    got = TanhDiscretizedGaussian(torch.tensor(loc), torch.tensor(scale), levels).log_prob(torch.tensor(x))
+    # the formula subtracts nearby CDF values: ulp differences between numpy's and torch's tanh are
+    # amplified in the tails, so compare probabilities (absolute) and log-probabilities where not tiny
+    expected = official_tanh_log_prob(x, loc, scale, levels)
+    np.testing.assert_allclose(np.exp(got.numpy()), np.exp(expected), rtol=1e-8, atol=1e-14)
+    body = expected > -18
+    np.testing.assert_allclose(got.numpy()[body], expected[body], rtol=1e-8)
+
+
+def test_variants_are_evaluated_without_new_code():
+    """A second schedule, the other variance, the clipped mean and the tanh decoder all go through bound()."""
+    x0 = grid_data(6)
+    results = {}
+    for name, (schedule, variance, cls, lik) in {
+        "linear-large": (Schedule.linear(6, 0.05, 0.4), "large", ReverseProcess, None),
+        "cosine-small": (Schedule.cosine(8), "small", ReverseProcess, None),
+        "clipped": (Schedule.linear(6, 0.05, 0.4), "large", ClippedReverseProcess, None),
+        "tanh": (Schedule.linear(6, 0.05, 0.4), "large", ReverseProcess, TanhDiscretizedGaussianLikelihood(K)),
+    }.items():
+        model, guide = make(schedule, variance, cls, lik)
+        idata = bound(model, guide, x0, seed=1)
+        assert idata.bound["L"].shape == (1, 6, schedule.T + 1)
+        assert np.isfinite(idata.bound["L"].values).all()
+        results[name] = summarize(idata)["total"]["bits_per_dim"]
+    # same network and noise: the tanh CDF moves the bound a little, and only through L_0
+    assert results["tanh"] != results["linear-large"]
+    assert results["tanh"] == pytest.approx(results["linear-large"], rel=0.05)
+    assert pyro.get_param_store() is not None
