@@ -92,6 +92,10 @@ def bound(model, guide, x0: torch.Tensor, draws: int = 1, max_batch: int = 4096,
     T, N, shape = model.T, x0.shape[0], tuple(x0.shape[1:])
     ids = list(range(N)) if image_ids is None else [int(i) for i in image_ids]
     strip_steps = sorted({int(s) for s in (strip_steps or _strip_steps(T))}, reverse=True)
+    if strip_steps[0] > T or strip_steps[-1] < 1:
+        raise ValueError(f"strip_steps must lie in 1..T = 1..{T}, got {strip_steps}")
+    if draws < 1:
+        raise ValueError(f"draws must be positive, got {draws}")
     images_per_call = max(1, max_batch // T)
     steps_per_call = min(T, max_batch)
     s = model.schedule

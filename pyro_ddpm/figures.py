@@ -78,18 +78,21 @@ def progressive_coding_curve(ds):
 def plot_terms(idata, path) -> Path:
     """L_t against t in bits/dim (log scale), mean over images with +-2 s.e.; L_0 and L_T marked."""
     fig, ((ax,),) = _figure()
+    titles = []
     for k, (label, ds) in enumerate(_runs(idata).items()):
         color = f"C{k}"
         mean, se = _mean_se(_bits_per_dim(ds))
         t, T = np.arange(len(mean)), int(ds.attrs["T"])
         floor = mean[mean > 0].min() / 10 if (mean > 0).any() else 1e-12  # keep the band on the log axis
         lo, hi = np.maximum(mean - 2 * se, floor), mean + 2 * se
-        ax.plot(t[1:T], mean[1:T], color=color, lw=1, label=_name(label, f"total {_total(ds)} bits/dim"))
+        ax.plot(t[1:T], mean[1:T], color=color, lw=1, label=_name(label, "L_t, 0 < t < T"))
         ax.fill_between(t[1:T], lo[1:T], hi[1:T], color=color, alpha=0.25, lw=0)
         for s, marker, name in ((0, "s", "L_0"), (T, "^", "L_T")):
-            ax.errorbar(s, mean[s], yerr=[[mean[s] - lo[s]], [hi[s] - mean[s]]], fmt=marker, color=color,
+            ax.errorbar(s, mean[s], yerr=[[max(mean[s] - lo[s], 0)], [2 * se[s]]], fmt=marker, color=color,
                         mfc="white", ms=7, label=_name(label, f"{name} = {mean[s]:.2e}"))
-    ax.set(yscale="log", xlabel="t", ylabel="L_t (bits/dim)", title="terms of the bound (±2 s.e. over images)")
+        titles.append(_name(label, f"total {_total(ds)} bits/dim"))
+    ax.set(yscale="log", xlabel="t", ylabel="L_t (bits/dim), band ±2 s.e. over images")
+    ax.set_title("\n".join(titles), fontsize=9)
     ax.legend(fontsize=7)
     return _save(fig, path)
 

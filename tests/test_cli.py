@@ -45,6 +45,42 @@ def test_evaluate_prints_terms_that_add_up(digits_run, capsys):
     assert 0 < summary["total"]["bits_per_dim"] < 50
 
 
+def test_evaluate_options_and_outputs(digits_run, capsys):
+    import arviz as az
+
+    assert main(["evaluate", str(digits_run), "--limit", "4", "--draws", "2", "--clip-denoised", "--cdf", "tanh",
+                 "--no-figures", "--no-progress", "--T", "10"]) == 0
+    printed = capsys.readouterr().out
+    assert "tanh-approximated CDF, clip_denoised=True" in printed and "progressive coding" in printed
+    idata = az.from_netcdf(digits_run / "bound_test.nc")
+    assert idata.bound["L"].shape == (2, 4, 11)
+    assert idata.bound.attrs["clip_denoised"] == 1 and idata.bound.attrs["cdf"] == "tanh"
+    summary = json.loads((digits_run / "bound_test.json").read_text())
+    assert summary["draws"] == 2 and "se_noise" in summary["total"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--data", "swiss_roll"], "shape \\(2,\\), the checkpoint was trained on shape \\(1, 8, 8\\)"),
+    (["--T", "20"], "T = 10"),
+    (["--T", "10", "--schedule", "cosine"], "betas differ"),
+])
+def test_evaluate_refuses_mismatches_before_computing(digits_run, capsys, argv, message):
+    import re
+
+    before = sorted(p.name for p in digits_run.iterdir())
+    assert main(["evaluate", str(digits_run), "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and err.count("error") == 1
+    assert sorted(p.name for p in digits_run.iterdir()) == before
+
+
+def test_levels_mismatch_is_named(digits_run):
+    state = checkpoint.load(digits_run)
+    checkpoint.check_data(state, (1, 8, 8), 17)
+    with pytest.raises(ValueError, match="256 levels per dimension, the checkpoint was trained on 17"):
+        checkpoint.check_data(state, (1, 8, 8), 256)
+
+
 def test_sample_writes_png_grid(digits_run, tmp_path, capsys):
     out = tmp_path / "grid.png"
     assert main(["sample", str(digits_run), "--n", "9", "--out", str(out)]) == 0
