@@ -21,7 +21,7 @@ from pyro.infer.util import is_validation_enabled
 from torch import nn
 
 from pyro_ddpm import protocol
-from pyro_ddpm.likelihoods import DiscretizedGaussianLikelihood
+from pyro_ddpm.likelihoods import DiscretizedGaussianLikelihood, ScoredWhere
 from pyro_ddpm.schedule import Schedule, at
 
 
@@ -142,5 +142,6 @@ class ReverseProcess(nn.Module):
             loc, scale = self.transition(x_t, t)
             with poutine.mask(mask=t > 1):
                 pyro.sample(protocol.X_PREV, self._event(dist.Normal(loc, scale)))
+            decoder = ScoredWhere(self.likelihood, loc, scale, where=t == 1)  # computed at t = 1 pairs only
             with poutine.mask(mask=t == 1):
-                pyro.sample(protocol.X_0, self._event(self.likelihood(loc, scale)), obs=x0)
+                pyro.sample(protocol.X_0, self._event(decoder), obs=x0)

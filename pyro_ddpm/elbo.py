@@ -64,7 +64,8 @@ class TermwiseELBO(TraceMeanField_ELBO):
                 continue
             if site["is_observed"]:
                 mask, scale = site["mask"], site["scale"]
-                value = -site["fn"].log_prob(site["value"])
+                log_p = site.get("unscaled_log_prob")  # computed by the trace already
+                value = -(log_p if log_p is not None else site["fn"].log_prob(site["value"]))
             else:
                 guide_site = guide_trace.nodes[name]
                 mask, scale = guide_site["mask"], guide_site["scale"]

@@ -157,6 +157,15 @@ def bound(model, guide, x0: torch.Tensor, draws: int = 1, max_batch: int = 4096,
     return az.InferenceData(bound=ds)
 
 
+def bound_of_network(eps, schedule, likelihood, x0: torch.Tensor, variance: str = "large", **kwargs):
+    """:func:`bound` for a bare eps network: the DDPM reverse process around it and the forward process."""
+    from pyro_ddpm.guides import ForwardProcess
+    from pyro_ddpm.models import ReverseProcess
+
+    model = ReverseProcess(eps, schedule, variance, likelihood, shape=x0.shape[1:])
+    return bound(model, ForwardProcess(schedule, event_dim=x0.dim() - 1), x0, **kwargs)
+
+
 def _strip_steps(T: int) -> list[int]:
     return sorted({max(1, round(T * f)) for f in (1.0, 0.8, 0.6, 0.4, 0.25, 0.1, 0.05, 0.01)} | {1}, reverse=True)
 

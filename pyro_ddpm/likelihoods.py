@@ -32,7 +32,7 @@ def check_images(x: torch.Tensor, levels: int | None = None, name: str = "x_0") 
         raise ValueError(f"{name} contains NaN ({int(torch.isnan(x).sum())} values)")
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains infinite values")
-    if levels is None:
+    if levels is None or x.numel() == 0:
         return
     lo, hi = float(x.min()), float(x.max())
     if lo < -1.0 - 1e-6 or hi > 1.0 + 1e-6:
@@ -235,6 +235,32 @@ class GaussianLikelihood:
 
     def __repr__(self):
         return "GaussianLikelihood()"
+
+
+class ScoredWhere(TorchDistribution):
+    """``likelihood(loc, scale)`` whose ``log_prob`` is computed only at the batch entries where ``where``.
+
+    Elsewhere ``log_prob`` is 0. The per-timestep form scores the decoder only at t = 1 pairs (under
+    ``poutine.mask``); evaluating it on every (image, t) pair would spend most of its work on
+    entries the mask discards. Values and gradients at the kept entries are the likelihood's own.
+
+    :param where: a boolean tensor over the leading batch dimension of ``loc``.
+    """
+
+    arg_constraints = {}
+    support = constraints.real
+
+    def __init__(self, likelihood, loc: torch.Tensor, scale: torch.Tensor, where: torch.Tensor):
+        self.likelihood, self.where = likelihood, where
+        self.loc, self.scale = broadcast_all(loc, scale)
+        super().__init__(self.loc.shape, torch.Size(), validate_args=False)
+
+    def log_prob(self, value):
+        kept = self.likelihood(self.loc[self.where], self.scale[self.where]).log_prob(value[self.where])
+        return self.loc.new_zeros(self.batch_shape).index_put((self.where,), kept.to(self.loc.dtype))
+
+    def sample(self, sample_shape=torch.Size()):
+        return self.likelihood(self.loc, self.scale).sample(sample_shape)
 
 
 def likelihood_from_config(config: dict):

@@ -9,7 +9,7 @@ import torch
 from pyro import poutine
 
 from pyro_ddpm.elbo import TermwiseELBO
-from pyro_ddpm.evaluate import bound, bound_terms, summarize
+from pyro_ddpm.evaluate import bound, bound_of_network, bound_terms, summarize
 from pyro_ddpm.guides import ForwardProcess
 from pyro_ddpm.likelihoods import (
     DiscretizedGaussianLikelihood,
@@ -185,3 +185,12 @@ def test_variants_are_evaluated_without_new_code():
     assert results["tanh"] != results["linear-large"]
     assert results["tanh"] == pytest.approx(results["linear-large"], rel=0.05)
     assert pyro.get_param_store() is not None
+
+
+def test_bare_network_entry_point_is_the_same_evaluation():
+    schedule = Schedule.linear(6, 0.05, 0.4)
+    model, guide = make(schedule, "small")
+    x0 = grid_data(4)
+    a = bound(model, guide, x0, seed=2).bound["L"].values
+    b = bound_of_network(model.eps, schedule, model.likelihood, x0, variance="small", seed=2).bound["L"].values
+    np.testing.assert_array_equal(a, b)
