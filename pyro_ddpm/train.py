@@ -1,12 +1,23 @@
-"""Training: Pyro SVI on the per-timestep form of the bound, with warm-up, clipping and an EMA.
+"""Training: Pyro SVI on the per-timestep form of the bound, with warm-up, clipping, EMA and checkpoints.
 
-Each step draws a minibatch x_0 and K timesteps per image (uniform on 1..T) and calls
-``svi.step(x_0, t, weight)`` with ``TraceMeanField_ELBO``: one network call over the B*K pairs.
-The objective (``elbo`` or ``simple``) only changes the per-timestep weights and the t = 1 term
-(see :mod:`pyro_ddpm.elbo`). Optimizer: Adam through Pyro's ``LambdaLR`` (linear warm-up), with
-Pyro's gradient clipping, which clips each parameter tensor's norm (the paper clipped the global
-norm). The EMA of the network (paper: 0.9999) uses the decay min(decay, (1 + n) / (10 + n)) after
-n updates, so short runs average over their recent past instead of their initialization.
+Each step draws a global minibatch x_0, K timesteps per image (uniform on 1..T) and the noise of
+x_t ~ q(x_t | x_0) from the run's own generator, and calls ``svi.step`` with ``TraceMeanField_ELBO``:
+one network call over the B*K pairs. The guide draws x_t from that noise through
+:class:`~pyro_ddpm.evaluate.FixedNoise` (a reparameterized draw), so a run is reproduced exactly by
+its seed, whether it is resumed or split over processes. The objective (``elbo`` or ``simple``)
+changes only the per-timestep weights and the t = 1 term (:mod:`pyro_ddpm.elbo`).
+
+Optimizer: Adam through Pyro's ``LambdaLR`` (linear warm-up) with Pyro's gradient clipping, which
+clips each parameter tensor's norm (the paper clipped the global norm). The EMA of the network
+(paper: 0.9999) uses the decay min(decay, (1 + n) / (10 + n)) after n updates, so short runs average
+their recent past rather than their initialization; evaluation and sampling use it.
+
+Many processes: under ``torchrun`` (``torch.distributed`` initialized from the environment) each
+process runs SVI on its contiguous shard of the global batch, with the network wrapped in
+``DistributedDataParallel`` (gradients averaged across processes) and both programs scaled by the
+world size, so the averaged gradient is the global batch's. Rank 0 writes logs, samples and
+checkpoints; at every checkpoint the ranks check that they hold identical parameters. Dropout masks
+are drawn per process, so only dropout-free runs match a single-process run to round-off.
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,18 +33,24 @@ from pathlib import Path
 import pyro
 import pyro.optim
 import torch
+import torch.distributed as dist
+from pyro import poutine
 from pyro.infer import SVI, TraceMeanField_ELBO
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from pyro_ddpm import checkpoint, data as datasets
-from pyro_ddpm.elbo import OBJECTIVES, objective
+from pyro_ddpm import checkpoint, data as datasets, protocol
+from pyro_ddpm.elbo import OBJECTIVES, TermwiseELBO, objective
+from pyro_ddpm.evaluate import FixedNoise
 from pyro_ddpm.guides import ForwardProcess
 from pyro_ddpm.likelihoods import DiscretizedGaussianLikelihood
 from pyro_ddpm.models import ReverseProcess
 from pyro_ddpm.nets import PRESETS, build_network, network_config
-from pyro_ddpm.protocol import draw_timesteps
 from pyro_ddpm.schedule import VARIANCES, Schedule
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+# Fields that may change when a run is resumed; every other field must match the checkpoint.
+RESUMABLE = ("steps", "device", "log_every", "sample_every", "checkpoint_every", "validate")
 
 
 @dataclass
@@ -40,20 +58,24 @@ class TrainConfig:
     data: str = "digits"
     objective: str = "elbo"
     steps: int = 3000
-    batch_size: int = 128
+    batch_size: int = 128  # the global batch, over all processes
     timesteps_per_image: int = 1  # K
     T: int = 1000
     schedule: str = "linear"
     variance: str = "large"
     net: str | None = None  # a preset of pyro_ddpm.nets.PRESETS; default: the data set's
-    net_overrides: dict = dataclasses.field(default_factory=dict)  # e.g. {"ch": 16}
+    net_overrides: dict = dataclasses.field(default_factory=dict)  # e.g. {"ch": 16, "dropout": 0.0}
     lr: float = 2e-4
-    warmup: int | None = None  # default min(5000, steps // 10), the paper's 5000 for long runs
+    warmup: int | None = None  # default min(5000, steps // 10): the paper's 5000 for long runs
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     seed: int = 0
     device: str = "cpu"
+    precision: str = "fp32"  # "bf16": the network under torch.autocast; the bound's algebra stays fp32
+    compile: bool = False  # torch.compile the network (in place, parameter names unchanged)
     log_every: int = 100
+    sample_every: int = 0  # write a grid of EMA samples every N steps (0: never)
+    checkpoint_every: int = 1000
     validate: bool = False  # pyro.enable_validation during training (slower)
 
     def check(self) -> None:
@@ -63,13 +85,19 @@ class TrainConfig:
             raise ValueError(f"unknown variance {self.variance!r}; choose one of {VARIANCES}")
         if self.net is not None and self.net not in PRESETS:
             raise ValueError(f"unknown network preset {self.net!r}; choose one of {sorted(PRESETS)}")
-        for name in ("steps", "batch_size", "timesteps_per_image", "T"):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of {sorted(PRECISIONS)}")
+        for name in ("steps", "batch_size", "timesteps_per_image", "T", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} requested but CUDA is not available")
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.warmup if self.warmup is not None else min(5000, self.steps // 10)
 
 
 def _ema_avg(decay: float):
@@ -90,77 +118,212 @@ def build(config: TrainConfig, dataset: datasets.Dataset):
     schedule = Schedule.from_name(config.schedule, config.T)
     model = ReverseProcess(net, schedule, config.variance, DiscretizedGaussianLikelihood(dataset.levels),
                            shape=dataset.shape).to(config.device)
+    model.autocast = PRECISIONS[config.precision]
     guide = ForwardProcess(model.schedule, event_dim=len(dataset.shape))
     return model, guide
 
 
-def train(config: TrainConfig, out: str | Path, progress: bool = True) -> Path:
-    """Train, write ``out/metrics.jsonl`` and ``out/checkpoint.pt``; return the checkpoint's path."""
+def _process_group(device: str) -> tuple[int, int]:
+    """(rank, world size); initializes torch.distributed when launched by torchrun."""
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _resume_config(config: TrainConfig, state: dict) -> None:
+    saved = TrainConfig(**state["config"])
+    differ = [f.name for f in dataclasses.fields(TrainConfig)
+              if f.name not in RESUMABLE and getattr(saved, f.name) != getattr(config, f.name)]
+    if differ:
+        raise ValueError("cannot resume: the checkpoint was trained with different "
+                         + ", ".join(f"{n}={getattr(saved, n)!r} (asked {getattr(config, n)!r})" for n in differ))
+    if config.steps < state["step"]:
+        raise ValueError(f"cannot resume to {config.steps} steps: the checkpoint is at step {state['step']}")
+
+
+def train(config: TrainConfig, out: str | Path, progress: bool = True, resume: bool = False) -> Path:
+    """Train; write ``out/metrics.jsonl``, checkpoints ``out/checkpoint.pt`` and sample grids; return the checkpoint.
+
+    With ``resume=True`` the run continues from ``out/checkpoint.pt`` (``config`` must match it except
+    for the fields in :data:`RESUMABLE`); on CPU it then reproduces the uninterrupted run exactly.
+    """
     config.check()
     out = Path(out)
+    ckpt_path = out / checkpoint.FILENAME
+    state = None
+    if resume:
+        state = checkpoint.load(ckpt_path)
+        _resume_config(config, state)
+    elif ckpt_path.exists():
+        raise ValueError(f"{out} already holds a checkpoint: resume it (--resume) or choose another output directory")
     dataset = datasets.load(config.data, seed=0)
+    rank, world = _process_group(config.device)
+    if config.batch_size % world:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world} processes")
+
     pyro.clear_param_store()
     pyro.set_rng_seed(config.seed)
     pyro.enable_validation(config.validate)
     model, guide = build(config, dataset)
     net = model.eps
+    if state is not None:
+        net.load_state_dict(state["net"])
+    if config.compile:
+        net.compile()
     train_model, weight = objective(config.objective, model)
+    if world > 1:
+        train_model = train_model.with_network(torch.nn.parallel.DistributedDataParallel(net))
 
-    warmup = config.warmup if config.warmup is not None else min(5000, config.steps // 10)
+    def svi_model(x0, t, eps):
+        with poutine.scale(scale=float(world)):
+            train_model.per_timestep(x0, t, weight)
+
+    def svi_guide(x0, t, eps):
+        with poutine.scale(scale=float(world)), FixedNoise({protocol.X_t: eps}):
+            guide.per_timestep(x0, t, weight)
+
+    warmup = config.warmup_steps
     optim = pyro.optim.LambdaLR(
         {"optimizer": torch.optim.Adam, "optim_args": {"lr": config.lr},
          "lr_lambda": lambda step: min(1.0, (step + 1) / max(warmup, 1))},
         clip_args={"clip_norm": config.grad_clip},
     )
-    svi = SVI(train_model.per_timestep, guide.per_timestep, optim, loss=TraceMeanField_ELBO())
+    prefix = "$$$module." if world > 1 else "$$$"
+    if state is not None:
+        optim.set_state({k.replace("$$$", prefix, 1): v for k, v in state["optim"].items()})
+    svi = SVI(svi_model, svi_guide, optim, loss=TraceMeanField_ELBO())
     ema = AveragedModel(net, avg_fn=_ema_avg(config.ema_decay), use_buffers=True)
-
-    x_train = dataset.train.to(config.device)
     generator = torch.Generator().manual_seed(config.seed)
-    per_epoch = max(1, len(x_train) // config.batch_size)
-    B, K, D = min(config.batch_size, len(x_train)), config.timesteps_per_image, dataset.dims
+    start, order = 0, None
+    if state is not None:
+        ema.module.load_state_dict(state["ema"])
+        ema.n_averaged.fill_(int(state["ema_updates"]))
+        generator.set_state(state["rng"]["generator"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if torch.cuda.is_available() and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        start, order = state["step"], state["order"]
+    sample_model = model.with_network(ema.module)
+
+    x_train = dataset.train
+    N, B, K, D = len(x_train), min(config.batch_size, len(dataset.train)), config.timesteps_per_image, dataset.dims
+    per_epoch = max(1, N // B)
+    shard = slice(rank * (B // world), (rank + 1) * (B // world))
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "metrics.jsonl"
-    log_path.unlink(missing_ok=True)
+    if rank == 0 and not resume:
+        log_path.unlink(missing_ok=True)
+
+    def save(step: int) -> Path:
+        in_sync = _ranks_in_sync(net) if world > 1 else True
+        if not in_sync:
+            raise RuntimeError(f"processes hold different parameters at step {step}")
+        if rank != 0:
+            return ckpt_path
+        return checkpoint.save({
+            "step": step,
+            "config": dataclasses.asdict(config),
+            "network": network_config(net),
+            "schedule": {"name": config.schedule, "betas": model.schedule.betas.cpu()},
+            "variance": config.variance,
+            "likelihood": model.likelihood.config(),
+            "data": {"name": dataset.name, "shape": list(dataset.shape), "levels": dataset.levels,
+                     "source": getattr(dataset, "source", "")},
+            "net": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+            "ema": {k: v.detach().cpu() for k, v in ema.module.state_dict().items()},
+            "ema_updates": int(ema.n_averaged),
+            "optim": {k.replace(prefix, "$$$", 1): v for k, v in optim.get_state().items()},
+            "order": order,
+            "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "world_size": world,
+        }, ckpt_path)
+
     net.train()
-    start, window_loss, window_steps = time.perf_counter(), 0.0, 0
-    bar = tqdm(range(config.steps), desc=f"train {config.objective}", disable=not progress, dynamic_ncols=True)
+    t0, window_loss, window_steps, saved_at = time.perf_counter(), 0.0, 0, start
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"train {config.objective}",
+               disable=not progress or rank != 0, dynamic_ncols=True)
     for step in bar:
         if step % per_epoch == 0:
-            order = torch.randperm(len(x_train), generator=generator).to(config.device)
+            order = torch.randperm(N, generator=generator)
         idx = order[(step % per_epoch) * B:(step % per_epoch + 1) * B]
         x0 = x_train[idx]
-        t = draw_timesteps(len(idx), K, model.T, generator, config.device)
-        loss = svi.step(x0, t, weight)
+        if getattr(dataset, "flip", False):
+            x0 = datasets.random_flip(x0, generator)
+        t = torch.randint(1, model.T + 1, (B, K), generator=generator)
+        eps = torch.randn((B * K, *dataset.shape), generator=generator)
+        x0, t, eps = (v[shard].to(config.device) for v in (x0, t, eps.view(B, K, *dataset.shape)))
+        eps = eps.reshape(-1, *dataset.shape)  # pair b * K + k
+        loss = svi.step(x0, t, eps)
         optim.step()  # the learning-rate schedulers
         ema.update_parameters(net)
         if not math.isfinite(loss):
-            raise FloatingPointError(f"training stopped: the loss became {loss} at step {step + 1}; "
-                                     f"no checkpoint of this run was written")
-        window_loss += loss / len(idx)
+            kept = f"the last good checkpoint (step {saved_at}) is kept at {ckpt_path}" if saved_at else "no checkpoint was written"
+            raise FloatingPointError(f"training stopped: the loss became {loss} at step {step + 1}; {kept}")
+        window_loss += loss / B
         window_steps += 1
-        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-            elapsed = time.perf_counter() - start
-            record = {"step": step + 1, "objective": config.objective,
-                      "loss_per_image": window_loss / window_steps, "images_per_s": (step + 1) * B / elapsed}
-            if config.objective == "elbo":
-                record["bits_per_dim"] = record["loss_per_image"] / (D * math.log(2))
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{record['loss_per_image']:.4g}", img_s=f"{record['images_per_s']:.0f}")
+        done = step + 1
+        if done % config.log_every == 0 or done == config.steps:
+            record = _log_record(config, done, window_loss / window_steps, B, D, t0, start, world)
+            record.update(_term_estimates(model, guide, x0, t, eps, world, D))
+            if rank == 0:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.set_postfix(loss=f"{record['loss_per_image']:.4g}", img_s=f"{record['images_per_s']:.0f}")
             window_loss, window_steps = 0.0, 0
+        if config.sample_every and done % config.sample_every == 0 and rank == 0:
+            _sample_grid(sample_model, dataset, out / "samples" / f"step_{done:07d}.png")
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            save(done)
+            saved_at = done
+    return ckpt_path
 
-    state = {
-        "step": config.steps,
-        "config": dataclasses.asdict(config),
-        "network": network_config(net),
-        "schedule": {"name": config.schedule, "betas": model.schedule.betas.cpu()},
-        "variance": config.variance,
-        "likelihood": model.likelihood.config(),
-        "data": {"name": dataset.name, "shape": list(dataset.shape), "levels": dataset.levels},
-        "net": {k: v.cpu() for k, v in net.state_dict().items()},
-        "ema": {k: v.cpu() for k, v in ema.module.state_dict().items()},
-        "optim": optim.get_state(),
-        "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state()},
-    }
-    return checkpoint.save(state, out / checkpoint.FILENAME)
+
+def _log_record(config, step, loss_per_image, B, D, t0, start, world) -> dict:
+    if world > 1:
+        value = torch.tensor([loss_per_image], dtype=torch.float64)
+        dist.all_reduce(value)
+        loss_per_image = value.item() / world
+    elapsed = time.perf_counter() - t0
+    record = {"step": step, "objective": config.objective, "loss_per_image": loss_per_image,
+              "images_per_s": (step - start) * B / elapsed}
+    if config.objective == "elbo":
+        record["bits_per_dim"] = loss_per_image / (D * math.log(2))
+    return record
+
+
+def _own_rng():
+    """Random numbers drawn inside are not taken from the training run's stream."""
+    return torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else [])
+
+
+@torch.no_grad()
+def _term_estimates(model, guide, x0, t, eps, world, D) -> dict:
+    """This batch's unbiased estimates of L_T, the rate and L_0 (bits/dim), from the traced terms."""
+    with _own_rng():
+        terms = TermwiseELBO().terms(model.per_timestep, FixedNoise({protocol.X_t: eps})(guide.per_timestep), x0, t)
+    estimates = torch.stack([(term.value * term.scale).sum() / x0.shape[0]
+                             for term in (terms[protocol.X_T], terms[protocol.X_PREV], terms[protocol.X_0])])
+    if world > 1:
+        dist.all_reduce(estimates)
+        estimates /= world
+    to_bpd = 1.0 / (D * math.log(2))
+    return {f"{name}_bits_per_dim": float(v) * to_bpd for name, v in zip(("L_T", "rate", "L_0"), estimates)}
+
+
+def _ranks_in_sync(net) -> bool:
+    flat = torch.cat([p.detach().double().reshape(-1) for p in net.parameters()]).cpu()
+    summary = torch.stack([flat.sum(), flat.abs().sum(), (flat * torch.arange(len(flat), dtype=torch.float64)).sum()])
+    gathered = [torch.zeros_like(summary) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, summary)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def _sample_grid(model, dataset, path: Path, n: int = 16) -> None:
+    from pyro_ddpm.sample import sample, save_png
+
+    with _own_rng():
+        torch.manual_seed(0)
+        save_png(sample(model, n), path, reference=dataset.test if len(dataset.shape) == 1 else None)

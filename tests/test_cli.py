@@ -24,7 +24,7 @@ def digits_run(tmp_path_factory):
 def test_train_writes_checkpoint_and_metrics(digits_run):
     state = checkpoint.load(digits_run)
     assert state["step"] == 6
-    assert state["data"] == {"name": "digits", "shape": [1, 8, 8], "levels": 17}
+    assert state["data"] == {"name": "digits", "shape": [1, 8, 8], "levels": 17, "source": ""}
     assert state["schedule"]["betas"].shape == (10,)
     records = [json.loads(line) for line in (digits_run / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 6 and math.isfinite(records[-1]["bits_per_dim"])
