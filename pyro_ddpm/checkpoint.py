@@ -8,6 +8,7 @@ optimizer state) and ``rng`` (torch RNG state).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -18,19 +19,21 @@ FORMAT = 1
 FILENAME = "checkpoint.pt"
 
 
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call ``write(file)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``.
 
-    A crash at any point leaves either the old file or the new one, never a partial file.
+    A crash at any point leaves either the old file or the new one, never a partial file; on an
+    exception the temporary file is removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -41,7 +44,13 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    return path
+
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call ``write(file)`` on a binary file that replaces ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+    return Path(path)
 
 
 def _umask() -> int:

@@ -238,21 +238,12 @@ def format_summary(summary: dict, header: str = "") -> str:
 def save(idata, summary: dict, directory: str | Path, stem: str = "bound") -> dict[str, Path]:
     """Write ``stem.nc`` (netCDF of the InferenceData) and ``stem.json`` (the summary) atomically."""
     import json
-    import os
-    import tempfile
 
-    from pyro_ddpm.checkpoint import atomic_write
+    from pyro_ddpm.checkpoint import atomic_path, atomic_write
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     nc = directory / f"{stem}.nc"
-    fd, tmp = tempfile.mkstemp(prefix=f".{nc.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        idata.to_netcdf(tmp)
-        os.replace(tmp, nc)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(nc) as tmp:
+        idata.to_netcdf(str(tmp))
     js = atomic_write(directory / f"{stem}.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
     return {"netcdf": nc, "json": js}

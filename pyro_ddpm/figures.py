@@ -29,7 +29,8 @@ def _runs(idata) -> dict:
     return {label: data.bound for label, data in runs.items()}
 
 
-def _figure(nrows: int = 1, ncols: int = 1, size=(6.0, 4.0)):
+def new_figure(nrows: int = 1, ncols: int = 1, size=(6.0, 4.0)):
+    """A pyplot-free Agg figure and its (nrows, ncols) axes array."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -38,7 +39,7 @@ def _figure(nrows: int = 1, ncols: int = 1, size=(6.0, 4.0)):
     return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
-def _save(fig, path) -> Path:
+def save_figure(fig, path) -> Path:
     """Render ``fig`` to PNG in memory, then write it over ``path`` atomically."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -77,7 +78,7 @@ def progressive_coding_curve(ds):
 
 def plot_terms(idata, path) -> Path:
     """L_t against t in bits/dim (log scale), mean over images with +-2 s.e.; L_0 and L_T marked."""
-    fig, ((ax,),) = _figure()
+    fig, ((ax,),) = new_figure()
     titles = []
     for k, (label, ds) in enumerate(_runs(idata).items()):
         color = f"C{k}"
@@ -94,12 +95,12 @@ def plot_terms(idata, path) -> Path:
     ax.set(yscale="log", xlabel="t", ylabel="L_t (bits/dim), band ±2 s.e. over images")
     ax.set_title("\n".join(titles), fontsize=9)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_rate_distortion(idata, path) -> Path:
     """Figure 5: distortion and rate against the reverse step t (T on the left), and distortion against rate."""
-    fig, ((ax_d, ax_r, ax_rd),) = _figure(1, 3, size=(14.0, 4.0))
+    fig, ((ax_d, ax_r, ax_rd),) = new_figure(1, 3, size=(14.0, 4.0))
     for k, (label, ds) in enumerate(_runs(idata).items()):
         steps, rate, rmse = progressive_coding_curve(ds)
         style = dict(color=f"C{k}", lw=1.2, label=label or None)
@@ -114,7 +115,7 @@ def plot_rate_distortion(idata, path) -> Path:
     ax_rd.set(xlabel="rate (bits/dim)", ylabel="distortion (RMSE, 0..255)", title="rate-distortion")
     if isinstance(idata, dict):
         ax_rd.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_strip(idata, path) -> Path:
@@ -126,7 +127,7 @@ def plot_strip(idata, path) -> Path:
     runs = _runs(idata)
     first = next(iter(runs.values()))
     if first["x0_strip"].ndim == 1:
-        fig, axes = _figure(1, len(runs), size=(4.5 * len(runs), 3.5))
+        fig, axes = new_figure(1, len(runs), size=(4.5 * len(runs), 3.5))
         for ax, (label, ds) in zip(axes[0], runs.items()):
             steps = ds["strip_step"].values
             for d, (pred, true) in enumerate(zip(ds["x0_hat_strip"].values.T, ds["x0_strip"].values)):
@@ -135,9 +136,9 @@ def plot_strip(idata, path) -> Path:
             ax.set(xlabel="reverse step t", ylabel="x0_hat (dashed: x_0)", title=label or None)
             ax.invert_xaxis()
             ax.legend(fontsize=7)
-        return _save(fig, path)
+        return save_figure(fig, path)
     ncols = max(ds.sizes["strip_step"] for ds in runs.values()) + 1
-    fig, axes = _figure(len(runs), ncols, size=(1.3 * ncols, 1.5 * len(runs)))
+    fig, axes = new_figure(len(runs), ncols, size=(1.3 * ncols, 1.5 * len(runs)))
     for row, (label, ds) in zip(axes, runs.items()):
         steps = ds["strip_step"].values
         panels = list(ds["x0_hat_strip"].values) + [ds["x0_strip"].values]
@@ -148,7 +149,7 @@ def plot_strip(idata, path) -> Path:
         for ax in row:
             ax.set(xticks=[], yticks=[])
             ax.set_frame_on(False)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _display(img: np.ndarray) -> np.ndarray:

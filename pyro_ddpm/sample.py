@@ -6,14 +6,12 @@ runs), in batches, without keeping a trace of the T intermediate states.
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pyro_ddpm.checkpoint import atomic_write
 
 
 @torch.no_grad()
@@ -44,19 +42,19 @@ def image_grid(images: torch.Tensor, ncol: int | None = None) -> np.ndarray:
 
 def save_png(samples: torch.Tensor, path: str | Path, reference: torch.Tensor | None = None) -> Path:
     """An image grid (image data) or a scatter plot (2-D points, with ``reference`` data beside), atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from pyro_ddpm.figures import new_figure, save_figure
 
     if samples.dim() == 4:
         grid = image_grid(samples)
-        fig = plt.figure(figsize=(grid.shape[1] / 20, grid.shape[0] / 20), dpi=100)
-        ax = fig.add_axes([0, 0, 1, 1])
+        fig, axes = new_figure(size=(grid.shape[1] / 20, grid.shape[0] / 20))
+        fig.set_layout_engine("none")
+        ax = axes[0, 0]
+        ax.set_position([0, 0, 1, 1])
         ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         ax.axis("off")
     elif samples.dim() == 2 and samples.shape[1] == 2:
-        fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+        fig, axes = new_figure(size=(4, 4))
+        ax = axes[0, 0]
         if reference is not None:
             ax.scatter(*reference.cpu().T, s=2, alpha=0.3, label="data")
         ax.scatter(*samples.cpu().T, s=2, alpha=0.6, label="samples")
@@ -64,7 +62,4 @@ def save_png(samples: torch.Tensor, path: str | Path, reference: torch.Tensor | 
         ax.legend(loc="upper right", fontsize=7)
     else:
         raise ValueError(f"cannot draw samples of shape {tuple(samples.shape)}: expected (N, C, H, W) images or (N, 2) points")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write(path, lambda f: f.write(buf.getvalue()))
+    return save_figure(fig, path)

@@ -137,3 +137,11 @@ def test_two_gloo_processes_stay_in_sync_and_match_one_process_with_the_same_glo
     records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     single = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["loss_per_image"] == pytest.approx(single[0]["loss_per_image"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_network_trains_and_keeps_parameter_names(tmp_path):
+    path = train(TrainConfig(steps=3, compile=True, **TINY), tmp_path, progress=False)
+    state = checkpoint.load(path)
+    assert not any("_orig_mod" in k for k in state["net"])  # module.compile() compiles in place
+    assert all(torch.isfinite(v).all() for v in state["net"].values())
