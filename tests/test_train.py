@@ -145,3 +145,23 @@ def test_compiled_network_trains_and_keeps_parameter_names(tmp_path):
     state = checkpoint.load(path)
     assert not any("_orig_mod" in k for k in state["net"])  # module.compile() compiles in place
     assert all(torch.isfinite(v).all() for v in state["net"].values())
+
+
+def test_cifar10_folder_trains_with_flips_and_evaluates(tmp_path, monkeypatch):
+    """A (fake, 10-image) CIFAR-10 folder given as a path: the cifar10 preset trains with flips, and the
+    checkpoint remembers where its data came from."""
+    from test_data import cifar_images, fake_cifar_dir
+
+    from pyro_ddpm import data
+
+    flips, real_flip = [], data.random_flip
+    monkeypatch.setattr(data, "random_flip", lambda x, g: flips.append(len(x)) or real_flip(x, g))
+    folder = fake_cifar_dir(tmp_path / "data", cifar_images())
+    run = tmp_path / "run"
+    assert main(["train", "--data", folder, "--T", "5", "--ch", "8", "--batch-size", "4", "--steps", "3",
+                 "--out", str(run), "--no-progress"]) == 0
+    state = checkpoint.load(run)
+    assert state["data"]["name"] == "cifar10" and state["data"]["shape"] == [3, 32, 32]
+    assert state["data"]["source"] and state["config"]["data"] == folder
+    assert flips == [4, 4, 4]  # every CIFAR-10 batch is flipped at random (digits/MNIST batches are not)
+    assert main(["evaluate", str(run), "--no-progress", "--no-figures"]) == 0
