@@ -170,6 +170,7 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True, resume: b
     net = model.eps
     if state is not None:
         net.load_state_dict(state["net"])
+    ema = AveragedModel(net, avg_fn=_ema_avg(config.ema_decay), use_buffers=True)  # a copy, before compiling
     if config.compile:
         net.compile()
     train_model, weight = objective(config.objective, model)
@@ -194,7 +195,6 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True, resume: b
     if state is not None:
         optim.set_state({k.replace("$$$", prefix, 1): v for k, v in state["optim"].items()})
     svi = SVI(svi_model, svi_guide, optim, loss=TraceMeanField_ELBO())
-    ema = AveragedModel(net, avg_fn=_ema_avg(config.ema_decay), use_buffers=True)
     generator = torch.Generator().manual_seed(config.seed)
     start, order = 0, None
     if state is not None:
