@@ -16,7 +16,7 @@ from pyro.infer import SVI, Predictive, TraceMeanField_ELBO
 
 from pyro_ddpm import data, protocol
 from pyro_ddpm.elbo import TermwiseELBO, objective
-from pyro_ddpm.evaluate import bound_terms, summarize, format_summary
+from pyro_ddpm.evaluate import bound, format_summary, summarize
 from pyro_ddpm.guides import ForwardProcess
 from pyro_ddpm.likelihoods import DiscretizedGaussianLikelihood
 from pyro_ddpm.models import ReverseProcess
@@ -47,8 +47,8 @@ def main():
             print(f"step {step + 1}: loss {loss / 128:.2f} per image")
 
     x = digits.test[:32]
-    L = bound_terms(model, guide, x)  # (images, T + 1) nats, column s = L_s
-    print(format_summary(summarize(L, digits.dims)))
+    idata = bound(model, guide, x)  # arviz InferenceData: L (draw, image, t) nats, column t = L_t
+    print(format_summary(summarize(idata)))
 
     # The chain form, traced by Pyro's own ELBO, estimates the same bound (one chain sample per image).
     with torch.no_grad():

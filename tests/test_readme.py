@@ -28,3 +28,15 @@ def test_main_job_beats_uniform_on_digits(tmp_path):
         assert results[name]["total"]["bits_per_dim"] < math.log2(17) - 0.2
         assert (tmp_path / name / "samples.png").exists()
     assert (tmp_path / "comparison.md").read_text().count("|") > 10
+
+
+def test_quickstart_example_runs(capsys):
+    import runpy
+
+    argv, sys.argv = sys.argv, ["quickstart.py", "--steps", "2", "--T", "10"]
+    try:
+        runpy.run_path(str(ROOT / "examples" / "quickstart.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+    out = capsys.readouterr().out
+    assert "total" in out and "chain form:" in out and "samples (16, 1, 8, 8)" in out
