@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from pyro_ddpm import protocol
 from pyro_ddpm.elbo import TermwiseELBO
+from pyro_ddpm.schedule import at
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)  # arviz announces its 1.0 refactor on import
@@ -56,9 +57,7 @@ class FixedNoise(Messenger):
     def _pyro_sample(self, msg):
         if msg["name"] not in self.noise or msg["is_observed"] or msg["value"] is not None:
             return
-        fn = msg["fn"]
-        while hasattr(fn, "base_dist"):
-            fn = fn.base_dist
+        fn = _base(msg["fn"])
         msg["value"] = fn.loc + fn.scale * self.noise[msg["name"]].to(fn.loc)
 
 
@@ -127,9 +126,9 @@ def bound(model, guide, x0: torch.Tensor, draws: int = 1, max_batch: int = 4096,
                         L[d, rows, T] = terms[protocol.X_T].value.double().cpu()
                     # progressive coding: x0_hat from the traced transition mean (no extra network call)
                     x_t = guide_trace.nodes[protocol.X_t]["value"].double()
-                    loc = _loc(model_trace.nodes[protocol.X_PREV]["fn"]).double()
+                    loc = _base(model_trace.nodes[protocol.X_PREV]["fn"]).loc.double()
                     tf = t.reshape(-1)
-                    x0_hat = ((loc - _at(s.coef_xt, tf, x_t) * x_t) / _at(s.coef_x0, tf, x_t)).reshape(*t.shape, *shape)
+                    x0_hat = ((loc - at(s.coef_xt, tf, x_t) * x_t) / at(s.coef_x0, tf, x_t)).reshape(*t.shape, *shape)
                     err = ((x0_hat - x.double().unsqueeze(1)) * 127.5) ** 2
                     sq_error[d, rows, steps.cpu() - 1] = err.flatten(2).mean(-1).cpu()
                     if d == 0 and i == 0:
@@ -170,15 +169,11 @@ def _strip_steps(T: int) -> list[int]:
     return sorted({max(1, round(T * f)) for f in (1.0, 0.8, 0.6, 0.4, 0.25, 0.1, 0.05, 0.01)} | {1}, reverse=True)
 
 
-def _loc(fn):
+def _base(fn):
+    """The elementwise distribution inside ``Independent``/expanded wrappers."""
     while hasattr(fn, "base_dist"):
         fn = fn.base_dist
-    return fn.loc
-
-
-def _at(constant, t, x):
-    c = constant.to(x.device, torch.float64)[t]
-    return c.reshape(c.shape + (1,) * (x.dim() - 1))
+    return fn
 
 
 def bound_terms(model, guide, x0: torch.Tensor, **kwargs) -> torch.Tensor:
