@@ -7,7 +7,7 @@ timestep) pairs, at most ``max_batch`` pairs per call.
 
 Noise. Each L_{t-1} is an expectation over x_t ~ q(x_t | x_0); it is estimated with ``draws``
 independent draws. The standard-normal noise of image i, draw d is one stream seeded by
-(seed, d, i), and :class:`FixedNoise` turns it into the guide's x_t by reparameterization, so results
+(seed, d, i), and :class:`~pyro_ddpm.protocol.FixedNoise` turns it into the guide's x_t by reparameterization, so results
 do not depend on how images and timesteps are chunked into network calls.
 
 Progressive coding (section 4.3, Table 4, Figure 5). At reverse step t a receiver holding x_t
@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pyro.poutine.messenger import Messenger
 from tqdm.auto import tqdm
 
 from pyro_ddpm import protocol
@@ -41,24 +40,6 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)  # arviz announces its 1.0 refactor on import
     import arviz as az
 import xarray as xr
-
-
-class FixedNoise(Messenger):
-    """Draw the named Normal sites as loc + scale * noise from given standard-normal ``noise``.
-
-    A reparameterized ``poutine.condition``: the site stays latent (its KL is still taken) and its
-    value keeps its gradient with respect to the guide's loc and scale.
-    """
-
-    def __init__(self, noise: dict[str, torch.Tensor]):
-        super().__init__()
-        self.noise = noise
-
-    def _pyro_sample(self, msg):
-        if msg["name"] not in self.noise or msg["is_observed"] or msg["value"] is not None:
-            return
-        fn = _base(msg["fn"])
-        msg["value"] = fn.loc + fn.scale * self.noise[msg["name"]].to(fn.loc)
 
 
 def image_noise(image_ids, steps: torch.Tensor, T: int, shape, seed: int, draw: int) -> torch.Tensor:
@@ -118,7 +99,7 @@ def bound(model, guide, x0: torch.Tensor, draws: int = 1, max_batch: int = 4096,
                            else image_noise(ids[rows], steps, T, shape, seed, d))
                     eps = eps.reshape(-1, *shape)
                     model_trace, guide_trace = elbo.traces(
-                        model.per_timestep, FixedNoise({protocol.X_t: eps})(guide.per_timestep), x, t)
+                        model.per_timestep, protocol.FixedNoise({protocol.X_t: eps})(guide.per_timestep), x, t)
                     terms = elbo.terms_from_traces(model_trace, guide_trace)
                     per_pair = terms[protocol.X_PREV].value + terms[protocol.X_0].value  # masked t>1 / t=1
                     L[d, rows, steps.cpu() - 1] = per_pair.reshape(t.shape).double().cpu()
@@ -126,7 +107,7 @@ def bound(model, guide, x0: torch.Tensor, draws: int = 1, max_batch: int = 4096,
                         L[d, rows, T] = terms[protocol.X_T].value.double().cpu()
                     # progressive coding: x0_hat from the traced transition mean (no extra network call)
                     x_t = guide_trace.nodes[protocol.X_t]["value"].double()
-                    loc = _base(model_trace.nodes[protocol.X_PREV]["fn"]).loc.double()
+                    loc = protocol.elementwise(model_trace.nodes[protocol.X_PREV]["fn"]).loc.double()
                     tf = t.reshape(-1)
                     x0_hat = ((loc - at(s.coef_xt, tf, x_t) * x_t) / at(s.coef_x0, tf, x_t)).reshape(*t.shape, *shape)
                     err = ((x0_hat - x.double().unsqueeze(1)) * 127.5) ** 2
@@ -167,13 +148,6 @@ def bound_of_network(eps, schedule, likelihood, x0: torch.Tensor, variance: str 
 
 def _strip_steps(T: int) -> list[int]:
     return sorted({max(1, round(T * f)) for f in (1.0, 0.8, 0.6, 0.4, 0.25, 0.1, 0.05, 0.01)} | {1}, reverse=True)
-
-
-def _base(fn):
-    """The elementwise distribution inside ``Independent``/expanded wrappers."""
-    while hasattr(fn, "base_dist"):
-        fn = fn.base_dist
-    return fn
 
 
 def bound_terms(model, guide, x0: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -32,6 +32,7 @@ import contextlib
 import pyro
 import torch
 from pyro import poutine
+from pyro.poutine.messenger import Messenger
 
 IMAGES = "images"
 PAIRS = "(x_0, t)"
@@ -79,3 +80,29 @@ def draw_timesteps(batch: int, K: int, T: int, generator: torch.Generator | None
 def all_timesteps(batch: int, T: int, device=None) -> torch.Tensor:
     """Every timestep for every image: (batch, T); with it the training form is the full bound."""
     return torch.arange(1, T + 1, device=device).expand(batch, T)
+
+
+def elementwise(fn):
+    """The elementwise distribution inside ``Independent``/expanded wrappers."""
+    while hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return fn
+
+
+class FixedNoise(Messenger):
+    """Draw the named Normal sites as loc + scale * noise from given standard-normal ``noise``.
+
+    A reparameterized ``poutine.condition``: the site stays latent (its KL is still taken) and its
+    value keeps its gradient with respect to the guide's loc and scale. The trainer and the evaluator
+    use it on ``x_t`` so that results depend on their own seeded noise, not on how work is split.
+    """
+
+    def __init__(self, noise: dict[str, torch.Tensor]):
+        super().__init__()
+        self.noise = noise
+
+    def _pyro_sample(self, msg):
+        if msg["name"] not in self.noise or msg["is_observed"] or msg["value"] is not None:
+            return
+        fn = elementwise(msg["fn"])
+        msg["value"] = fn.loc + fn.scale * self.noise[msg["name"]].to(fn.loc)

@@ -3,7 +3,7 @@
 Each step draws a global minibatch x_0, K timesteps per image (uniform on 1..T) and the noise of
 x_t ~ q(x_t | x_0) from the run's own generator, and calls ``svi.step`` with ``TraceMeanField_ELBO``:
 one network call over the B*K pairs. The guide draws x_t from that noise through
-:class:`~pyro_ddpm.evaluate.FixedNoise` (a reparameterized draw), so a run is reproduced exactly by
+:class:`~pyro_ddpm.protocol.FixedNoise` (a reparameterized draw), so a run is reproduced exactly by
 its seed, whether it is resumed or split over processes. The objective (``elbo`` or ``simple``)
 changes only the per-timestep weights and the t = 1 term (:mod:`pyro_ddpm.elbo`).
 
@@ -41,7 +41,6 @@ from tqdm.auto import tqdm
 
 from pyro_ddpm import checkpoint, data as datasets, protocol
 from pyro_ddpm.elbo import OBJECTIVES, TermwiseELBO, objective
-from pyro_ddpm.evaluate import FixedNoise
 from pyro_ddpm.guides import ForwardProcess
 from pyro_ddpm.likelihoods import DiscretizedGaussianLikelihood
 from pyro_ddpm.models import ReverseProcess
@@ -182,7 +181,7 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True, resume: b
             train_model.per_timestep(x0, t, weight)
 
     def svi_guide(x0, t, eps):
-        with poutine.scale(scale=float(world)), FixedNoise({protocol.X_t: eps}):
+        with poutine.scale(scale=float(world)), protocol.FixedNoise({protocol.X_t: eps}):
             guide.per_timestep(x0, t, weight)
 
     warmup = config.warmup_steps
@@ -303,7 +302,7 @@ def _own_rng():
 def _term_estimates(model, guide, x0, t, eps, world, D) -> dict:
     """This batch's unbiased estimates of L_T, the rate and L_0 (bits/dim), from the traced terms."""
     with _own_rng():
-        terms = TermwiseELBO().terms(model.per_timestep, FixedNoise({protocol.X_t: eps})(guide.per_timestep), x0, t)
+        terms = TermwiseELBO().terms(model.per_timestep, protocol.FixedNoise({protocol.X_t: eps})(guide.per_timestep), x0, t)
     estimates = torch.stack([(term.value * term.scale).sum() / x0.shape[0]
                              for term in (terms[protocol.X_T], terms[protocol.X_PREV], terms[protocol.X_0])])
     if world > 1:
