@@ -1,46 +1,46 @@
-"""How much does one SVI step of the per-timestep form cost against a plain-torch Algorithm 1 step?
+"""How much does one SVI step of the trainer cost against a plain-torch Algorithm 1 step?
 
-    python benchmarks/train_speed.py --preset digits --batch 128 --repeats 50
+    python benchmarks/train_speed.py --preset digits --batch 128 --repeats 30 --markdown runs/bench/train.md
 
 Both use the same network (same initial weights), batch, dtype and device. The baseline is
 Algorithm 1 in plain torch: t ~ U{1..T}, x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, the eps-MSE,
-backward, one Adam step over all parameters. The Pyro steps are ``svi.step`` with
-``TraceMeanField_ELBO`` and the trainer's optimizer (Adam through ``pyro.optim.LambdaLR`` with
-per-parameter clipping), for the ``elbo`` and ``simple`` objectives. Median over repeats after warm-up;
-runs are interleaved so load on a shared machine hits all alike.
+backward, one Adam step over all parameters. The Pyro steps are exactly the trainer's
+(:func:`pyro_ddpm.train.make_svi`: ``svi.step`` of the objective's program with ``TermwiseELBO``,
+the guide drawing x_t from the given noise, Adam with global-norm clipping and warm-up), for the
+``elbo`` and ``simple`` objectives. Median over repeats after warm-up; the three are interleaved so
+that load on a shared machine hits all alike. Peak memory: CUDA max allocated per variant; on CPU
+each variant is re-run in a fresh process and its peak resident set reported (``--no-memory`` skips).
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import time
+import subprocess
+import sys
+from pathlib import Path
 
 import pyro
 import torch
-from pyro.infer import SVI, TraceMeanField_ELBO
 
-from pyro_ddpm import protocol
-from pyro_ddpm.elbo import objective
-from pyro_ddpm.guides import ForwardProcess
-from pyro_ddpm.likelihoods import DiscretizedGaussianLikelihood
-from pyro_ddpm.models import ReverseProcess
-from pyro_ddpm.nets import PRESETS, build_network
-from pyro_ddpm.schedule import Schedule, at
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, markdown_table, peak_mib, reset_peak, timed, write_markdown  # noqa: E402
+
+from pyro_ddpm import protocol  # noqa: E402
+from pyro_ddpm.guides import ForwardProcess  # noqa: E402
+from pyro_ddpm.likelihoods import DiscretizedGaussianLikelihood  # noqa: E402
+from pyro_ddpm.models import ReverseProcess  # noqa: E402
+from pyro_ddpm.nets import PRESETS, build_network  # noqa: E402
+from pyro_ddpm.schedule import Schedule, at  # noqa: E402
+from pyro_ddpm.train import TrainConfig, make_svi  # noqa: E402
 
 SHAPES = {"digits": ((1, 8, 8), 17), "mnist": ((1, 28, 28), 256), "cifar10": ((3, 32, 32), 256)}
+BASELINE = "plain torch (Algorithm 1)"
+VARIANTS = (BASELINE, "SVI elbo", "SVI simple")
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="digits", choices=sorted(SHAPES))
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--T", type=int, default=1000)
-    ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--device", default="cpu")
-    args = ap.parse_args()
-
+def make_steps(args, only=None) -> dict:
+    """The step functions of the variants (all, or ``only`` one), on identical networks and data."""
     torch.manual_seed(0)
     pyro.enable_validation(False)
     shape, levels = SHAPES[args.preset]
@@ -53,55 +53,90 @@ def main():
         net.load_state_dict(initial)
         return net.train()
 
-    # plain torch, Algorithm 1
-    net = fresh_net()
-    adam = torch.optim.Adam(net.parameters(), lr=2e-4)
+    steps = {}
+    if only in (None, BASELINE):
+        net = fresh_net()
+        adam = torch.optim.Adam(net.parameters(), lr=2e-4)
 
-    def torch_step():
-        t = torch.randint(1, args.T + 1, (args.batch,), device=args.device)
-        eps = torch.randn_like(x0)
-        x_t = at(schedule.sqrt_abar, t, x0) * x0 + at(schedule.sqrt_one_minus_abar, t, x0) * eps
-        loss = ((eps - net(x_t, t)) ** 2).sum()
-        adam.zero_grad()
-        loss.backward()
-        adam.step()
+        def torch_step():
+            t = torch.randint(1, args.T + 1, (args.batch,), device=args.device)
+            eps = torch.randn_like(x0)
+            x_t = at(schedule.sqrt_abar, t, x0) * x0 + at(schedule.sqrt_one_minus_abar, t, x0) * eps
+            loss = ((eps - net(x_t, t)) ** 2).sum()
+            adam.zero_grad()
+            loss.backward()
+            adam.step()
 
-    steps = {"plain torch (Algorithm 1)": torch_step}
+        steps[BASELINE] = torch_step
     for name in ("elbo", "simple"):
+        if only not in (None, f"SVI {name}"):
+            continue
         pyro.clear_param_store()
         model = ReverseProcess(fresh_net(), schedule, "large", DiscretizedGaussianLikelihood(levels))
-        train_model, weight = objective(name, model)
-        optim = pyro.optim.LambdaLR({"optimizer": torch.optim.Adam, "optim_args": {"lr": 2e-4},
-                                     "lr_lambda": lambda s: 1.0}, clip_args={"clip_norm": 1.0})
-        svi = SVI(train_model.per_timestep, ForwardProcess(schedule).per_timestep, optim, TraceMeanField_ELBO())
+        svi, weight = make_svi(TrainConfig(objective=name, T=args.T, warmup=1), model,
+                               ForwardProcess(schedule, event_dim=len(shape)))
 
         def svi_step(svi=svi, weight=weight):
-            svi.step(x0, protocol.draw_timesteps(args.batch, 1, args.T, device=args.device), weight)
+            t = protocol.draw_timesteps(args.batch, 1, args.T, device=args.device)
+            svi.step(x0, t, torch.randn_like(x0), weight)
+            svi.optim.step()
 
-        steps[f"SVI, objective {name}"] = svi_step
+        steps[f"SVI {name}"] = svi_step
+    return steps
 
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    times = {k: [] for k in steps}
-    for _ in range(3):
-        for step in steps.values():
+
+def run(args, only=None) -> dict:
+    steps = make_steps(args, only)
+    times, peaks = {k: [] for k in steps}, {}
+    for name, step in steps.items():  # warm-up
+        reset_peak(args.device)
+        for _ in range(3):
             step()
+        peaks[name] = peak_mib(args.device)
     for _ in range(args.repeats):
         for name, step in steps.items():
-            sync()
-            start = time.perf_counter()
-            step()
-            sync()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timed(step, args.device))
+    return {name: (statistics.median(ts), peaks[name]) for name, ts in times.items()}
 
-    base = statistics.median(times["plain torch (Algorithm 1)"])
-    params = sum(p.numel() for p in net.parameters())
-    print(f"machine  : {platform.machine()} {platform.processor() or ''}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, pyro {pyro.__version__}, device {args.device}")
-    print(f"settings : preset {args.preset} {shape} ({params} parameters), batch {args.batch}, T {args.T}, "
-          f"K 1, float32, median of {args.repeats}")
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"{name:<28} {1000 * med:8.2f} ms/step   ratio {med / base:5.3f}")
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="digits", choices=sorted(SHAPES))
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--T", type=int, default=1000)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-memory", action="store_true", help="skip the per-variant memory runs on CPU")
+    ap.add_argument("--only", choices=VARIANTS, help=argparse.SUPPRESS)  # one variant (memory runs)
+    ap.add_argument("--markdown", type=Path, help="also write the table as Markdown here")
+    args = ap.parse_args(argv)
+    if args.only:
+        seconds, peak = run(args, args.only)[args.only]
+        print(f"peak_mib {peak:.1f}")
+        return {}
+
+    result = run(args)
+    if not args.device.startswith("cuda") and not args.no_memory:
+        for name in result:  # a fresh process per variant: ru_maxrss only ever grows
+            cmd = [sys.executable, __file__, "--preset", args.preset, "--batch", str(args.batch), "--T", str(args.T),
+                   "--repeats", "2", "--device", args.device, "--only", name]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            result[name] = (result[name][0], float(out.split("peak_mib")[1]))
+    base = result[BASELINE][0]
+    params = sum(p.numel() for p in build_network(PRESETS[args.preset]).parameters())
+    memory = "peak CUDA MiB allocated" if args.device.startswith("cuda") else "peak RSS MiB (own process)"
+    print(f"machine  : {machine(args.device)}, pyro {pyro.__version__}")
+    print(f"settings : preset {args.preset} {SHAPES[args.preset][0]} ({params} parameters), batch {args.batch}, "
+          f"T {args.T}, K 1, float32, median of {args.repeats}")
+    rows = []
+    for name, (med, peak) in result.items():
+        print(f"{name:<28} {1000 * med:8.2f} ms/step   ratio {med / base:5.3f}   {memory} {peak:.0f}")
+        rows.append([name, f"{1000 * med:.2f}", f"{med / base:.3f}", f"{peak:.0f}"])
+    if args.markdown:
+        write_markdown(args.markdown, f"Training step, preset {args.preset}, batch {args.batch}, T {args.T}, "
+                       f"{machine(args.device)}", markdown_table(["step", "ms/step", "ratio", memory], rows),
+                       argv if argv is not None else sys.argv[1:], __file__)
+    return {name: {"seconds": med, "ratio": med / base, "peak_mib": peak} for name, (med, peak) in result.items()}
 
 
 if __name__ == "__main__":

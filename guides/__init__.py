@@ -1,5 +1,20 @@
-"""Pyro guides: forward processes q(x_{1:T} | x_0). Installed as ``pyro_ddpm.guides``."""
+"""Pyro guides: forward processes q(x_{1:T} | x_0), and timestep proposals. Installed as ``pyro_ddpm.guides``."""
 
+from .cosine import CosineForwardProcess
 from .forward_process import ForwardProcess
+from .importance_sampling import FixedProposal, LossAwareSampler, TimestepSampler
+from .learned_schedule import LearnedForwardProcess, LearnedSchedule
+from .linear import LinearForwardProcess
+from .user_betas import UserBetasForwardProcess
 
-__all__ = ["ForwardProcess"]
+__all__ = [
+    "ForwardProcess",
+    "LinearForwardProcess",
+    "CosineForwardProcess",
+    "UserBetasForwardProcess",
+    "LearnedSchedule",
+    "LearnedForwardProcess",
+    "TimestepSampler",
+    "FixedProposal",
+    "LossAwareSampler",
+]

@@ -33,6 +33,14 @@ class ForwardProcess(nn.Module):
         self.schedule = schedule
         self.event_dim = event_dim  # default: every dimension after the batch
 
+    @classmethod
+    def from_config(cls, T: int, schedule: str, event_dim: int | None = None) -> "ForwardProcess":
+        """The guide for the named fixed schedule (:meth:`Schedule.from_name`: ``linear``, ``cosine``) with T steps.
+
+        The trainer's entry point: a checkpoint's ``state_dict()`` is loaded into what this returns.
+        """
+        return cls(Schedule.from_name(schedule, T), event_dim=event_dim)
+
     @property
     def T(self) -> int:
         return self.schedule.T

@@ -40,7 +40,7 @@ class ReverseProcess(nn.Module):
         super().__init__()
         self.eps = eps
         self.schedule = schedule
-        schedule.variance(variance)  # validates the name
+        self.check_variance(schedule, variance)
         self.variance = variance
         self.likelihood = likelihood if likelihood is not None else DiscretizedGaussianLikelihood(256)
         shape = shape if shape is not None else getattr(eps, "shape", None)
@@ -48,6 +48,20 @@ class ReverseProcess(nn.Module):
             raise ValueError("ReverseProcess: give the data shape (the network has no .shape attribute)")
         self.shape = tuple(int(s) for s in shape)
         self.autocast = None  # e.g. torch.bfloat16: the network (only) runs under torch.autocast
+
+    @classmethod
+    def network_config(cls, preset: dict) -> dict:
+        """The network preset (see :data:`pyro_ddpm.nets.PRESETS`) this class needs for data the preset fits.
+
+        Unchanged here: eps_theta is shaped like its input. Subclasses whose network outputs more
+        (e.g. a variance too) return the preset with the larger output.
+        """
+        return dict(preset)
+
+    @classmethod
+    def check_variance(cls, schedule: Schedule, variance: str) -> None:
+        """Raise ValueError unless ``variance`` names a variance this class supports (``large``, ``small``)."""
+        schedule.variance(variance)
 
     @property
     def T(self) -> int:
@@ -72,23 +86,35 @@ class ReverseProcess(nn.Module):
         return new
 
     # ------------------------------------------------------------------ the transition
-    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """eps_theta(x_t, t), with the input and output shapes checked against the data shape."""
+    def output_shape(self, input_shape: torch.Size) -> tuple[int, ...]:
+        """The shape the network must return for an input of ``input_shape``: the same here."""
+        return tuple(input_shape)
+
+    def network_output(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network's output at (x_t, t), with the input and output shapes checked."""
         if tuple(x_t.shape[1:]) != self.shape:
             raise ValueError(f"the network expects inputs of shape (batch, {', '.join(map(str, self.shape))}), got {tuple(x_t.shape)}")
         if is_validation_enabled():
             self.schedule.check_timesteps(t)
         with torch.autocast(x_t.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
-            eps = self.eps(x_t, t)
-        if eps.shape != x_t.shape:
-            raise ValueError(f"the network returned shape {tuple(eps.shape)} for input of shape {tuple(x_t.shape)}")
-        return eps
+            out = self.eps(x_t, t)
+        expected = self.output_shape(x_t.shape)
+        if tuple(out.shape) != expected:
+            raise ValueError(f"the network returned shape {tuple(out.shape)} for input of shape {tuple(x_t.shape)}; expected {expected}")
+        return out
+
+    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """eps_theta(x_t, t), with the input and output shapes checked against the data shape."""
+        return self.network_output(x_t, t)
+
+    def mean_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """mu_theta(x_t, t) = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t)  (Eq. 11)."""
+        s = self.schedule
+        return at(s.recip_sqrt_alpha, t, x_t) * (x_t - at(s.eps_coef, t, x_t) * eps.to(x_t.dtype))
 
     def transition(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The mean mu_theta(x_t, t) (Eq. 11) and scale sigma_t of p_theta(x_{t-1} | x_t) (Eq. 1)."""
-        s = self.schedule
-        eps = self.predict_eps(x_t, t).to(x_t.dtype)
-        loc = at(s.recip_sqrt_alpha, t, x_t) * (x_t - at(s.eps_coef, t, x_t) * eps)
+        loc = self.mean_from_eps(x_t, t, self.predict_eps(x_t, t))
         scale = at(self.sigma2, t, x_t).sqrt().expand_as(loc)
         return loc, scale
 

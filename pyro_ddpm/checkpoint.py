@@ -2,13 +2,16 @@
 
 A checkpoint is a ``torch.save``d dict: ``format``, ``step``, ``config`` (the training config),
 ``network`` (its config), ``schedule`` (``name`` and ``betas``), ``variance``, ``likelihood`` (its
-config), ``data`` (name, shape, levels), ``net`` and ``ema`` (state dicts), ``optim`` (Pyro
-optimizer state) and ``rng`` (torch RNG state).
+config), ``data`` (name, shape, levels), ``net`` and ``ema`` (state dicts), ``guide`` (the guide's
+state dict: schedule buffers and any learned parameters), ``optim`` (optimizer state),
+``timesteps`` (the timestep sampler's state) and ``rng`` (torch RNG state). The model and guide
+classes are named in ``config["model"]`` and ``config["guide"]``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import tempfile
 from pathlib import Path
@@ -93,27 +96,64 @@ def check_data(state: dict, shape, levels: int, what: str = "the data") -> None:
         raise ValueError(f"{what} has {levels} levels per dimension, the checkpoint was trained on {data['levels']}")
 
 
-def build(state: dict, schedule=None, use_ema: bool = True, device="cpu", model_class=None, likelihood=None):
+def program_class(spec, package: str):
+    """A model or guide class: the class itself, its name in ``package``, or an importable ``"module:Class"``."""
+    if isinstance(spec, type):
+        return spec
+    module_name, _, name = spec.rpartition(":") if ":" in spec else (package, ":", spec)
+    try:
+        obj = importlib.import_module(module_name)
+        for part in name.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"no program class {spec!r} (a class name in {package} or an importable 'module:Class'): {e}") from e
+    if not isinstance(obj, type):
+        raise ValueError(f"{spec!r} is not a class")
+    return obj
+
+
+def program_name(spec, package: str) -> str:
+    """How a checkpoint stores a program class: its bare name if ``package`` exports it, else ``"module:Class"``."""
+    cls = program_class(spec, package)
+    if getattr(importlib.import_module(package), cls.__name__, None) is cls:
+        return cls.__name__
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def build(state: dict, schedule=None, use_ema: bool = True, device="cpu", model_class=None, likelihood=None,
+          guide_class=None):
     """The model and guide a checkpoint describes, with its EMA (or raw) weights, in eval mode.
 
+    The classes are the ones the run was trained with (``config["model"]``, ``config["guide"]``; a
+    custom program must be importable under the stored ``"module:Class"`` or be passed here). The
+    guide is built by its ``from_config(T, schedule, event_dim)`` and then given the stored guide state
+    (schedule buffers, learned parameters); the model is built around the guide's schedule.
+
     :param schedule: optionally, the schedule the caller expects; a different T or betas raises ValueError.
-    :param model_class: a :class:`~pyro_ddpm.models.ReverseProcess` subclass to build instead
-        (e.g. :class:`~pyro_ddpm.models.ClippedReverseProcess` for ``clip_denoised``).
+    :param model_class: a model class to build instead (e.g. :class:`~pyro_ddpm.models.ClippedReverseProcess`
+        for ``clip_denoised``).
     :param likelihood: a decoder to use instead of the stored one (e.g. the official tanh approximation).
+    :param guide_class: a guide class to build instead of the stored one.
     """
-    from pyro_ddpm.guides import ForwardProcess
     from pyro_ddpm.likelihoods import likelihood_from_config
-    from pyro_ddpm.models import ReverseProcess
     from pyro_ddpm.nets import build_network
     from pyro_ddpm.schedule import Schedule
 
-    stored = Schedule(state["schedule"]["betas"])
+    config = state["config"]
+    model_class = program_class(model_class or config.get("model", "ReverseProcess"), "pyro_ddpm.models")
+    guide_class = program_class(guide_class or config.get("guide", "ForwardProcess"), "pyro_ddpm.guides")
+    shape = tuple(state["data"]["shape"])
+    if "guide" in state:
+        guide = guide_class.from_config(int(config["T"]), config["schedule"], len(shape))
+        guide.load_state_dict(state["guide"])
+    else:  # written before guides had state: a fixed schedule
+        guide = guide_class(Schedule(state["schedule"]["betas"]), event_dim=len(shape))
     if schedule is not None:
-        schedule.check_matches(stored.betas)
+        schedule.check_matches(guide.schedule.betas.detach())
     net = build_network(state["network"])
     net.load_state_dict(state["ema" if use_ema else "net"])
-    model = (model_class or ReverseProcess)(
-        net, stored, state["variance"], likelihood or likelihood_from_config(state["likelihood"]),
-        shape=state["data"]["shape"]).to(device).eval()
-    guide = ForwardProcess(model.schedule, event_dim=len(model.shape))
+    model = model_class(net, guide.schedule, state["variance"], likelihood or likelihood_from_config(state["likelihood"]),
+                        shape=shape)
+    model.to(device).eval()
+    guide.to(device).eval()
     return model, guide

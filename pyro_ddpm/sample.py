@@ -1,28 +1,61 @@
-"""Ancestral sampling (Algorithm 2) from a reverse-process model, and PNG output.
+"""Sampling from a reverse-process model: ancestral (Algorithm 2), respaced ancestral, DDIM; PNG output.
 
-:func:`sample` runs the model's chain form with no data (the same program ``pyro.infer.Predictive``
-runs), in batches, without keeping a trace of the T intermediate states.
+:func:`sample` runs a Pyro program's chain form with no data (the same program ``pyro.infer.Predictive``
+runs), in batches, without keeping a trace of the intermediate states. :func:`sampling_program` builds that
+program:
+
+- ``"ancestral"`` with ``steps`` None or T: the model itself, Algorithm 2 over T steps;
+- ``"ancestral"`` with S < T steps: the model respaced to S evenly spaced timesteps
+  (:func:`pyro_ddpm.respace.respace`), Algorithm 2 over the respaced schedule;
+- ``"ddim"``: :class:`pyro_ddpm.models.ddim.DDIM` over S steps (default T) with the given eta.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from pathlib import Path
 
 import numpy as np
 import torch
 
+SAMPLERS = ("ancestral", "ddim")
+
+
+def sampling_program(model, sampler: str = "ancestral", steps: int | None = None, eta: float = 0.0):
+    """The Pyro program whose ``chain(num_images=n)`` draws from ``model`` with the chosen sampler."""
+    from pyro_ddpm.models.ddim import DDIM
+    from pyro_ddpm.respace import respace
+
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sample: unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    if sampler == "ddim":
+        return DDIM(model, steps, eta)
+    if eta != 0:
+        raise ValueError(f"sample: eta applies to sampler='ddim' only, got eta = {eta!r} with sampler='ancestral'")
+    if steps is None or (not isinstance(steps, bool) and isinstance(steps, numbers.Integral) and steps == model.T):
+        return model
+    return respace(model, steps)
 
 
 @torch.no_grad()
-def sample(model, n: int, batch_size: int = 256) -> torch.Tensor:
-    """``n`` draws x_0 ~ p_theta(x_0), shape (n, *model.shape), on the model's device."""
-    if n < 1:
-        raise ValueError(f"number of samples must be positive, got {n}")
-    was_training = model.training
-    model.eval()
+def sample(model, n: int, sampler: str = "ancestral", steps: int | None = None, eta: float = 0.0, *,
+           batch_size: int = 256) -> torch.Tensor:
+    """``n`` draws x_0, shape (n, *model.shape), on the model's device, ``batch_size`` images per chain.
+
+    :param sampler: ``"ancestral"`` or ``"ddim"`` (see :func:`sampling_program`).
+    :param steps: S network calls per image, 2 <= S <= T (default T).
+    :param eta: DDIM's eta in [0, 1] (0: deterministic given x_T); only for ``"ddim"``.
+    """
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"number of samples must be a positive integer, got {n!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    program = sampling_program(model, sampler, steps, eta)
+    was_training = model.training  # the network is shared: restore the model's own mode afterwards
+    program.eval()
     try:
-        return torch.cat([model.chain(None, min(batch_size, n - i)) for i in range(0, n, batch_size)])
+        return torch.cat([program.chain(None, min(batch_size, n - i)) for i in range(0, n, batch_size)])
     finally:
         model.train(was_training)
 

@@ -1,9 +1,11 @@
 """The variance schedule and every constant derived from it, in one place.
 
-All constants are computed once, in float64, from the array beta_1..beta_T
-(Ho, Jain, Abbeel 2020, section 2) and stored as buffers of a
+All constants are computed in float64 from the array beta_1..beta_T
+(Ho, Jain, Abbeel 2020, section 2) by one torch function, :func:`derive`. A fixed
+:class:`Schedule` calls it once and stores the results as buffers of a
 :class:`torch.nn.Module`, so ``schedule.to(device)`` (or ``.to(dtype)``) moves
-them with the network. Every buffer has length ``T + 1`` and is indexed by the
+them with the network; a learned schedule (``pyro_ddpm.guides.LearnedSchedule``)
+calls it on betas computed from its parameters, differentiably. Every buffer has length ``T + 1`` and is indexed by the
 paper's ``t``: ``schedule.beta[t]`` is beta_t. Index 0 holds the t = 0 value
 where the paper defines one (abar_0 = 1, alpha_0 = 1) and 0 elsewhere.
 
@@ -49,67 +51,127 @@ class ModelVariance(NamedTuple):
     C: torch.Tensor
 
 
-class Schedule(nn.Module):
-    """Forward-process variances beta_1..beta_T and the constants derived from them.
+# Every constant of the table above, in the order :func:`derive` returns them.
+CONSTANTS = (
+    "beta", "alpha", "abar", "abar_prev", "sqrt_abar", "sqrt_one_minus_abar", "beta_tilde", "coef_x0",
+    "coef_xt", "eps_coef", "recip_sqrt_alpha",
+    "sigma2_large", "w_large", "C_large", "sigma2_small", "w_small", "C_small",
+)
+
+
+def derive(betas: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every constant of the table above from beta_1..beta_T: the one place of the schedule algebra.
+
+    Plain torch operations, differentiable in ``betas`` (a learned schedule back-propagates through
+    them); pass float64. Each result has length T + 1 and is indexed by t. The t = 0 slots are
+    concatenated constants (never a ratio over 1 - abar_0 = 0), so no NaN gradient arises there.
+    """
+    zero, one = betas.new_zeros(1), betas.new_ones(1)
+
+    def pad(v):  # t = 1..T values, with 0 in the t = 0 slot
+        return torch.cat([zero, v])
+
+    beta = pad(betas)
+    alpha = 1.0 - beta
+    abar = torch.cumprod(alpha, 0)
+    abar_prev = torch.cat([one, abar[:-1]])
+    b, a, ab, abp = betas, alpha[1:], abar[1:], abar_prev[1:]
+    one_minus_abar = 1.0 - ab
+    beta_tilde = (1.0 - abp) / one_minus_abar * b  # Eq. 7
+    out = dict(
+        beta=beta,
+        alpha=alpha,
+        abar=abar,
+        abar_prev=abar_prev,
+        sqrt_abar=abar.sqrt(),
+        sqrt_one_minus_abar=pad(one_minus_abar.sqrt()),
+        beta_tilde=pad(beta_tilde),
+        coef_x0=pad(abp.sqrt() * b / one_minus_abar),
+        coef_xt=pad(a.sqrt() * (1.0 - abp) / one_minus_abar),
+        eps_coef=pad(b / one_minus_abar.sqrt()),
+        recip_sqrt_alpha=1.0 / alpha.sqrt(),
+    )
+    for name, base in (("large", b), ("small", beta_tilde)):
+        sigma2 = torch.cat([beta_tilde[1:2], base[1:]])  # sigma_1^2 = beta_tilde_2
+        r = beta_tilde[1:] / sigma2[1:]
+        out[f"sigma2_{name}"] = pad(sigma2)
+        out[f"w_{name}"] = pad(b**2 / (2.0 * sigma2 * a * one_minus_abar))  # Eq. 12
+        out[f"C_{name}"] = torch.cat([zero, zero, 0.5 * (r - 1.0 - torch.log(r))])
+    return out
+
+
+def check_betas(betas) -> np.ndarray:
+    """beta_1..beta_T as a float64 numpy array; ValueError unless 1-D, T >= 2 and 0 < beta_t < 1."""
+    beta = np.asarray(betas.detach().cpu() if torch.is_tensor(betas) else betas, dtype=np.float64)
+    if beta.ndim != 1:
+        raise ValueError(f"schedule: betas must be a 1-D array, got shape {beta.shape}")
+    if beta.size < 2:
+        raise ValueError(f"schedule: need T >= 2 timesteps, got T = {beta.size}")
+    if not np.all(np.isfinite(beta)) or np.any(beta <= 0) or np.any(beta >= 1):
+        bad = beta[~(np.isfinite(beta) & (beta > 0) & (beta < 1))]
+        raise ValueError(f"schedule: every beta_t must satisfy 0 < beta_t < 1, got {bad[:5].tolist()}")
+    return beta
+
+
+class ScheduleBase:
+    """What every schedule offers besides its constants: ``T``, ``betas``, ``variance``, the checks.
+
+    A subclass provides the attributes named in :data:`CONSTANTS` (buffers or computed properties)
+    and :meth:`constants`.
+    """
+
+    T: int
+
+    def constants(self) -> dict[str, torch.Tensor]:
+        """All constants of :data:`CONSTANTS` by name."""
+        return {name: getattr(self, name) for name in CONSTANTS}
+
+    @property
+    def betas(self) -> torch.Tensor:
+        """beta_1..beta_T (length T, float64): what a checkpoint stores."""
+        return self.beta[1:]
+
+    def variance(self, kind: str) -> ModelVariance:
+        """The model variance ``"large"`` (sigma_t^2 = beta_t) or ``"small"`` (beta_tilde_t)."""
+        if kind not in VARIANCES:
+            raise ValueError(f"schedule: unknown variance {kind!r}; choose one of {VARIANCES}")
+        c = self.constants()
+        return ModelVariance(c[f"sigma2_{kind}"], c[f"w_{kind}"], c[f"C_{kind}"])
+
+    def check_timesteps(self, t: torch.Tensor) -> None:
+        """Raise ValueError unless every entry of ``t`` is an integer in 1..T."""
+        if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
+            raise ValueError(f"timesteps t must be an integer tensor, got dtype {t.dtype}")
+        if t.numel() and (int(t.min()) < 1 or int(t.max()) > self.T):
+            raise ValueError(
+                f"timesteps t must lie in 1..T = 1..{self.T}, got values in {int(t.min())}..{int(t.max())}"
+            )
+
+    def check_matches(self, betas, what: str = "checkpoint") -> None:
+        """Raise ValueError unless ``betas`` is this schedule's beta_1..beta_T."""
+        other = torch.as_tensor(betas, dtype=torch.float64).detach().cpu()
+        if other.numel() != self.T:
+            raise ValueError(f"schedule mismatch: the {what} has T = {other.numel()}, this schedule has T = {self.T}")
+        if not torch.allclose(other, self.betas.detach().to(other), rtol=1e-12, atol=0.0):
+            raise ValueError(f"schedule mismatch: the {what}'s betas differ from this schedule's (same T = {self.T})")
+
+    def extra_repr(self) -> str:
+        beta = self.betas.detach()
+        return f"T={self.T}, beta_1={beta[0].item():.3g}, beta_T={beta[-1].item():.3g}"
+
+
+class Schedule(ScheduleBase, nn.Module):
+    """Forward-process variances beta_1..beta_T and the constants derived from them (fixed buffers).
 
     :param betas: the T values beta_1..beta_T, each strictly between 0 and 1, T >= 2.
     """
 
     def __init__(self, betas):
         super().__init__()
-        beta = np.asarray(betas.detach().cpu() if torch.is_tensor(betas) else betas, dtype=np.float64)
-        if beta.ndim != 1:
-            raise ValueError(f"schedule: betas must be a 1-D array, got shape {beta.shape}")
-        if beta.size < 2:
-            raise ValueError(f"schedule: need T >= 2 timesteps, got T = {beta.size}")
-        if not np.all(np.isfinite(beta)) or np.any(beta <= 0) or np.any(beta >= 1):
-            bad = beta[~(np.isfinite(beta) & (beta > 0) & (beta < 1))]
-            raise ValueError(f"schedule: every beta_t must satisfy 0 < beta_t < 1, got {bad[:5].tolist()}")
+        beta = check_betas(betas)
         self.T = int(beta.size)
-
-        beta = np.concatenate([[0.0], beta])  # index t = 0..T
-        alpha = 1.0 - beta
-        abar = np.cumprod(alpha)
-        abar_prev = np.concatenate([[1.0], abar[:-1]])
-        one_minus_abar = 1.0 - abar
-        t = slice(1, None)  # where the ratio over (1 - abar_t) is defined
-
-        beta_tilde = np.zeros_like(beta)
-        beta_tilde[t] = (1.0 - abar_prev[t]) / one_minus_abar[t] * beta[t]
-        coef_x0 = np.zeros_like(beta)
-        coef_x0[t] = np.sqrt(abar_prev[t]) * beta[t] / one_minus_abar[t]
-        coef_xt = np.zeros_like(beta)
-        coef_xt[t] = np.sqrt(alpha[t]) * (1.0 - abar_prev[t]) / one_minus_abar[t]
-        eps_coef = np.zeros_like(beta)
-        eps_coef[t] = beta[t] / np.sqrt(one_minus_abar[t])
-
-        constants = dict(
-            beta=beta,
-            alpha=alpha,
-            abar=abar,
-            abar_prev=abar_prev,
-            sqrt_abar=np.sqrt(abar),
-            sqrt_one_minus_abar=np.sqrt(one_minus_abar),
-            beta_tilde=beta_tilde,
-            coef_x0=coef_x0,
-            coef_xt=coef_xt,
-            eps_coef=eps_coef,
-            recip_sqrt_alpha=1.0 / np.sqrt(alpha),
-        )
-        for name, base in (("large", beta), ("small", beta_tilde)):
-            sigma2 = base.copy()
-            sigma2[0] = 0.0
-            sigma2[1] = beta_tilde[2]
-            w = np.zeros_like(beta)
-            w[t] = beta[t] ** 2 / (2.0 * sigma2[t] * alpha[t] * one_minus_abar[t])
-            C = np.zeros_like(beta)
-            r = beta_tilde[2:] / sigma2[2:]
-            C[2:] = 0.5 * (r - 1.0 - np.log(r))
-            constants[f"sigma2_{name}"] = sigma2
-            constants[f"w_{name}"] = w
-            constants[f"C_{name}"] = C
-        for name, value in constants.items():
-            self.register_buffer(name, torch.as_tensor(value, dtype=torch.float64))
+        for name, value in derive(torch.as_tensor(beta, dtype=torch.float64)).items():
+            self.register_buffer(name, value)
 
     # ----------------------------------------------------------------- constructors
     @classmethod
@@ -135,40 +197,6 @@ class Schedule(nn.Module):
         if name not in constructors:
             raise ValueError(f"schedule: unknown schedule {name!r}; choose one of {sorted(constructors)}")
         return constructors[name](T)
-
-    # ----------------------------------------------------------------- accessors
-    @property
-    def betas(self) -> torch.Tensor:
-        """beta_1..beta_T (length T, float64): what a checkpoint stores."""
-        return self.beta[1:]
-
-    def variance(self, kind: str) -> ModelVariance:
-        """The model variance ``"large"`` (sigma_t^2 = beta_t) or ``"small"`` (beta_tilde_t)."""
-        if kind not in VARIANCES:
-            raise ValueError(f"schedule: unknown variance {kind!r}; choose one of {VARIANCES}")
-        return ModelVariance(
-            getattr(self, f"sigma2_{kind}"), getattr(self, f"w_{kind}"), getattr(self, f"C_{kind}")
-        )
-
-    def check_timesteps(self, t: torch.Tensor) -> None:
-        """Raise ValueError unless every entry of ``t`` is an integer in 1..T."""
-        if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
-            raise ValueError(f"timesteps t must be an integer tensor, got dtype {t.dtype}")
-        if t.numel() and (int(t.min()) < 1 or int(t.max()) > self.T):
-            raise ValueError(
-                f"timesteps t must lie in 1..T = 1..{self.T}, got values in {int(t.min())}..{int(t.max())}"
-            )
-
-    def check_matches(self, betas, what: str = "checkpoint") -> None:
-        """Raise ValueError unless ``betas`` is this schedule's beta_1..beta_T."""
-        other = torch.as_tensor(betas, dtype=torch.float64).cpu()
-        if other.numel() != self.T:
-            raise ValueError(f"schedule mismatch: the {what} has T = {other.numel()}, this schedule has T = {self.T}")
-        if not torch.allclose(other, self.betas.cpu(), rtol=1e-12, atol=0.0):
-            raise ValueError(f"schedule mismatch: the {what}'s betas differ from this schedule's (same T = {self.T})")
-
-    def extra_repr(self) -> str:
-        return f"T={self.T}, beta_1={self.beta[1].item():.3g}, beta_T={self.beta[-1].item():.3g}"
 
 
 def at(constant: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -1,14 +1,18 @@
 """Training: Pyro SVI on the per-timestep form of the bound, with warm-up, clipping, EMA and checkpoints.
 
-Each step draws a global minibatch x_0, K timesteps per image (uniform on 1..T) and the noise of
-x_t ~ q(x_t | x_0) from the run's own generator, and calls ``svi.step`` with ``TraceMeanField_ELBO``:
-one network call over the B*K pairs. The guide draws x_t from that noise through
-:class:`~pyro_ddpm.protocol.FixedNoise` (a reparameterized draw), so a run is reproduced exactly by
-its seed, whether it is resumed or split over processes. The objective (``elbo`` or ``simple``)
-changes only the per-timestep weights and the t = 1 term (:mod:`pyro_ddpm.elbo`).
+Each step draws a global minibatch x_0, K timesteps per image (uniform on 1..T, or from the
+loss-aware importance sampler with weights 1/(T p_t)) and the noise of x_t ~ q(x_t | x_0) from the
+run's own generator, and calls ``svi.step`` with :class:`~pyro_ddpm.elbo.TermwiseELBO` (Pyro's
+``TraceMeanField_ELBO`` that keeps its terms): one network call over the B*K pairs. The guide draws
+x_t from that noise through :class:`~pyro_ddpm.protocol.FixedNoise` (a reparameterized draw), so a
+run is reproduced exactly by its seed, whether it is resumed or split over processes. The objective
+(``elbo``, ``simple``, ``hybrid``) changes only the model program and the per-timestep weights
+(:mod:`pyro_ddpm.elbo`). The model and guide are any classes following :mod:`pyro_ddpm.protocol`
+(``config.model``, ``config.guide``); parameters of either (e.g. a learned schedule) are trained by
+the same SVI step.
 
-Optimizer: Adam through Pyro's ``LambdaLR`` (linear warm-up) with Pyro's gradient clipping, which
-clips each parameter tensor's norm (the paper clipped the global norm). The EMA of the network
+Optimizer: one torch optimizer (Adam by default) over all parameters with the paper's global-norm
+clipping and a linear warm-up (:class:`~pyro_ddpm.optim.JointOptimizer`). The EMA of the network
 (paper: 0.9999) uses the decay min(decay, (1 + n) / (10 + n)) after n updates, so short runs average
 their recent past rather than their initialization; evaluation and sampling use it.
 
@@ -22,6 +26,7 @@ are drawn per process, so only dropout-free runs match a single-process run to r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,23 +36,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyro
-import pyro.optim
 import torch
 import torch.distributed as dist
 from pyro import poutine
-from pyro.infer import SVI, TraceMeanField_ELBO
+from pyro.infer import SVI
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from pyro_ddpm import checkpoint, data as datasets, protocol
+from pyro_ddpm import checkpoint, data as datasets, likelihoods, protocol
 from pyro_ddpm.elbo import OBJECTIVES, TermwiseELBO, objective
-from pyro_ddpm.guides import ForwardProcess
-from pyro_ddpm.likelihoods import DiscretizedGaussianLikelihood
-from pyro_ddpm.models import ReverseProcess
 from pyro_ddpm.nets import PRESETS, build_network, network_config
-from pyro_ddpm.schedule import VARIANCES, Schedule
+from pyro_ddpm.optim import JointOptimizer
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+TIMESTEPS = ("uniform", "importance")
 # Fields that may change when a run is resumed; every other field must match the checkpoint.
 RESUMABLE = ("steps", "device", "log_every", "sample_every", "checkpoint_every", "validate")
 
@@ -56,6 +58,10 @@ RESUMABLE = ("steps", "device", "log_every", "sample_every", "checkpoint_every",
 class TrainConfig:
     data: str = "digits"
     objective: str = "elbo"
+    model: str = "ReverseProcess"  # a class in pyro_ddpm.models, or an importable "module:Class"
+    guide: str = "ForwardProcess"  # a class in pyro_ddpm.guides, or an importable "module:Class"
+    likelihood: str | None = None  # the decoder; default: the data set's (see likelihoods.default_for)
+    timesteps: str = "uniform"  # "uniform" or "importance" (loss-aware, guides.importance_sampling)
     steps: int = 3000
     batch_size: int = 128  # the global batch, over all processes
     timesteps_per_image: int = 1  # K
@@ -64,6 +70,7 @@ class TrainConfig:
     variance: str = "large"
     net: str | None = None  # a preset of pyro_ddpm.nets.PRESETS; default: the data set's
     net_overrides: dict = dataclasses.field(default_factory=dict)  # e.g. {"ch": 16, "dropout": 0.0}
+    optimizer: str = "Adam"  # a torch.optim class
     lr: float = 2e-4
     warmup: int | None = None  # default min(5000, steps // 10): the paper's 5000 for long runs
     grad_clip: float = 1.0
@@ -78,10 +85,14 @@ class TrainConfig:
     validate: bool = False  # pyro.enable_validation during training (slower)
 
     def check(self) -> None:
+        for field, package in (("model", "pyro_ddpm.models"), ("guide", "pyro_ddpm.guides")):
+            setattr(self, field, checkpoint.program_name(getattr(self, field), package))
+        if not isinstance(getattr(torch.optim, self.optimizer, None), type):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}: not a class in torch.optim")
+        if self.timesteps not in TIMESTEPS:
+            raise ValueError(f"unknown timestep sampling {self.timesteps!r}; choose one of {TIMESTEPS}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; choose one of {OBJECTIVES}")
-        if self.variance not in VARIANCES:
-            raise ValueError(f"unknown variance {self.variance!r}; choose one of {VARIANCES}")
         if self.net is not None and self.net not in PRESETS:
             raise ValueError(f"unknown network preset {self.net!r}; choose one of {sorted(PRESETS)}")
         if self.precision not in PRECISIONS:
@@ -99,6 +110,56 @@ class TrainConfig:
         return self.warmup if self.warmup is not None else min(5000, self.steps // 10)
 
 
+def make_optimizer(config: TrainConfig) -> JointOptimizer:
+    """``config.optimizer`` over all parameters, global-norm clipping, linear warm-up over ``config.warmup_steps``."""
+    warmup = max(config.warmup_steps, 1)
+    return JointOptimizer(getattr(torch.optim, config.optimizer), {"lr": config.lr}, clip_norm=config.grad_clip,
+                          lr_lambda=lambda step: min(1.0, (step + 1) / warmup))
+
+
+def make_svi(config: TrainConfig, model, guide, world: int = 1) -> tuple[SVI, torch.Tensor | None]:
+    """The trainer's ``SVI`` and the objective's per-timestep weights.
+
+    ``svi.step(x0, t, eps, weight)`` takes one step on the objective's program with x_t drawn from
+    the given noise ``eps`` (pair b * K + k). With ``world`` > 1 processes the network is wrapped in
+    ``DistributedDataParallel`` and both programs are scaled by ``world`` (DDP averages gradients).
+    """
+    train_model, weight = objective(config.objective, model)
+    if world > 1:
+        train_model = train_model.with_network(torch.nn.parallel.DistributedDataParallel(model.eps))
+    scale = poutine.scale(scale=float(world)) if world > 1 else contextlib.nullcontext()
+
+    def svi_model(x0, t, eps, weight):
+        with scale:
+            train_model.per_timestep(x0, t, weight)
+
+    def svi_guide(x0, t, eps, weight):
+        with scale, protocol.FixedNoise({protocol.X_t: eps}):
+            guide.per_timestep(x0, t, weight)
+
+    return SVI(svi_model, svi_guide, make_optimizer(config), loss=TermwiseELBO()), weight
+
+
+def make_timestep_sampler(config: TrainConfig, T: int):
+    """None for uniform timesteps (drawn inline), else the loss-aware importance sampler."""
+    if config.timesteps == "uniform":
+        return None
+    from pyro_ddpm.guides.importance_sampling import LossAwareSampler
+
+    return LossAwareSampler(T)
+
+
+def _pair_terms(terms: dict, world: int) -> torch.Tensor:
+    """Each pair's unweighted L_{t-1} (or L_0 at t = 1), in nats, from the terms of the last SVI step."""
+    prev, x0 = terms[protocol.X_PREV], terms[protocol.X_0]
+    values = (prev.value + x0.value).detach()
+    if world > 1:
+        gathered = [torch.zeros_like(values) for _ in range(world)]
+        dist.all_gather(gathered, values)
+        values = torch.cat(gathered)
+    return values
+
+
 def _ema_avg(decay: float):
     def avg(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
         d = min(decay, (1.0 + float(num_averaged)) / (10.0 + float(num_averaged)))
@@ -108,17 +169,26 @@ def _ema_avg(decay: float):
 
 
 def build(config: TrainConfig, dataset: datasets.Dataset):
-    """Network, model and guide for ``config`` on ``dataset`` (on ``config.device``)."""
+    """Model and guide for ``config`` on ``dataset`` (on ``config.device``).
+
+    The guide class builds itself with ``from_config(T, schedule, event_dim)``; the model class is
+    built as ``Model(network, guide.schedule, variance, likelihood, shape=...)`` around the guide's
+    schedule (one schedule object: a learned schedule is learned for both), with the network preset
+    adapted by the class's ``network_config`` (e.g. twice the output channels for a learned variance).
+    """
+    model_class = checkpoint.program_class(config.model, "pyro_ddpm.models")
+    guide_class = checkpoint.program_class(config.guide, "pyro_ddpm.guides")
+    guide = guide_class.from_config(config.T, config.schedule, len(dataset.shape))
     preset = dict(PRESETS[config.net or dataset.preset], **config.net_overrides)
-    net = build_network(preset)
+    net = build_network(model_class.network_config(preset))
     if tuple(getattr(net, "shape", dataset.shape)) != dataset.shape:
         raise ValueError(f"network preset {config.net!r} expects data of shape {net.shape}, "
                          f"but {dataset.name} has shape {dataset.shape}")
-    schedule = Schedule.from_name(config.schedule, config.T)
-    model = ReverseProcess(net, schedule, config.variance, DiscretizedGaussianLikelihood(dataset.levels),
-                           shape=dataset.shape).to(config.device)
+    likelihood = likelihoods.default_for(dataset) if config.likelihood is None else likelihoods.by_name(config.likelihood, dataset)
+    model = model_class(net, guide.schedule, config.variance, likelihood, shape=dataset.shape)
+    model.to(config.device)
+    guide.to(config.device)
     model.autocast = PRECISIONS[config.precision]
-    guide = ForwardProcess(model.schedule, event_dim=len(dataset.shape))
     return model, guide
 
 
@@ -172,28 +242,15 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True, resume: b
     ema = AveragedModel(net, avg_fn=_ema_avg(config.ema_decay), use_buffers=True)  # a copy, before compiling
     if config.compile:
         net.compile()
-    train_model, weight = objective(config.objective, model)
-    if world > 1:
-        train_model = train_model.with_network(torch.nn.parallel.DistributedDataParallel(net))
-
-    def svi_model(x0, t, eps):
-        with poutine.scale(scale=float(world)):
-            train_model.per_timestep(x0, t, weight)
-
-    def svi_guide(x0, t, eps):
-        with poutine.scale(scale=float(world)), protocol.FixedNoise({protocol.X_t: eps}):
-            guide.per_timestep(x0, t, weight)
-
-    warmup = config.warmup_steps
-    optim = pyro.optim.LambdaLR(
-        {"optimizer": torch.optim.Adam, "optim_args": {"lr": config.lr},
-         "lr_lambda": lambda step: min(1.0, (step + 1) / max(warmup, 1))},
-        clip_args={"clip_norm": config.grad_clip},
-    )
+    svi, weight = make_svi(config, model, guide, world)
+    optim = svi.optim
     prefix = "$$$module." if world > 1 else "$$$"
     if state is not None:
-        optim.set_state({k.replace("$$$", prefix, 1): v for k, v in state["optim"].items()})
-    svi = SVI(svi_model, svi_guide, optim, loss=TraceMeanField_ELBO())
+        optim.set_state(dict(state["optim"], names=[k.replace("$$$", prefix, 1) for k in state["optim"]["names"]]))
+        guide.load_state_dict(state["guide"])
+    timesteps = make_timestep_sampler(config, model.T)
+    if state is not None and timesteps is not None:
+        timesteps.load_state_dict(state["timesteps"])
     generator = torch.Generator().manual_seed(config.seed)
     start, order = 0, None
     if state is not None:
@@ -225,7 +282,7 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True, resume: b
             "step": step,
             "config": dataclasses.asdict(config),
             "network": network_config(net),
-            "schedule": {"name": config.schedule, "betas": model.schedule.betas.cpu()},
+            "schedule": {"name": config.schedule, "betas": model.schedule.betas.detach().cpu()},
             "variance": config.variance,
             "likelihood": model.likelihood.config(),
             "data": {"name": dataset.name, "shape": list(dataset.shape), "levels": dataset.levels,
@@ -233,7 +290,10 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True, resume: b
             "net": {k: v.detach().cpu() for k, v in net.state_dict().items()},
             "ema": {k: v.detach().cpu() for k, v in ema.module.state_dict().items()},
             "ema_updates": int(ema.n_averaged),
-            "optim": {k.replace(prefix, "$$$", 1): v for k, v in optim.get_state().items()},
+            "guide": {k: v.detach().cpu() for k, v in guide.state_dict().items()},
+            "model_class": config.model,
+            "optim": (lambda o: dict(o, names=[k.replace(prefix, "$$$", 1) for k in o["names"]]))(optim.get_state()),
+            "timesteps": timesteps.state_dict() if timesteps is not None else None,
             "order": order,
             "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -251,12 +311,19 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True, resume: b
         x0 = x_train[idx]
         if getattr(dataset, "flip", False):
             x0 = datasets.random_flip(x0, generator)
-        t = torch.randint(1, model.T + 1, (B, K), generator=generator)
+        if timesteps is None:
+            t, step_weight = torch.randint(1, model.T + 1, (B, K), generator=generator), weight
+        else:
+            t, proposal_weight = timesteps.draw(B, K, generator=generator)
+            step_weight = proposal_weight.to(config.device) * (1.0 if weight is None else weight)
         eps = torch.randn((B * K, *dataset.shape), generator=generator)
+        t_global = t
         x0, t, eps = (v[shard].to(config.device) for v in (x0, t, eps.view(B, K, *dataset.shape)))
         eps = eps.reshape(-1, *dataset.shape)  # pair b * K + k
-        loss = svi.step(x0, t, eps)
-        optim.step()  # the learning-rate schedulers
+        loss = svi.step(x0, t, eps, step_weight)
+        optim.step()  # the learning-rate schedule
+        if timesteps is not None:
+            timesteps.update(t_global.reshape(-1), _pair_terms(svi.loss.last_terms, world))
         ema.update_parameters(net)
         if not math.isfinite(loss):
             kept = f"the last good checkpoint (step {saved_at}) is kept at {ckpt_path}" if saved_at else "no checkpoint was written"

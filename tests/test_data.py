@@ -23,6 +23,13 @@ EXPECTED = {
     "two_moons": ((2,), 256, 3000, 1000, "toy2d"),
     "eight_gaussians": ((2,), 256, 3000, 1000, "toy2d"),
     "mnist5k": ((1, 28, 28), 256, 4000, 1000, "mnist"),
+    "mnist5k-binary": ((1, 28, 28), 2, 4000, 1000, "mnist"),
+}
+# not quantized (levels = 0): the continuous versions of the 2-D toys, (shape, n_train, n_test, preset)
+CONTINUOUS = {
+    "swiss_roll-continuous": ((2,), 3000, 1000, "toy2d"),
+    "two_moons-continuous": ((2,), 3000, 1000, "toy2d"),
+    "eight_gaussians-continuous": ((2,), 3000, 1000, "toy2d"),
 }
 
 
@@ -34,7 +41,7 @@ def grid_index(x: torch.Tensor, levels: int) -> torch.Tensor:
 
 
 def test_names_are_the_registered_loaders():
-    assert set(NAMES) == set(EXPECTED) == set(data.LOADERS)
+    assert set(NAMES) == set(EXPECTED) | set(CONTINUOUS) == set(data.LOADERS)
     assert isinstance(NAMES, tuple)
 
 
@@ -319,3 +326,70 @@ def test_random_flip():
     assert not torch.equal(random_flip(x, g), y)  # the generator advanced
     with pytest.raises(ValueError, match="N, C, H, W"):
         random_flip(torch.zeros(4, 2), g)
+
+
+# --------------------------------------------------------------------------- binarized and continuous sets
+def test_mnist5k_binary_is_mnist5k_thresholded_at_half_the_range(loaded):
+    """Values are exactly -1 / +1: +1 where the 8-bit pixel exceeds 127.5, the same split as mnist5k."""
+    binary, grey = loaded["mnist5k-binary"][0], loaded["mnist5k"][0]
+    assert binary.levels == 2 and not binary.continuous
+    for b, g in ((binary.train, grey.train), (binary.test, grey.test)):
+        assert set(torch.unique(b).tolist()) == {-1.0, 1.0}
+        # grey value k / 127.5 - 1 > 0  <=>  pixel k > 127.5 (the same seed gives the same images)
+        assert torch.equal(b, torch.where(g > 0, 1.0, -1.0))
+    ones = int((binary.train > 0).sum() + (binary.test > 0).sum())
+    assert 0.1 < ones / (5000 * 784) < 0.2  # MNIST is mostly background
+
+
+@pytest.mark.parametrize("name", list(CONTINUOUS))
+def test_continuous_toy_set(loaded, name):
+    d, again, other = loaded[name]
+    shape, n_train, n_test, preset = CONTINUOUS[name]
+    assert (d.name, d.shape, d.levels, d.preset, d.continuous) == (name, shape, 0, preset, True)
+    assert (len(d.train), len(d.test)) == (n_train, n_test) and d.dims == 2
+    assert d.train.dtype == d.test.dtype == torch.float32
+    assert torch.equal(d.train, again.train) and torch.equal(d.test, again.test)  # deterministic split
+    assert not torch.equal(d.test, other.test)
+    quantized = loaded[name.replace("-continuous", "")][0]
+    for split, q in ((d.train, quantized.train), (d.test, quantized.test)):
+        x = split.double()
+        assert torch.isfinite(x).all() and x.abs().max() <= 1.0
+        # not on a grid: almost no value is a 256-level (or 17-level) grid point
+        for levels in (256, 17):
+            k = (x + 1.0) * (levels - 1) / 2.0
+            assert float(((k - k.round()).abs() < 1e-4).double().mean()) < 0.01
+        assert len(torch.unique(split)) > 0.99 * split.numel()
+        # the same points as the quantized set (same seed, same order), before rounding to 256 levels
+        assert (x - q.double()).abs().max() <= 1.0 / 255 + 1e-6
+        assert (x - q.double()).abs().max() > 1.0 / 255 / 2
+
+
+def test_continuous_levels_in_loaders(monkeypatch):
+    """levels = 0: load() checks finiteness only; a NaN is still caught; bad levels are refused."""
+    x = torch.tensor([[0.0123, 3.5], [-7.25, 0.5]])
+    monkeypatch.setitem(data.LOADERS, "real", lambda seed=0: Dataset("real", x, x, 0, "toy2d"))
+    d = load("real")
+    assert d.continuous and d.levels == 0 and torch.equal(d.train, x)
+    bad = x.clone()
+    bad[1, 0] = float("nan")
+    monkeypatch.setitem(data.LOADERS, "nan", lambda seed=0: Dataset("nan", bad, x, 0, "toy2d"))
+    with pytest.raises(ValueError, match="nan train split contains NaN"):
+        load("nan")
+    for levels in (1, -1):
+        with pytest.raises(ValueError, match=f"data set 'odd': levels must be K >= 2 .* got {levels}"):
+            Dataset("odd", x, x, levels, "toy2d")
+    assert not Dataset("grid", x, x, 256, "toy2d").continuous
+    with pytest.raises(ValueError, match="need K >= 2 levels"):
+        data.quantize(np.zeros(2), 0)
+
+
+def test_continuous_toy_loaders_take_levels():
+    """The toy loaders quantize to any K >= 2 (their default 256) or, with levels = 0, not at all."""
+    for loader in (data.swiss_roll, data.two_moons, data.eight_gaussians):
+        coarse = loader(seed=2, n=400, levels=5)
+        assert coarse.levels == 5 and coarse.name == loader.__name__
+        assert set(torch.unique(coarse.train).tolist()) <= {-1.0, -0.5, 0.0, 0.5, 1.0}
+        real = loader(seed=2, n=400, levels=0)
+        assert real.name == f"{loader.__name__}-continuous" and real.continuous
+        assert torch.equal(torch.as_tensor(data.quantize(real.train.double().numpy(), 5), dtype=torch.float32),
+                           coarse.train)

@@ -208,3 +208,25 @@ def test_posterior_is_gaussian_conditioning_of_the_joint(name, ref):
         loc, scale = g.q_t(torch.tensor(x0), torch.full((2,), t))
         np.testing.assert_allclose(_np(loc), math.sqrt(abar[t - 1]) * x0, rtol=1e-12)
         np.testing.assert_allclose(_np(scale), math.sqrt(1 - abar[t - 1]), rtol=1e-12)
+
+
+# ------------------------------------------------------------------ the shared derivation
+@pytest.mark.parametrize("name", ["linear-6", "cosine-8", "user"])
+def test_derive_is_the_buffers_and_differentiable(name, ref):
+    """One function of beta gives every constant: equal to the buffers, with finite-difference-exact gradients."""
+    from pyro_ddpm.schedule import CONSTANTS, derive
+
+    make, betas_fn = SCHEDULES[name]
+    s = make()
+    betas = torch.tensor(betas_fn(ref), dtype=torch.float64, requires_grad=True)
+    out = derive(betas)
+    assert set(out) == set(CONSTANTS) == {n for n, _ in s.named_buffers()}
+    for n in CONSTANTS:
+        assert torch.equal(out[n].detach(), getattr(s, n)), n
+    # gradients everywhere (t = 0 slots included) are finite and match central differences
+    if name == "cosine-8":  # beta_T = 0.999 sits at the clip: move it inside (0, 1) for the check
+        betas = torch.tensor(np.minimum(betas_fn(ref), 0.9), dtype=torch.float64, requires_grad=True)
+    total = sum((derive(betas)[n] * (k + 1)).sum() for k, n in enumerate(CONSTANTS))
+    (grad,) = torch.autograd.grad(total, betas)
+    assert torch.isfinite(grad).all()
+    assert torch.autograd.gradcheck(lambda b: tuple(derive(b)[n] for n in CONSTANTS), (betas,), eps=1e-7, atol=1e-6, rtol=1e-5)

@@ -24,6 +24,12 @@ def _states_equal(a: dict, b: dict) -> bool:
     return all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
 
 
+def _adam_state(ckpt: dict) -> dict:
+    """{parameter name: its Adam state} from a checkpoint's optimizer state."""
+    optim = ckpt["optim"]
+    return {name: optim["optimizer"]["state"][i] for i, name in enumerate(optim["names"]) if i in optim["optimizer"]["state"]}
+
+
 def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
     straight = checkpoint.load(train(TrainConfig(steps=7, **TINY), tmp_path / "straight", progress=False))
     train(TrainConfig(steps=3, **TINY), tmp_path / "resumed", progress=False)
@@ -31,9 +37,10 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
     assert resumed["step"] == straight["step"] == 7
     assert _states_equal(resumed["net"], straight["net"])  # dropout, data order, t and noise all restored
     assert _states_equal(resumed["ema"], straight["ema"]) and resumed["ema_updates"] == 7
-    for name, opt in straight["optim"].items():
-        other = resumed["optim"][name]["optimizer"]["state"][0]
-        assert all(torch.equal(v, other[k]) for k, v in opt["optimizer"]["state"][0].items())
+    straight_adam, resumed_adam = _adam_state(straight), _adam_state(resumed)
+    assert straight_adam.keys() == resumed_adam.keys() and len(straight_adam) > 10
+    for name, state in straight_adam.items():
+        assert all(torch.equal(v, resumed_adam[name][k]) for k, v in state.items())
     records = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 3, 4, 6, 7]
     assert {"L_T_bits_per_dim", "rate_bits_per_dim", "L_0_bits_per_dim"} <= records[-1].keys()
@@ -128,12 +135,14 @@ def test_two_gloo_processes_stay_in_sync_and_match_one_process_with_the_same_glo
     # compared: Adam's normalised update turns round-off in near-zero gradients into steps of size lr.
     one, two = _torchrun(1, tmp_path / "one", steps=2), _torchrun(2, tmp_path / "two", steps=2)
     assert one["world_size"] == 1 and two["world_size"] == 2
-    moments = {name: (state["optimizer"]["state"][0]["exp_avg"], two["optim"][name]["optimizer"]["state"][0]["exp_avg"])
-               for name, state in one["optim"].items()}
+    two_adam = _adam_state(two)
+    moments = {name: (state["exp_avg"], two_adam[name]["exp_avg"]) for name, state in _adam_state(one).items()}
     scale = max(float(g1.abs().max()) for g1, _ in moments.values())  # round-off is relative to the largest gradient
     for g1, g2 in moments.values():
         torch.testing.assert_close(g2, g1, rtol=1e-4, atol=1e-5 * scale)
-    assert sum(int(g1.abs().max() > 1e-3 * scale) for g1, _ in moments.values()) > 10
+    # The comparison says something for every tensor whose moments are well above the tolerance (with global
+    # clipping the zero-initialised output layer's gradient dominates the first steps).
+    assert sum(int(g1.abs().max() > 1e-4 * scale) for g1, _ in moments.values()) > 10
     records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     single = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["loss_per_image"] == pytest.approx(single[0]["loss_per_image"], rel=1e-5)

@@ -1,0 +1,70 @@
+"""What the benchmark scripts share: the machine's name, timing with device syncs, peak memory, Markdown."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: str) -> str:
+    """The CPU (and GPU), torch version and thread count, in one line."""
+    gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.startswith("cuda") else ""
+    return f"{cpu_name()} ({platform.machine()}){gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_mib(device: str) -> float:
+    """CUDA: peak allocated since the last :func:`reset_peak`; CPU: this process's peak resident set (never resets)."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
+
+
+def timed(fn, device: str) -> float:
+    """Seconds of one call of ``fn``, with the device synchronized before and after."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: Path, title: str, table: str, argv: list[str], script: str) -> None:
+    """Write ``table`` under ``title`` with the command that made it, atomically."""
+    from pyro_ddpm.checkpoint import atomic_write
+
+    command = shlex.join(["python", f"benchmarks/{Path(script).name}", *argv])
+    text = f"{title}\n\n{table}\n`{command}`\n"
+    atomic_write(path, lambda f: f.write(text.encode()))

@@ -1,0 +1,27 @@
+"""The cosine forward process of Nichol and Dhariwal (2021, Eq. 17).
+
+    abar_t = f(t) / f(0),   f(t) = cos^2( (t/T + s) / (1 + s) * pi/2 ),   s = 0.008,
+    beta_t = min(1 - abar_t / abar_{t-1}, 0.999)   (clipped so that beta_T < 1).
+"""
+
+from __future__ import annotations
+
+from pyro_ddpm.schedule import Schedule
+
+from .forward_process import ForwardProcess
+
+
+class CosineForwardProcess(ForwardProcess):
+    """:class:`ForwardProcess` over the cosine schedule (:meth:`Schedule.cosine`)."""
+
+    NAME = "cosine"
+
+    def __init__(self, T: int = 1000, s: float = 0.008, max_beta: float = 0.999, event_dim: int | None = None):
+        super().__init__(Schedule.cosine(T, s, max_beta), event_dim=event_dim)
+
+    @classmethod
+    def from_config(cls, T: int, schedule: str = NAME, event_dim: int | None = None) -> "CosineForwardProcess":
+        """Nichol and Dhariwal's s = 0.008 and clipping at 0.999 with T steps; ``schedule`` must be ``"cosine"``."""
+        if schedule != cls.NAME:
+            raise ValueError(f"{cls.__name__}: schedule must be {cls.NAME!r}, got {schedule!r}")
+        return cls(T, event_dim=event_dim)
