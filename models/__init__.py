@@ -1,6 +1,7 @@
 """Pyro models: reverse processes p_theta(x_{0:T}). Installed as ``pyro_ddpm.models``."""
 
 from .clipped_reverse_process import ClippedReverseProcess
+from .ddim import DDIM
 from .hybrid import HybridReverseProcess
 from .learned_variance import LearnedVarianceReverseProcess
 from .reverse_process import ReverseProcess
@@ -14,4 +15,5 @@ __all__ = [
     "VPredictionReverseProcess",
     "LearnedVarianceReverseProcess",
     "HybridReverseProcess",
+    "DDIM",
 ]

@@ -323,7 +323,7 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True, resume: b
         loss = svi.step(x0, t, eps, step_weight)
         optim.step()  # the learning-rate schedule
         if timesteps is not None:
-            timesteps.update(t_global.reshape(-1), _pair_terms(svi.loss.last_terms, world))
+            timesteps.update(t_global.reshape(-1), _pair_terms(svi.loss_and_grads.__self__.last_terms, world))  # the TermwiseELBO's
         ema.update_parameters(net)
         if not math.isfinite(loss):
             kept = f"the last good checkpoint (step {saved_at}) is kept at {ckpt_path}" if saved_at else "no checkpoint was written"
