@@ -164,7 +164,8 @@ def markdown(table: dict, baseline: dict | None, reference: dict | None, seeds: 
         lines.append("| test split vs train split (the metrics' floor) | " + " | ".join(
             [""] * len(BOUND_COLUMNS) + [_cell((reference[k], reference[f"{k}_se"])) for k, _ in QUALITY_COLUMNS]) + " |")
     note = [f"{dataset_name}, {seeds} seed(s) per objective; ± is the standard error "
-            + ("over seeds." if seeds > 1 else "over test images (bound); FD bootstrap, KID jackknife, score over splits.")]
+            + ("over seeds." if seeds > 1 else "over test images (bound)"
+               + ("; FD bootstrap, KID jackknife, score over splits." if reference is not None else "."))]
     if reference is not None:
         note.append("FD, KID and the classifier score are computed in the feature space of a small classifier "
                     "trained on this data set's training split: not comparable to Inception FID/KID/IS.")
@@ -227,8 +228,9 @@ def compare(base: TrainConfig, out: str | Path, objectives=("elbo", "simple", "h
         _trained(config, run, progress)
         r = measure(run, dataset, num_samples=num_samples, draws=draws, max_batch=max_batch, limit=limit,
                     device=base.device, seed=seed, progress=progress)
-        log(f"\n== objective {objective}, seed {seed} ==\n{format_summary(r['bound'])}\n"
-            f"sample scores: " + ", ".join(f"{k} {r['quality'][k]:.4g} ± {r['quality'][k + '_se']:.2g}" for k, _ in QUALITY_COLUMNS))
+        q = r["quality"]
+        scores = q.get("unavailable") or ", ".join(f"{k} {q[k]:.4g} ± {q[k + '_se']:.2g}" for k, _ in QUALITY_COLUMNS)
+        log(f"\n== objective {objective}, seed {seed} ==\n{format_summary(r['bound'])}\nsample scores: {scores}")
         results[objective].append(r)
 
     table = aggregate(results)

@@ -418,7 +418,16 @@ class ScoredWhere(TorchDistribution):
 
 
 def likelihood_from_config(config: dict):
-    """Rebuild a likelihood from its ``config()`` (as stored in checkpoints)."""
+    """Rebuild a likelihood from its ``config()`` (as stored in checkpoints).
+
+    A decoder written outside this module stores ``{"class": "module:Class", **arguments}`` in its
+    ``config()``; it is rebuilt as ``Class(**arguments)`` (the module must be importable).
+    """
+    if "class" in config:
+        from pyro_ddpm.checkpoint import program_class
+
+        arguments = {k: v for k, v in config.items() if k != "class"}
+        return program_class(config["class"], __name__)(**arguments)
     if config.get("name") == "discretized_gaussian":
         return DiscretizedGaussianLikelihood(config["levels"])
     if config.get("name") == "tanh_discretized_gaussian":
@@ -458,9 +467,17 @@ def by_name(name: str, dataset):
 
     The discretized decoders need grid data (K >= 2), the Bernoulli decoder binary data (K = 2); the
     Gaussian density scores any data (on grid data its bound is a density bound, not a code length).
+    A decoder class of one's own is named ``"module:Class"`` and built as ``Class.for_data(dataset)``.
     """
     levels = dataset.levels
     check_levels(levels, name=f"data set {getattr(dataset, 'name', '')!r}: levels")
+    if ":" in name:
+        from pyro_ddpm.checkpoint import program_class
+
+        cls = program_class(name, __name__)
+        if not hasattr(cls, "for_data"):
+            raise ValueError(f"likelihood class {name!r} has no classmethod for_data(dataset) to build it for the data")
+        return cls.for_data(dataset)
     if name not in LIKELIHOOD_NAMES:
         raise ValueError(f"unknown likelihood {name!r}; choose one of {list(LIKELIHOOD_NAMES)}")
     if name == "gaussian":

@@ -1,0 +1,97 @@
+"""The comparison end to end (tiny network, few steps): every output file, its numbers, resuming, seeds."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pyro_ddpm import checkpoint
+from pyro_ddpm.cli import main
+from pyro_ddpm.compare import aggregate, markdown
+
+TINY = ["--T", "10", "--steps", "4", "--batch-size", "16", "--ch", "8", "--log-every", "2", "--samples", "40",
+        "--limit", "40", "--no-progress"]
+RUN_FILES = ["checkpoint.pt", "metrics.jsonl", "bound_test.nc", "bound_test.json", "samples.pt"]
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    assert main(["compare", "--data", "digits", *TINY, "--out", str(out)]) == 0
+    return out
+
+
+def test_every_output_file_is_written(compared):
+    for name in ("comparison.md", "comparison.json", "terms.png", "samples.png", "training.png"):
+        assert (compared / name).stat().st_size > 100, name
+    for objective in ("elbo", "simple", "hybrid"):
+        for name in RUN_FILES:
+            assert (compared / objective / name).exists(), (objective, name)
+        assert torch.load(compared / objective / "samples.pt").shape == (40, 1, 8, 8)
+    assert checkpoint.load(compared / "hybrid")["config"]["model"] == "LearnedVarianceReverseProcess"
+
+
+def test_the_table_carries_the_runs_numbers_the_baseline_and_the_metrics_floor(compared):
+    record = json.loads((compared / "comparison.json").read_text())
+    assert list(record["table"]) == ["elbo", "simple", "hybrid"] and record["seeds"] == [0]
+    for objective, row in record["table"].items():
+        run = json.loads((compared / objective / "bound_test.json").read_text())
+        assert row["total"]["mean"] == run["total"]["bits_per_dim"] and row["total"]["se"] == run["total"]["se"]
+        parts = sum(row[k]["mean"] for k in ("prior_L_T", "rate_L_1_to_L_T-1", "distortion_L_0"))
+        assert parts == pytest.approx(row["total"]["mean"], rel=1e-9)
+        for key in ("fd", "kid", "score"):
+            assert math.isfinite(row[key]["mean"]) and row[key]["se"] >= 0
+        assert 1.0 <= row["score"]["mean"] <= 10.0
+    # the per-pixel baseline, recomputed here from the training split's counts (add-one smoothing)
+    from pyro_ddpm import data
+
+    d = data.load("digits")
+    k_train = np.rint((d.train.reshape(len(d.train), -1).numpy() + 1) * 8).astype(int)
+    k_test = np.rint((d.test[:40].reshape(40, -1).numpy() + 1) * 8).astype(int)
+    counts = np.stack([np.bincount(k_train[:, j], minlength=17) for j in range(64)])
+    p = (counts + 1.0) / (len(k_train) + 17.0)
+    bits = -np.log2(p[np.arange(64), k_test]).mean(1)
+    assert record["pixel_categorical_baseline"]["bits_per_dim"] == pytest.approx(bits.mean(), rel=1e-9)
+    text = (compared / "comparison.md").read_text()
+    assert sum(line.startswith("| ") for line in text.splitlines()) == 6 and "per-pixel categorical" in text and "not comparable to Inception" in text
+    curve = record["runs"]["elbo"][0]["training"]
+    assert curve["step"] == [2, 4] and all(math.isfinite(v) for v in curve["bound_bits_per_dim"])
+
+
+def test_running_again_measures_without_retraining_and_other_settings_are_refused(compared, capsys):
+    before = (compared / "elbo" / "checkpoint.pt").stat().st_mtime_ns
+    assert main(["compare", "--data", "digits", *TINY, "--objectives", "elbo", "--out", str(compared)]) == 0
+    assert (compared / "elbo" / "checkpoint.pt").stat().st_mtime_ns == before
+    assert main(["compare", "--data", "digits", *TINY, "--lr", "0.1", "--objectives", "elbo", "--out", str(compared)]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_several_seeds_report_the_mean_and_standard_error_over_seeds():
+    runs = [{"bound": {k: {"bits_per_dim": v + i, "se": 0.5} for k, v in
+                       (("total", 3.0), ("prior_L_T", 0.0), ("rate_L_1_to_L_T-1", 3.0), ("distortion_L_0", 0.0))},
+             "quality": {"fd": 10.0 * (i + 1), "fd_se": 1.0, "kid": 1.0, "kid_se": 0.1, "score": 5.0, "score_se": 0.2}}
+            for i in range(3)]
+    row = aggregate({"elbo": runs})["elbo"]
+    assert row["total"] == pytest.approx((4.0, 1.0 / math.sqrt(3)))  # values 3, 4, 5: sd 1
+    assert row["fd"] == pytest.approx((20.0, 10.0 / math.sqrt(3)))
+    assert row["kid"] == pytest.approx((1.0, 0.0))
+    assert "over seeds" in markdown({"elbo": row}, None, None, 3, "digits")
+
+
+def test_continuous_data_reports_nats_and_skips_the_classifier_scores(tmp_path):
+    assert main(["compare", "--data", "swiss_roll-continuous", "--T", "10", "--steps", "2", "--batch-size", "16",
+                 "--log-every", "1", "--samples", "40", "--limit", "40", "--objectives", "elbo", "--no-progress",
+                 "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "comparison.md").read_text()
+    assert "total nats/dim" in text and "FD" not in text and "per-pixel" not in text
+
+
+def test_example_script_quick_run(tmp_path):
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "elbo_vs_lsimple.py"
+    result = runpy.run_path(str(script))["main"](["--quick", "--objectives", "elbo", "simple", "--out", str(tmp_path)])
+    assert set(result["table"]) == {"elbo", "simple"} and (tmp_path / "comparison.md").exists()
