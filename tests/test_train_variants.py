@@ -101,3 +101,22 @@ def test_bad_program_names_are_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="hybrid"):
         train(TrainConfig(objective="hybrid", **TINY), tmp_path / "c", progress=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_cli_trains_evaluates_and_samples_a_variant_with_ddim(tmp_path, capsys):
+    from pyro_ddpm.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", "digits", "--T", "10", "--ch", "8", "--batch-size", "8", "--steps", "2",
+                 "--model", "LearnedVarianceReverseProcess", "--variance", "learned", "--objective", "hybrid",
+                 "--guide", "LearnedForwardProcess", "--schedule", "learned", "--timesteps", "importance",
+                 "--optimizer", "AdamW", "--no-progress", "--out", str(run)]) == 0
+    config = checkpoint.load(run)["config"]
+    assert (config["model"], config["guide"], config["optimizer"]) == ("LearnedVarianceReverseProcess", "LearnedForwardProcess", "AdamW")
+    assert main(["evaluate", str(run), "--limit", "4", "--no-figures", "--no-progress"]) == 0
+    assert "total" in capsys.readouterr().out
+    assert main(["sample", str(run), "--n", "4", "--sampler", "ddim", "--steps", "5", "--eta", "0.5",
+                 "--out", str(tmp_path / "ddim.png")]) == 0
+    assert (tmp_path / "ddim.png").stat().st_size > 100
+    assert main(["sample", str(run), "--n", "4", "--sampler", "ddim", "--steps", "50"]) == 2  # S > T
+    assert "steps" in capsys.readouterr().err
