@@ -55,6 +55,34 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
+def random_model(preset: str, T: int, levels: int, device: str, seed: int):
+    """The preset's network (its zero-initialised layers re-drawn small, so eps_theta is not 0) in a
+    reverse process with the linear schedule, large variance and a ``levels``-level decoder, in eval mode."""
+    from pyro_ddpm.likelihoods import DiscretizedGaussianLikelihood
+    from pyro_ddpm.models import ReverseProcess
+    from pyro_ddpm.nets import PRESETS, build_network
+    from pyro_ddpm.schedule import Schedule
+
+    torch.manual_seed(seed)
+    net = build_network(PRESETS[preset])
+    with torch.no_grad():
+        for p in net.parameters():
+            if not p.any():
+                torch.nn.init.normal_(p, std=0.02)
+    return ReverseProcess(net, Schedule.linear(T), "large", DiscretizedGaussianLikelihood(levels)).to(device).eval()
+
+
+def fresh_process_peak(script: str, argv: list[str]) -> tuple[float, float]:
+    """Run ``script argv`` in a fresh Python process that prints ``peak_mib P increase_mib I``; return (P, I).
+
+    On CPU the resident-set peak of a process never goes down, so each phase is measured in its own process.
+    """
+    import sys
+
+    out = subprocess.run([sys.executable, script, *argv], check=True, capture_output=True, text=True).stdout.split()
+    return float(out[out.index("peak_mib") + 1]), float(out[out.index("increase_mib") + 1])
+
+
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

@@ -10,7 +10,9 @@ One run, one randomly initialised network of a ``pyro_ddpm.nets`` preset, the sa
 
 Each is warmed up on its first row of calls, then timed ``--repeats`` times, alternating the two so that
 load from other processes hits both alike; the medians and their ratio bound / baseline are printed
-(the aim is <= 1.10). Nothing is asserted.
+(the aim is <= 1.10). Peak memory: CUDA max allocated per phase; on CPU each phase is re-run once in a
+fresh process, which reports its peak resident set and, in brackets, the increase over its peak before
+the phase (``--no-memory`` skips those runs). Nothing is asserted.
 
     python benchmarks/evaluate_speed.py --preset digits --T 100 --images 64 --max-batch 4096 --repeats 3
 """
@@ -19,49 +21,25 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
-import resource
 import statistics
-import subprocess
-import time
+import sys
 from pathlib import Path
 
 import pyro
 import torch
 
-from pyro_ddpm import data
-from pyro_ddpm.evaluate import bound
-from pyro_ddpm.guides import ForwardProcess
-from pyro_ddpm.likelihoods import DiscretizedGaussianLikelihood
-from pyro_ddpm.models import ReverseProcess
-from pyro_ddpm.nets import PRESETS, build_network
-from pyro_ddpm.schedule import Schedule, at
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (fresh_process_peak, machine, markdown_table, peak_mib, random_model, reset_peak,  # noqa: E402
+                    timed, write_markdown)
+
+from pyro_ddpm import data  # noqa: E402
+from pyro_ddpm.evaluate import bound  # noqa: E402
+from pyro_ddpm.guides import ForwardProcess  # noqa: E402
+from pyro_ddpm.nets import PRESETS, build_network  # noqa: E402
+from pyro_ddpm.schedule import at  # noqa: E402
 
 DATASETS = {"digits": "digits", "toy2d": "swiss_roll"}  # presets with a shipped data set; others: random grid data
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or platform.machine()
-
-
-def make_model(preset: str, T: int, levels: int, device: str, seed: int):
-    """The preset's network with its zero-initialised layers re-drawn small, so eps_theta is not 0."""
-    torch.manual_seed(seed)
-    net = build_network(PRESETS[preset])
-    with torch.no_grad():
-        for p in net.parameters():
-            if not p.any():
-                torch.nn.init.normal_(p, std=0.02)
-    schedule = Schedule.linear(T)
-    model = ReverseProcess(net, schedule, "large", DiscretizedGaussianLikelihood(levels)).to(device).eval()
-    return model, ForwardProcess(model.schedule, event_dim=len(model.shape))
+PHASES = ("baseline", "bound")
 
 
 def make_images(preset: str, n: int, seed: int):
@@ -89,27 +67,15 @@ def baseline(model, x0: torch.Tensor, max_batch: int) -> None:
             model.eps(x_t, t)
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
-def peak_mib(device: str) -> float:
-    """CUDA: peak allocated since the last reset; CPU: the process's peak RSS so far (it never goes down)."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
-
-
-def timed(fn, device: str) -> tuple[float, float]:
-    """(seconds, peak memory in MiB) of one call of ``fn``."""
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(device)
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start, peak_mib(device)
+def setup(args):
+    x, levels = make_images(args.preset, args.images, args.seed)
+    model = random_model(args.preset, args.T, levels, args.device, args.seed)
+    guide = ForwardProcess(model.schedule, event_dim=len(model.shape))
+    runs = {
+        "baseline": lambda xs: baseline(model, xs, args.max_batch),
+        "bound": lambda xs: bound(model, guide, xs, max_batch=args.max_batch, seed=args.seed),
+    }
+    return model, x.to(args.device), runs
 
 
 def main(argv=None) -> dict:
@@ -121,53 +87,60 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-memory", action="store_true", help="skip the per-phase memory runs on CPU")
+    p.add_argument("--only", choices=PHASES, help=argparse.SUPPRESS)  # one phase's memory (a fresh process)
     p.add_argument("--markdown", type=Path, help="also write the result as a Markdown table here")
     args = p.parse_args(argv)
 
-    x, levels = make_images(args.preset, args.images, args.seed)
-    model, guide = make_model(args.preset, args.T, levels, args.device, args.seed)
-    x = x.to(args.device)
+    model, x, runs = setup(args)
     T, N = args.T, x.shape[0]
     images_per_call, steps_per_call = max(1, args.max_batch // T), min(T, args.max_batch)
+    if args.only:
+        runs[args.only](x[:images_per_call])
+        before = peak_mib(args.device)
+        runs[args.only](x)
+        after = peak_mib(args.device)
+        print(f"peak_mib {after:.1f} increase_mib {after - before:.1f}")
+        return {}
     calls = math.ceil(N / images_per_call) * math.ceil(T / steps_per_call)
-    runs = {
-        "baseline": lambda xs: baseline(model, xs, args.max_batch),
-        "bound": lambda xs: bound(model, guide, xs, max_batch=args.max_batch, seed=args.seed),
-    }
-    times = {name: [] for name in runs}
-    peaks = {name: timed(lambda: run(x[:images_per_call]), args.device)[1] for name, run in runs.items()}  # warm-up
+    for run in runs.values():  # warm-up
+        run(x[:images_per_call])
+    times, peaks = {name: [] for name in runs}, {}
     for _ in range(args.repeats):
         for name, run in runs.items():
-            seconds, peak = timed(lambda: run(x), args.device)
-            times[name].append(seconds)
-            peaks[name] = max(peaks[name], peak)
+            reset_peak(args.device)
+            times[name].append(timed(lambda: run(x), args.device))
+            peaks[name] = max(peaks.get(name, 0.0), peak_mib(args.device))
     median = {name: statistics.median(v) for name, v in times.items()}
     ratio = median["bound"] / median["baseline"]
+    memory = {name: f"{peaks[name]:.0f}" for name in runs}
+    if args.device.startswith("cuda"):
+        memory_kind = "peak CUDA MiB allocated"
+    elif args.no_memory:
+        memory_kind, memory = "peak RSS MiB (not measured)", {name: "-" for name in runs}
+    else:
+        memory_kind = "peak RSS MiB, own process (increase)"
+        for name in runs:
+            peak, increase = fresh_process_peak(__file__, [
+                "--preset", args.preset, "--T", str(T), "--images", str(N), "--max-batch", str(args.max_batch),
+                "--device", args.device, "--seed", str(args.seed), "--only", name])
+            peaks[name], memory[name] = peak, f"{peak:.0f} (+{increase:.1f})"
 
-    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else cpu_name()
-    memory = "peak CUDA memory allocated" if args.device.startswith("cuda") else "process peak RSS (cumulative)"
-    print(f"machine   : {cpu_name()} ({platform.machine()}), torch {torch.__version__} with "
-          f"{torch.get_num_threads()} threads, pyro {pyro.__version__}, device {args.device} ({device_name})")
-    print(f"settings  : preset {args.preset} shape {tuple(model.shape)} ({sum(p.numel() for p in model.eps.parameters())} "
-          f"parameters), T {T}, {N} images, max batch {args.max_batch} -> {images_per_call} image(s) x "
-          f"{steps_per_call} step(s) per call, {calls} calls, {N * T} pairs, float32, "
-          f"pyro validation {'on' if pyro.infer.util.is_validation_enabled() else 'off'}, {args.repeats} repeat(s)")
+    title = (f"Evaluation, preset {args.preset} {tuple(model.shape)} ({sum(p.numel() for p in model.eps.parameters())} "
+             f"parameters), T {T}, {N} images, max batch {args.max_batch} ({calls} calls, {N * T} pairs), float32, "
+             f"pyro validation {'on' if pyro.infer.util.is_validation_enabled() else 'off'}, median of {args.repeats}; "
+             f"{machine(args.device)}")
+    print(title)
+    rows = []
     for name in runs:
         print(f"{name:<10}: median {median[name]:.3f} s ({N * T / median[name]:.0f} pairs/s) over "
-              f"[{', '.join(f'{t:.3f}' for t in times[name])}], {memory} {peaks[name]:.0f} MiB")
+              f"[{', '.join(f'{t:.3f}' for t in times[name])}], {memory_kind} {memory[name]}")
+        rows.append([name, f"{median[name]:.3f}", f"{N * T / median[name]:.0f}", memory[name]])
     print(f"ratio     : bound / baseline = {ratio:.3f} (target <= 1.10)")
-
     if args.markdown:
-        from pyro_ddpm.checkpoint import atomic_write
-
-        table = (
-            "| preset | T | images | max batch | device | threads | baseline (s) | bound (s) | ratio | peak MiB baseline / bound |\n"
-            "|---|---|---|---|---|---|---|---|---|---|\n"
-            f"| {args.preset} | {T} | {N} | {args.max_batch} | {args.device} ({device_name}) | {torch.get_num_threads()} "
-            f"| {median['baseline']:.3f} | {median['bound']:.3f} | {ratio:.3f} "
-            f"| {peaks['baseline']:.0f} / {peaks['bound']:.0f} |\n"
-        )
-        atomic_write(args.markdown, lambda f: f.write(table.encode()))
+        table = markdown_table(["phase", "median s", "pairs/s", memory_kind], rows)
+        table += "\n" + markdown_table(["time ratio", "value", "target"], [["bound / baseline", f"{ratio:.3f}", "<= 1.10"]])
+        write_markdown(args.markdown, title, table, argv if argv is not None else sys.argv[1:], __file__)
     return {"median_s": median, "ratio": ratio, "peak_mib": peaks}
 
 

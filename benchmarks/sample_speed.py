@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,27 +32,19 @@ import pyro
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, peak_mib, reset_peak, timed, write_markdown  # noqa: E402
+from common import (fresh_process_peak, machine, markdown_table, peak_mib, random_model, reset_peak,  # noqa: E402
+                    timed, write_markdown)
 
-from pyro_ddpm.likelihoods import DiscretizedGaussianLikelihood  # noqa: E402
 from pyro_ddpm.models import ReverseProcess  # noqa: E402
-from pyro_ddpm.nets import PRESETS, build_network  # noqa: E402
+from pyro_ddpm.nets import PRESETS  # noqa: E402
 from pyro_ddpm.sample import sample  # noqa: E402
-from pyro_ddpm.schedule import Schedule  # noqa: E402
 
 PHASES = ("forward", "ancestral", "ddim")
 LEVELS = {"digits": 17}  # 8-bit data otherwise
 
 
 def make_model(preset: str, T: int, device: str, seed: int) -> ReverseProcess:
-    torch.manual_seed(seed)
-    net = build_network(PRESETS[preset])
-    with torch.no_grad():
-        for p in net.parameters():
-            if not p.any():
-                torch.nn.init.normal_(p, std=0.02)
-    likelihood = DiscretizedGaussianLikelihood(LEVELS.get(preset, 256))
-    return ReverseProcess(net, Schedule.linear(T), "large", likelihood).to(device).eval()
+    return random_model(preset, T, LEVELS.get(preset, 256), device, seed)
 
 
 @torch.no_grad()
@@ -127,10 +118,9 @@ def main(argv=None) -> dict:
     else:
         memory_kind = "peak RSS MiB, own process (increase)"
         for name in runs:  # a fresh process per phase: ru_maxrss only ever grows
-            cmd = [sys.executable, __file__, "--preset", args.preset, "--T", str(args.T), "--images", str(args.images),
-                   "--ddim-steps", str(args.ddim_steps), "--device", args.device, "--seed", str(args.seed), "--only", name]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()
-            peak, increase = float(out[out.index("peak_mib") + 1]), float(out[out.index("increase_mib") + 1])
+            peak, increase = fresh_process_peak(__file__, [
+                "--preset", args.preset, "--T", str(args.T), "--images", str(args.images), "--ddim-steps",
+                str(args.ddim_steps), "--device", args.device, "--seed", str(args.seed), "--only", name])
             peaks[name] = peak
             memory[name] = f"{peak:.0f} (+{increase:.1f})"
 

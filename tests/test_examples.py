@@ -145,6 +145,8 @@ def test_diffusion_vs_vae_reports_both_bounds_in_bits_per_dim(vae_run):
         assert math.isfinite(x) and x > 0
     # the importance-weighted bound is tighter than the ELBO (up to Monte-Carlo error)
     assert v["iwae_bits_per_dim"] <= v["elbo_bits_per_dim"] + 2 * v["elbo_se"]
+    small_t = [k for k in d if k.startswith("L_0_to_L_")]
+    assert small_t == ["L_0_to_L_8_bits_per_dim"] and 0 < d[small_t[0]] < d["bits_per_dim"]
     assert d["latent_sites"] == [f"x_{s}" for s in range(10, 0, -1)] and v["latent_sites"] == ["z"]
     assert "DiscretizedGaussianLikelihood(levels=17)" in (d["likelihood"], v["likelihood"])
     assert v["likelihood"] == "DiscretizedGaussianLikelihood(levels=17)"
@@ -169,6 +171,12 @@ def test_vae_terms_are_the_closed_form_kl_and_the_discretized_gaussian(ref):
     np.testing.assert_allclose(terms["z"].value.detach().double().numpy(), kl, rtol=1e-5)
     nll = -ref.disc_log_prob(x0.double().numpy(), loc, scale, 17).reshape(5, -1).sum(-1)
     np.testing.assert_allclose(terms["x_0"].value.detach().double().numpy(), nll, rtol=1e-5)
+
+
+def test_diffusion_vs_vae_refuses_a_ddpm_trained_on_other_data(swiss, tmp_path):
+    swiss_out, _ = swiss
+    with pytest.raises(ValueError, match=r"digits has images of shape \(1, 8, 8\), the checkpoint was trained on shape \(2,\)"):
+        load_example("diffusion_vs_vae").main(["--quick", "--ddpm-checkpoint", str(swiss_out / "elbo"), "--out", str(tmp_path)])
 
 
 @pytest.mark.parametrize("name, argv, match", [

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import matplotlib.image
 import numpy as np
@@ -20,7 +16,6 @@ from pyro_ddpm.models import ReverseProcess
 from pyro_ddpm.nets import MLP, UNet
 from pyro_ddpm.schedule import Schedule
 
-ROOT = Path(__file__).resolve().parents[1]
 PLOTS = {"terms": figures.plot_terms, "rate_distortion": figures.plot_rate_distortion, "strip": figures.plot_strip}
 KINDS = ("gray", "rgb", "flat")
 
@@ -110,16 +105,3 @@ def test_rate_distortion_curve_matches_summary(idatas):
 def test_strip_rejects_unshowable_shapes(tmp_path):
     with pytest.raises(ValueError, match="cannot show"):
         figures._display(np.zeros((2, 4, 4)))
-
-
-def test_benchmark_script_runs(tmp_path):
-    """A few seconds: the digits preset at T = 5 on 4 images, one repeat (no timing is asserted)."""
-    table = tmp_path / "speed.md"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "evaluate_speed.py"), "--preset", "digits", "--T", "5",
-         "--images", "4", "--repeats", "1", "--markdown", str(table)],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-    )
-    assert done.returncode == 0, done.stderr
-    assert re.search(r"^ratio\s*: bound / baseline = \d+\.\d+", done.stdout, re.M), done.stdout
-    assert "| digits | 5 | 4 |" in table.read_text()
