@@ -23,6 +23,25 @@ Both programs expose the same two entry points with the same arguments, so that 
       ``poutine.scale`` in both programs: how L_simple reweights the bound.
 
 Batch layout of the pair sites: pair b * K + k is image b at timestep t[b, k].
+
+What the rest of the package reads from a pair:
+
+- the trainer (``SVI`` with :class:`~pyro_ddpm.elbo.TermwiseELBO`) and the evaluator take every
+  sample site's term as Pyro does: the analytic KL(guide || model) for a latent site, -log p for an
+  observed one (``pyro.factor`` sites included), times the site's scale and mask; the evaluator runs
+  ``per_timestep`` with every timestep and reads the sites ``x_T``, ``x_{t-1}`` and ``x_0`` per pair;
+- progressive coding reads the guide's ``x_t`` value and the model's ``x_{t-1}`` distribution: its
+  ``loc`` must be the transition mean mu_theta(x_t, t), so x0_hat = (mu - coef_xt x_t) / coef_x0;
+- samplers run ``chain(None, n)``; DDIM and respacing read ``model.transition(x_t, t) -> (loc, scale)``
+  and ``model.schedule`` (a :class:`~pyro_ddpm.schedule.ScheduleBase`), and respacing rebuilds the
+  model around ``model.eps``.
+
+How a program is built (so that ``pyro-ddpm train --model/--guide/--likelihood`` and checkpoints work
+for a class of one's own, named ``"module:Class"``): the guide by ``Guide.from_config(T, schedule,
+event_dim)``, its ``state_dict()`` stored and restored; the model as ``Model(network, guide.schedule,
+variance, likelihood, shape=shape)`` around the guide's schedule object (so a learned schedule is
+shared), the network preset adapted by ``Model.network_config(preset)``; a decoder by
+``Likelihood.for_data(dataset)``, rebuilt from its ``config()`` ``{"class": "module:Class", **kwargs}``.
 """
 
 from __future__ import annotations
