@@ -15,6 +15,7 @@ each variant is re-run in a fresh process and its peak resident set reported (``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import subprocess
 import sys
@@ -40,7 +41,8 @@ VARIANTS = (BASELINE, "SVI elbo", "SVI simple")
 
 
 def make_steps(args, only=None) -> dict:
-    """The step functions of the variants (all, or ``only`` one), on identical networks and data."""
+    """The step functions of the variants (all, or ``only`` one), on identical networks and data, each
+    with its own Pyro param-store state (the programs all name their network "eps"): ``{name: (step, state)}``."""
     torch.manual_seed(0)
     pyro.enable_validation(False)
     shape, levels = SHAPES[args.preset]
@@ -67,11 +69,10 @@ def make_steps(args, only=None) -> dict:
             loss.backward()
             adam.step()
 
-        steps[BASELINE] = torch_step
+        steps[BASELINE] = (torch_step, None)
     for name in ("elbo", "simple"):
         if only not in (None, f"SVI {name}"):
             continue
-        pyro.clear_param_store()
         model = ReverseProcess(fresh_net(), schedule, "large", DiscretizedGaussianLikelihood(levels))
         svi, weight = make_svi(TrainConfig(objective=name, T=args.T, warmup=1), model,
                                ForwardProcess(schedule, event_dim=len(shape)))
@@ -81,21 +82,24 @@ def make_steps(args, only=None) -> dict:
             svi.step(x0, t, torch.randn_like(x0), weight)
             svi.optim.step()
 
-        steps[f"SVI {name}"] = svi_step
+        steps[f"SVI {name}"] = (svi_step, {"params": {}, "constraints": {}})
     return steps
 
 
 def run(args, only=None) -> dict:
     steps = make_steps(args, only)
+    store = pyro.get_param_store()
     times, peaks = {k: [] for k in steps}, {}
-    for name, step in steps.items():  # warm-up
+    for name, (step, state) in steps.items():  # warm-up
         reset_peak(args.device)
-        for _ in range(3):
-            step()
+        with store.scope(state) if state is not None else contextlib.nullcontext():
+            for _ in range(3):
+                step()
         peaks[name] = peak_mib(args.device)
     for _ in range(args.repeats):
-        for name, step in steps.items():
-            times[name].append(timed(step, args.device))
+        for name, (step, state) in steps.items():
+            with store.scope(state) if state is not None else contextlib.nullcontext():
+                times[name].append(timed(step, args.device))
     return {name: (statistics.median(ts), peaks[name]) for name, ts in times.items()}
 
 

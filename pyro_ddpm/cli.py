@@ -231,7 +231,7 @@ def parser() -> argparse.ArgumentParser:
     _eval_args(p, standalone=False)
     p.add_argument("--objectives", nargs="+", default=["elbo", "simple", "hybrid"], choices=OBJECTIVES)
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds per objective")
-    p.add_argument("--samples", type=int, default=360, help="samples per model for the sample scores")
+    p.add_argument("--samples", type=int, default=256, help="samples per model for the sample scores")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_compare, split="test", data=None, schedule="linear")
     return ap

@@ -44,7 +44,7 @@ OBJECTIVE_PROGRAMS = {
     "hybrid": {"model": "LearnedVarianceReverseProcess", "variance": "learned"},
 }
 
-# Training settings per data set. digits: the CPU default (about 10 minutes for the three objectives
+# Training settings per data set. digits: the CPU default (the three objectives in about 12 minutes
 # on 2 cores). mnist / cifar10: the paper's settings (Appendix B: T = 1000, linear 1e-4..0.02, Adam
 # 2e-4, batch 128, dropout 0.1 on CIFAR-10, EMA 0.9999, 800k steps for CIFAR-10), meant for a GPU.
 PRESETS = {
@@ -206,7 +206,7 @@ def figures(results: dict, out: Path) -> dict[str, Path]:
 
 
 def compare(base: TrainConfig, out: str | Path, objectives=("elbo", "simple", "hybrid"), seeds=(0,), *,
-            num_samples: int = 360, draws: int = 1, max_batch: int = 4096, limit: int | None = None,
+            num_samples: int = 256, draws: int = 1, max_batch: int = 4096, limit: int | None = None,
             progress: bool = True, log=print) -> dict:
     """Train, measure and report every objective and seed; return the aggregated table and the paths."""
     from pyro_ddpm.evaluate import format_summary
