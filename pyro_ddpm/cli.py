@@ -233,7 +233,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds per objective")
     p.add_argument("--samples", type=int, default=256, help="samples per model for the sample scores")
     p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_compare, split="test", data=None, schedule="linear")
+    p.set_defaults(func=cmd_compare)
     return ap
 
 

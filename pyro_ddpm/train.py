@@ -161,9 +161,14 @@ def _pair_terms(terms: dict, world: int) -> torch.Tensor:
 
 
 def _ema_avg(decay: float):
-    def avg(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
-        d = min(decay, (1.0 + float(num_averaged)) / (10.0 + float(num_averaged)))
-        return averaged + (1.0 - d) * (current - averaged)
+    """``AveragedModel``'s ``multi_avg_fn``: one foreach update of all tensors of a dtype per step."""
+
+    def avg(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        if not averaged[0].is_floating_point():  # integer buffers (e.g. counters) follow the network
+            torch._foreach_copy_(averaged, current)
+            return
+        n = float(num_averaged)
+        torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
 
     return avg
 
@@ -239,7 +244,7 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True, resume: b
     net = model.eps
     if state is not None:
         net.load_state_dict(state["net"])
-    ema = AveragedModel(net, avg_fn=_ema_avg(config.ema_decay), use_buffers=True)  # a copy, before compiling
+    ema = AveragedModel(net, multi_avg_fn=_ema_avg(config.ema_decay), use_buffers=True)  # a copy, before compiling
     if config.compile:
         net.compile()
     svi, weight = make_svi(config, model, guide, world)

@@ -95,3 +95,13 @@ def test_example_script_quick_run(tmp_path):
     script = Path(__file__).resolve().parents[1] / "examples" / "elbo_vs_lsimple.py"
     result = runpy.run_path(str(script))["main"](["--quick", "--objectives", "elbo", "simple", "--out", str(tmp_path)])
     assert set(result["table"]) == {"elbo", "simple"} and (tmp_path / "comparison.md").exists()
+
+
+def test_the_main_command_defaults_to_the_digits_preset():
+    from pyro_ddpm.cli import parser
+    from pyro_ddpm.compare import PRESETS
+
+    args = parser().parse_args(["compare", "--out", "x"])
+    assert args.data == "digits" and args.objectives == ["elbo", "simple", "hybrid"]
+    assert args.steps is None and args.batch_size is None  # so that the preset's settings apply
+    assert PRESETS["digits"]["data"] == "digits"
