@@ -101,18 +101,7 @@ class DDIM(nn.Module):
         """x_T ~ N(0, I), the DDIM steps down to x_{tau_1}, then x_0 from the decoder (see the module docstring)."""
         model = self.model
         pyro.module("eps", model.eps)
-        if x0 is not None:
-            if tuple(x0.shape[1:]) != self.shape:
-                raise ValueError(f"x_0 has shape {tuple(x0.shape)}, but the model's data shape is "
-                                 f"(batch, {', '.join(map(str, self.shape))})")
-            model.likelihood.check(x0)
-            num_images, like = x0.shape[0], x0
-        elif num_images is None:
-            raise ValueError("chain: give x0 or num_images")
-        else:
-            param = next(model.eps.parameters(), None)
-            like = torch.zeros((), dtype=param.dtype if param is not None else torch.get_default_dtype(),
-                               device=self.sigma.device)
+        num_images, like = model.chain_start(x0, num_images)
         with pyro.plate(protocol.IMAGES, num_images):
             x = pyro.sample(protocol.chain_site(self.T), model.prior(num_images, like))
             i = torch.empty(num_images, dtype=torch.long, device=x.device)

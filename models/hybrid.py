@@ -26,6 +26,13 @@ trains the decoder's variance sigma_theta(x_1, 1), as improved-diffusion's vb te
 L_T (site ``x_T``) has no parameters; the protocol keeps it outside the weight, so it enters with
 weight 1 and only shifts the value.
 
+Units: here both parts are sums over the D dimensions in nats, and per pair the ratio of the L_vlb
+weight to the L_simple weight is lambda T = T / 1000. improved-diffusion averages both over dimensions
+(the same factor 1/D) but takes its vb term in bits (KL / ln 2) scaled by T / 1000, so its L_vlb weighs
+1 / ln 2 ~ 1.44 times as much relative to L_simple as here.
+Timesteps must be uniform: the factor is not reweighted by an importance proposal (the trainer refuses
+``timesteps="importance"`` with this objective).
+
 One network call per training step gives eps_theta and v_theta for all pairs. The chain form
 (``chain``) is the learned-variance model's, unchanged: evaluate and sample with it.
 """

@@ -132,6 +132,17 @@ class ReverseProcess(nn.Module):
             self.likelihood.check(x0)
 
     # ------------------------------------------------------------------ the chain form
+    def chain_start(self, x0: torch.Tensor | None, num_images: int | None) -> tuple[int, torch.Tensor]:
+        """(number of images, a tensor whose dtype and device x_T takes) for a chain over ``x0`` or ``num_images``."""
+        if x0 is not None:
+            self._check_data(x0)
+            return x0.shape[0], x0
+        if num_images is None:
+            raise ValueError("chain: give x0 or num_images")
+        param = next(self.eps.parameters(), None)
+        return num_images, torch.zeros((), dtype=param.dtype if param is not None else torch.get_default_dtype(),
+                                       device=self.schedule.beta.device)
+
     def chain(self, x0: torch.Tensor | None = None, num_images: int | None = None) -> torch.Tensor:
         """p(x_T) prod_t p_theta(x_{t-1} | x_t): every term of Eq. 5 at its own site.
 
@@ -139,15 +150,7 @@ class ReverseProcess(nn.Module):
         returned x_0 is an exact draw of the decoder (on the data grid for a discretized likelihood).
         """
         pyro.module("eps", self.eps)
-        if x0 is not None:
-            self._check_data(x0)
-            num_images, like = x0.shape[0], x0
-        elif num_images is None:
-            raise ValueError("chain: give x0 or num_images")
-        else:
-            param = next(self.eps.parameters(), None)
-            like = torch.zeros((), dtype=param.dtype if param is not None else torch.get_default_dtype(),
-                               device=self.schedule.beta.device)
+        num_images, like = self.chain_start(x0, num_images)
         with pyro.plate(protocol.IMAGES, num_images):
             x = pyro.sample(protocol.chain_site(self.T), self.prior(num_images, like))
             t = torch.empty(num_images, dtype=torch.long, device=x.device)

