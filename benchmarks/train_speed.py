@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import pyro
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, peak_mib, reset_peak, timed, write_markdown  # noqa: E402
+from common import fresh_process_peak, machine, markdown_table, peak_mib, reset_peak, timed, write_markdown  # noqa: E402
 
 from pyro_ddpm import protocol  # noqa: E402
 from pyro_ddpm.guides import ForwardProcess  # noqa: E402
@@ -90,6 +89,7 @@ def run(args, only=None) -> dict:
     steps = make_steps(args, only)
     store = pyro.get_param_store()
     times, peaks = {k: [] for k in steps}, {}
+    start_peak = peak_mib(args.device)
     for name, (step, state) in steps.items():  # warm-up
         reset_peak(args.device)
         with store.scope(state) if state is not None else contextlib.nullcontext():
@@ -100,6 +100,8 @@ def run(args, only=None) -> dict:
         for name, (step, state) in steps.items():
             with store.scope(state) if state is not None else contextlib.nullcontext():
                 times[name].append(timed(step, args.device))
+    if only is not None:
+        print(f"peak_mib {peaks[only]:.1f} increase_mib {peaks[only] - start_peak:.1f}")
     return {name: (statistics.median(ts), peaks[name]) for name, ts in times.items()}
 
 
@@ -115,30 +117,31 @@ def main(argv=None) -> dict:
     ap.add_argument("--markdown", type=Path, help="also write the table as Markdown here")
     args = ap.parse_args(argv)
     if args.only:
-        seconds, peak = run(args, args.only)[args.only]
-        print(f"peak_mib {peak:.1f}")
+        run(args, args.only)
         return {}
 
     result = run(args)
+    memory = {name: f"{peak:.0f}" for name, (_, peak) in result.items()}
     if not args.device.startswith("cuda") and not args.no_memory:
         for name in result:  # a fresh process per variant: ru_maxrss only ever grows
-            cmd = [sys.executable, __file__, "--preset", args.preset, "--batch", str(args.batch), "--T", str(args.T),
-                   "--repeats", "2", "--device", args.device, "--only", name]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            result[name] = (result[name][0], float(out.split("peak_mib")[1]))
+            peak, increase = fresh_process_peak(__file__, ["--preset", args.preset, "--batch", str(args.batch), "--T",
+                                                           str(args.T), "--repeats", "2", "--device", args.device, "--only", name])
+            result[name] = (result[name][0], peak)
+            memory[name] = f"{peak:.0f} (+{increase:.1f})"
     base = result[BASELINE][0]
     params = sum(p.numel() for p in build_network(PRESETS[args.preset]).parameters())
-    memory = "peak CUDA MiB allocated" if args.device.startswith("cuda") else "peak RSS MiB (own process)"
+    memory_kind = ("peak CUDA MiB allocated" if args.device.startswith("cuda")
+                   else "peak RSS MiB, own process (increase over the set-up)")
     print(f"machine  : {machine(args.device)}, pyro {pyro.__version__}")
     print(f"settings : preset {args.preset} {SHAPES[args.preset][0]} ({params} parameters), batch {args.batch}, "
           f"T {args.T}, K 1, float32, median of {args.repeats}")
     rows = []
     for name, (med, peak) in result.items():
-        print(f"{name:<28} {1000 * med:8.2f} ms/step   ratio {med / base:5.3f}   {memory} {peak:.0f}")
-        rows.append([name, f"{1000 * med:.2f}", f"{med / base:.3f}", f"{peak:.0f}"])
+        print(f"{name:<28} {1000 * med:8.2f} ms/step   ratio {med / base:5.3f}   {memory_kind} {memory[name]}")
+        rows.append([name, f"{1000 * med:.2f}", f"{med / base:.3f}", memory[name]])
     if args.markdown:
         write_markdown(args.markdown, f"Training step, preset {args.preset}, batch {args.batch}, T {args.T}, "
-                       f"{machine(args.device)}", markdown_table(["step", "ms/step", "ratio", memory], rows),
+                       f"{machine(args.device)}", markdown_table(["step", "ms/step", "ratio", memory_kind], rows),
                        argv if argv is not None else sys.argv[1:], __file__)
     return {name: {"seconds": med, "ratio": med / base, "peak_mib": peak} for name, (med, peak) in result.items()}
 
