@@ -83,6 +83,20 @@ def fresh_process_peak(script: str, argv: list[str]) -> tuple[float, float]:
     return float(out[out.index("peak_mib") + 1]), float(out[out.index("increase_mib") + 1])
 
 
+def memory_cells(names, peaks: dict, device: str, no_memory: bool, measure) -> tuple[str, dict]:
+    """(column title, {name: cell}) of peak memory: CUDA peaks as measured in-process; on CPU
+    ``measure(name) -> (peak, increase)`` in a fresh process per name (``no_memory``: not measured)."""
+    if device.startswith("cuda"):
+        return "peak CUDA MiB allocated", {name: f"{peaks[name]:.0f}" for name in names}
+    if no_memory:
+        return "peak RSS MiB (not measured)", {name: "-" for name in names}
+    cells = {}
+    for name in names:
+        peak, increase = measure(name)
+        cells[name] = f"{peak:.0f} (+{increase:.1f})"
+    return "peak RSS MiB, own process (increase)", cells
+
+
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

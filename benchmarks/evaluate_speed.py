@@ -29,8 +29,8 @@ import pyro
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (fresh_process_peak, machine, markdown_table, peak_mib, random_model, reset_peak,  # noqa: E402
-                    timed, write_markdown)
+from common import (fresh_process_peak, machine, markdown_table, memory_cells, peak_mib, random_model,  # noqa: E402
+                    reset_peak, timed, write_markdown)
 
 from pyro_ddpm import data  # noqa: E402
 from pyro_ddpm.evaluate import bound  # noqa: E402
@@ -113,18 +113,9 @@ def main(argv=None) -> dict:
             peaks[name] = max(peaks.get(name, 0.0), peak_mib(args.device))
     median = {name: statistics.median(v) for name, v in times.items()}
     ratio = median["bound"] / median["baseline"]
-    memory = {name: f"{peaks[name]:.0f}" for name in runs}
-    if args.device.startswith("cuda"):
-        memory_kind = "peak CUDA MiB allocated"
-    elif args.no_memory:
-        memory_kind, memory = "peak RSS MiB (not measured)", {name: "-" for name in runs}
-    else:
-        memory_kind = "peak RSS MiB, own process (increase)"
-        for name in runs:
-            peak, increase = fresh_process_peak(__file__, [
-                "--preset", args.preset, "--T", str(T), "--images", str(N), "--max-batch", str(args.max_batch),
-                "--device", args.device, "--seed", str(args.seed), "--only", name])
-            peaks[name], memory[name] = peak, f"{peak:.0f} (+{increase:.1f})"
+    memory_kind, memory = memory_cells(runs, peaks, args.device, args.no_memory, lambda name: fresh_process_peak(__file__, [
+        "--preset", args.preset, "--T", str(T), "--images", str(N), "--max-batch", str(args.max_batch),
+        "--device", args.device, "--seed", str(args.seed), "--only", name]))
 
     title = (f"Evaluation, preset {args.preset} {tuple(model.shape)} ({sum(p.numel() for p in model.eps.parameters())} "
              f"parameters), T {T}, {N} images, max batch {args.max_batch} ({calls} calls, {N * T} pairs), float32, "

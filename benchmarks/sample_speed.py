@@ -32,8 +32,8 @@ import pyro
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (fresh_process_peak, machine, markdown_table, peak_mib, random_model, reset_peak,  # noqa: E402
-                    timed, write_markdown)
+from common import (fresh_process_peak, machine, markdown_table, memory_cells, peak_mib, random_model,  # noqa: E402
+                    reset_peak, timed, write_markdown)
 
 from pyro_ddpm.models import ReverseProcess  # noqa: E402
 from pyro_ddpm.nets import PRESETS  # noqa: E402
@@ -110,19 +110,9 @@ def main(argv=None) -> dict:
             times[name].append(timed(run, args.device))
             peaks[name] = max(peaks.get(name, 0.0), peak_mib(args.device))
     median = {name: statistics.median(v) for name, v in times.items()}
-    memory = {name: f"{peaks[name]:.0f}" for name in runs}
-    if args.device.startswith("cuda"):
-        memory_kind = "peak CUDA MiB allocated"
-    elif args.no_memory:
-        memory_kind, memory = "peak RSS MiB (not measured)", {name: "-" for name in runs}
-    else:
-        memory_kind = "peak RSS MiB, own process (increase)"
-        for name in runs:  # a fresh process per phase: ru_maxrss only ever grows
-            peak, increase = fresh_process_peak(__file__, [
-                "--preset", args.preset, "--T", str(args.T), "--images", str(args.images), "--ddim-steps",
-                str(args.ddim_steps), "--device", args.device, "--seed", str(args.seed), "--only", name])
-            peaks[name] = peak
-            memory[name] = f"{peak:.0f} (+{increase:.1f})"
+    memory_kind, memory = memory_cells(runs, peaks, args.device, args.no_memory, lambda name: fresh_process_peak(__file__, [
+        "--preset", args.preset, "--T", str(args.T), "--images", str(args.images), "--ddim-steps",
+        str(args.ddim_steps), "--device", args.device, "--seed", str(args.seed), "--only", name]))
 
     T, N, S = args.T, args.images, args.ddim_steps
     calls = {"forward": T, "ancestral": T, "ddim": S}

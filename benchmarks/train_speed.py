@@ -24,7 +24,8 @@ import pyro
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fresh_process_peak, machine, markdown_table, peak_mib, reset_peak, timed, write_markdown  # noqa: E402
+from common import (fresh_process_peak, machine, markdown_table, memory_cells, peak_mib, reset_peak, timed,  # noqa: E402
+                    write_markdown)
 
 from pyro_ddpm import protocol  # noqa: E402
 from pyro_ddpm.guides import ForwardProcess  # noqa: E402
@@ -121,17 +122,12 @@ def main(argv=None) -> dict:
         return {}
 
     result = run(args)
-    memory = {name: f"{peak:.0f}" for name, (_, peak) in result.items()}
-    if not args.device.startswith("cuda") and not args.no_memory:
-        for name in result:  # a fresh process per variant: ru_maxrss only ever grows
-            peak, increase = fresh_process_peak(__file__, ["--preset", args.preset, "--batch", str(args.batch), "--T",
-                                                           str(args.T), "--repeats", "2", "--device", args.device, "--only", name])
-            result[name] = (result[name][0], peak)
-            memory[name] = f"{peak:.0f} (+{increase:.1f})"
+    memory_kind, memory = memory_cells(result, {name: peak for name, (_, peak) in result.items()}, args.device,
+                                       args.no_memory, lambda name: fresh_process_peak(__file__, [
+                                           "--preset", args.preset, "--batch", str(args.batch), "--T", str(args.T),
+                                           "--repeats", "2", "--device", args.device, "--only", name]))
     base = result[BASELINE][0]
     params = sum(p.numel() for p in build_network(PRESETS[args.preset]).parameters())
-    memory_kind = ("peak CUDA MiB allocated" if args.device.startswith("cuda")
-                   else "peak RSS MiB, own process (increase over the set-up)")
     print(f"machine  : {machine(args.device)}, pyro {pyro.__version__}")
     print(f"settings : preset {args.preset} {SHAPES[args.preset][0]} ({params} parameters), batch {args.batch}, "
           f"T {args.T}, K 1, float32, median of {args.repeats}")
