@@ -53,19 +53,19 @@ from pyro_ddpm.elbo import TermwiseELBO
 from pyro_ddpm.evaluate import bound, format_summary, summarize
 from pyro_ddpm.figures import new_figure, save_figure
 from pyro_ddpm.guides import ForwardProcess
+from pyro_ddpm.guides.learned_schedule import GammaSchedule
 from pyro_ddpm.sample import sample, save_png
-from pyro_ddpm.schedule import CONSTANTS, Schedule, ScheduleBase, derive
+from pyro_ddpm.schedule import Schedule
 from pyro_ddpm.train import TrainConfig, train
 
 NAME = "custom_guide"
 
 
-class TableSchedule(ScheduleBase, nn.Module):
+class TableSchedule(GammaSchedule):
     """gamma_t = -log SNR_t = g_1 + sum_{s=2..t} softplus(r_s): a free, strictly increasing table.
 
-    Every constant of :data:`~pyro_ddpm.schedule.CONSTANTS` is a property computed from the current
-    parameters (graph attached while grad is enabled; reused under ``torch.no_grad()`` while the
-    parameter values stay the same, so a T-step sampling chain derives them once).
+    :class:`~pyro_ddpm.guides.learned_schedule.GammaSchedule` turns gamma_1..gamma_T into beta_t and
+    every constant of the bound (as properties, cached under ``torch.no_grad()``); only gamma is defined here.
 
     :param betas: the fixed schedule beta_1..beta_T (T >= 2) the table starts at.
     """
@@ -79,45 +79,19 @@ class TableSchedule(ScheduleBase, nn.Module):
         self.g_1 = nn.Parameter(gamma[0].clone())
         self.r = nn.Parameter(step + torch.log(-torch.expm1(-step)))  # softplus^{-1}(step)
 
-    def gamma(self) -> torch.Tensor:
+    def gamma_t(self) -> torch.Tensor:
         """gamma_1..gamma_T (float64), strictly increasing."""
         return self.g_1 + torch.cat([self.g_1.new_zeros(1), torch.cumsum(F.softplus(self.r), 0)])
 
-    def beta_from_gamma(self) -> torch.Tensor:
-        """beta_t = -expm1(log abar_t - log abar_{t-1}), log abar_t = log sigmoid(-gamma_t), log abar_0 = 0."""
-        log_abar = torch.cat([self.g_1.new_zeros(1), F.logsigmoid(-self.gamma())])
-        return -torch.expm1(torch.diff(log_abar))
-
-    def constants(self) -> dict[str, torch.Tensor]:
-        if torch.is_grad_enabled():
-            return derive(self.beta_from_gamma())
-        key = torch.cat([self.g_1.detach().reshape(1), self.r.detach()])
-        cached = self.__dict__.get("_cache")
-        if (cached is None or cached[0].shape != key.shape or cached[0].device != key.device
-                or not torch.equal(cached[0], key)):
-            self.__dict__["_cache"] = cached = (key.clone(), derive(self.beta_from_gamma()))
-        return cached[1]
-
-
-for _name in CONSTANTS:
-    setattr(TableSchedule, _name, property(lambda self, n=_name: self.constants()[n]))
-
 
 class TableForwardProcess(ForwardProcess):
-    """:class:`ForwardProcess` (Eqs. 4, 6, 7) over a :class:`TableSchedule` registered with Pyro."""
+    """:class:`ForwardProcess` (Eqs. 4, 6, 7) over a :class:`TableSchedule` (which it registers with Pyro,
+    as it does any schedule that has parameters)."""
 
     @classmethod
     def from_config(cls, T: int, schedule: str = "linear", event_dim: int | None = None) -> "TableForwardProcess":
         """The table started at the fixed schedule ``schedule`` (``linear`` or ``cosine``) with T steps."""
         return cls(TableSchedule(Schedule.from_name(schedule, T).betas), event_dim=event_dim)
-
-    def chain(self, x0, num_images=None):
-        pyro.module("schedule", self.schedule)
-        super().chain(x0, num_images)
-
-    def per_timestep(self, x0, t, weight=None):
-        pyro.module("schedule", self.schedule)
-        super().per_timestep(x0, t, weight)
 
 
 def program(cls) -> str:
@@ -164,7 +138,7 @@ def main(argv=None) -> dict:
                                          f"{args.steps} steps"))
 
     with torch.no_grad():
-        g0, g1 = before.gamma().numpy(), guide.schedule.gamma().numpy()
+        g0, g1 = before.gamma_t().numpy(), guide.schedule.gamma_t().numpy()
         a0, a1 = before.abar.numpy(), guide.schedule.abar.numpy()
         # L_T = KL(q(x_T | x_0) || N(0, I)) depends on the guide only: read it off the traced terms of the
         # pair built around the initial table, as the trainer builds it (Model(net, schedule, ...)).

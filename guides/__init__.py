@@ -3,7 +3,7 @@
 from .cosine import CosineForwardProcess
 from .forward_process import ForwardProcess
 from .importance_sampling import FixedProposal, LossAwareSampler, TimestepSampler
-from .learned_schedule import LearnedForwardProcess, LearnedSchedule
+from .learned_schedule import GammaSchedule, LearnedForwardProcess, LearnedSchedule
 from .linear import LinearForwardProcess
 from .user_betas import UserBetasForwardProcess
 
@@ -12,6 +12,7 @@ __all__ = [
     "LinearForwardProcess",
     "CosineForwardProcess",
     "UserBetasForwardProcess",
+    "GammaSchedule",
     "LearnedSchedule",
     "LearnedForwardProcess",
     "TimestepSampler",

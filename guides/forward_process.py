@@ -71,8 +71,15 @@ class ForwardProcess(nn.Module):
             if t is not None:
                 self.schedule.check_timesteps(t)
 
+    def _register(self) -> None:
+        """A schedule with parameters (a learned one) is registered with Pyro: SVI then trains it, and
+        the model, built around the same schedule object, follows."""
+        if next(self.schedule.parameters(), None) is not None:
+            pyro.module("schedule", self.schedule)
+
     def chain(self, x0: torch.Tensor, num_images: int | None = None) -> None:
         """q(x_T | x_0) prod_{t=T..2} q(x_{t-1} | x_t, x_0)."""
+        self._register()
         self._check(x0)
         B = x0.shape[0]
         with pyro.plate(protocol.IMAGES, B):
@@ -84,6 +91,7 @@ class ForwardProcess(nn.Module):
 
     def per_timestep(self, x0: torch.Tensor, t: torch.Tensor, weight: torch.Tensor | None = None) -> None:
         """q(x_T | x_0), then for each (image, t) pair x_t ~ q(x_t | x_0) and x_{t-1} ~ q(x_{t-1} | x_t, x_0)."""
+        self._register()
         self._check(x0, t)
         B = x0.shape[0]
         with pyro.plate(protocol.IMAGES, B):

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 
-import pyro
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,12 +42,54 @@ def _softplus_inverse(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
 
-class LearnedSchedule(ScheduleBase, nn.Module):
-    """gamma(u) = -log SNR(u) from a monotone network with learnable endpoints, and the schedule constants.
+class GammaSchedule(ScheduleBase, nn.Module):
+    """A schedule given by gamma_t = -log SNR_t, t = 1..T, strictly increasing: the base of learned schedules.
 
-    Every constant of :data:`~pyro_ddpm.schedule.CONSTANTS` (``beta``, ``abar``, ``eps_coef``, ...) is
-    a property computed from the current parameters on each access (graph attached); call
+    A subclass defines :meth:`gamma_t` (from its parameters); everything else follows here:
+    abar_t = sigmoid(-gamma_t) with abar_0 = 1, beta_t = -expm1(log abar_t - log abar_{t-1}), and
+    every constant of :data:`~pyro_ddpm.schedule.CONSTANTS` by :func:`~pyro_ddpm.schedule.derive`, as a
+    property computed from the current parameters on each access (graph attached); call
     :meth:`constants` once to get them all from one evaluation.
+    """
+
+    def gamma_t(self) -> torch.Tensor:
+        """gamma_1..gamma_T (float64, strictly increasing)."""
+        raise NotImplementedError
+
+    def beta_from_gamma(self) -> torch.Tensor:
+        """beta_1..beta_T = 1 - abar_t / abar_{t-1}, abar_t = sigmoid(-gamma_t), abar_0 = 1."""
+        gamma = self.gamma_t()
+        log_abar = torch.cat([gamma.new_zeros(1), F.logsigmoid(-gamma)])
+        return -torch.expm1(log_abar[1:] - log_abar[:-1])
+
+    def constants(self) -> dict[str, torch.Tensor]:
+        """All constants from the current parameters (graph attached when grad is enabled).
+
+        Under ``torch.no_grad()`` (sampling, evaluation) the result is reused while the parameter
+        values stay the same, so a T-step chain does not re-evaluate the schedule at every step.
+        """
+        if torch.is_grad_enabled():
+            return derive(self.beta_from_gamma())
+        key = torch.cat([p.detach().reshape(-1) for p in self.parameters()])
+        cached = self.__dict__.get("_no_grad_cache")
+        same = (cached is not None and cached[0].shape == key.shape and cached[0].dtype == key.dtype
+                and cached[0].device == key.device and torch.equal(cached[0], key))
+        if not same:
+            cached = (key.clone(), derive(self.beta_from_gamma()))
+            self.__dict__["_no_grad_cache"] = cached
+        return cached[1]
+
+
+def _constant(name: str) -> property:
+    return property(lambda self: self.constants()[name], doc=f"``{name}`` (see :mod:`pyro_ddpm.schedule`), from the current parameters.")
+
+
+for _name in CONSTANTS:
+    setattr(GammaSchedule, _name, _constant(_name))
+
+
+class LearnedSchedule(GammaSchedule):
+    """gamma(u) = -log SNR(u) from a monotone network with learnable endpoints (see the module docstring).
 
     :param T: number of timesteps (>= 2).
     :param hidden: number of sigmoid units of the monotone network (>= 1).
@@ -91,36 +132,9 @@ class LearnedSchedule(ScheduleBase, nn.Module):
         ends = self.gamma_tilde(torch.tensor([0.0, 1.0], dtype=self.slope.dtype, device=self.slope.device))
         return self.gamma_min + (self.gamma_max - self.gamma_min) * (self.gamma_tilde(u) - ends[0]) / (ends[1] - ends[0])
 
-    def beta_from_gamma(self) -> torch.Tensor:
-        """beta_1..beta_T = 1 - abar_t / abar_{t-1}, abar_t = sigmoid(-gamma(t/T)), abar_0 = 1."""
-        u = torch.arange(1, self.T + 1, dtype=self.slope.dtype, device=self.slope.device) / self.T
-        log_abar = torch.cat([self.slope.new_zeros(1), F.logsigmoid(-self.gamma(u))])
-        return -torch.expm1(log_abar[1:] - log_abar[:-1])
-
-    def constants(self) -> dict[str, torch.Tensor]:
-        """All constants from the current parameters (graph attached when grad is enabled).
-
-        Under ``torch.no_grad()`` (sampling, evaluation) the result is reused while the parameter
-        values stay the same, so a T-step chain does not re-evaluate the network at every step.
-        """
-        if torch.is_grad_enabled():
-            return derive(self.beta_from_gamma())
-        key = torch.cat([p.detach().reshape(-1) for p in self.parameters()])
-        cached = self.__dict__.get("_no_grad_cache")
-        same = (cached is not None and cached[0].shape == key.shape and cached[0].dtype == key.dtype
-                and cached[0].device == key.device and torch.equal(cached[0], key))
-        if not same:
-            cached = (key.clone(), derive(self.beta_from_gamma()))
-            self.__dict__["_no_grad_cache"] = cached
-        return cached[1]
-
-
-def _constant(name: str) -> property:
-    return property(lambda self: self.constants()[name], doc=f"``{name}`` (see :mod:`pyro_ddpm.schedule`), from the current parameters.")
-
-
-for _name in CONSTANTS:
-    setattr(LearnedSchedule, _name, _constant(_name))
+    def gamma_t(self) -> torch.Tensor:
+        """gamma(t / T), t = 1..T."""
+        return self.gamma(torch.arange(1, self.T + 1, dtype=self.slope.dtype, device=self.slope.device) / self.T)
 
 
 class LearnedForwardProcess(ForwardProcess):
@@ -144,10 +158,3 @@ class LearnedForwardProcess(ForwardProcess):
             raise ValueError(f"{cls.__name__}: schedule must be {cls.NAME!r}, got {schedule!r}")
         return cls(LearnedSchedule(T), event_dim=event_dim)
 
-    def chain(self, x0: torch.Tensor, num_images: int | None = None) -> None:
-        pyro.module("schedule", self.schedule)
-        super().chain(x0, num_images)
-
-    def per_timestep(self, x0: torch.Tensor, t: torch.Tensor, weight: torch.Tensor | None = None) -> None:
-        pyro.module("schedule", self.schedule)
-        super().per_timestep(x0, t, weight)
