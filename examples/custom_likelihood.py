@@ -46,14 +46,12 @@ from pathlib import Path
 import pyro
 import torch
 import torch.nn.functional as F
-from pyro.distributions import TorchDistribution
-from torch.distributions import constraints
 from torch.distributions.utils import broadcast_all
 
 from pyro_ddpm import checkpoint, data
 from pyro_ddpm.checkpoint import atomic_write
 from pyro_ddpm.evaluate import bound, format_summary, summarize
-from pyro_ddpm.likelihoods import LOG_PROB_FLOOR, DiscretizedGaussianLikelihood, check_images
+from pyro_ddpm.likelihoods import LOG_PROB_FLOOR, DiscretizedGaussian, DiscretizedGaussianLikelihood, check_images
 from pyro_ddpm.sample import sample, save_png
 from pyro_ddpm.train import TrainConfig, train
 
@@ -61,36 +59,12 @@ NAME = "custom_likelihood"
 LOGISTIC_SCALE = math.sqrt(3.0) / math.pi  # s / sigma for equal variances: s^2 pi^2 / 3 = sigma^2
 
 
-class _Levels(constraints.Constraint):
-    """The K points -1 + 2k/(K - 1), k = 0..K-1."""
+class DiscretizedLogistic(DiscretizedGaussian):
+    """A logistic with mean ``loc`` and scale ``scale`` (s) discretized to K levels in [-1, 1], elementwise.
 
-    is_discrete = True
-
-    def __init__(self, levels: int):
-        self.levels = levels
-        super().__init__()
-
-    def check(self, value):
-        k = (value + 1.0) * (self.levels - 1) / 2.0
-        return (value >= -1.0 - 1e-6) & (value <= 1.0 + 1e-6) & ((k - k.round()).abs() <= 1e-3)
-
-
-class DiscretizedLogistic(TorchDistribution):
-    """A logistic with mean ``loc`` and scale ``scale`` (s) discretized to K levels in [-1, 1], elementwise."""
-
-    arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
-    has_rsample = False
-
-    def __init__(self, loc, scale, levels: int, validate_args=None):
-        if int(levels) < 2:
-            raise ValueError(f"DiscretizedLogistic: need at least 2 levels, got {levels}")
-        self.loc, self.scale = broadcast_all(loc, scale)
-        self.levels = int(levels)
-        super().__init__(self.loc.shape, torch.Size(), validate_args=validate_args)
-
-    @constraints.dependent_property(is_discrete=True, event_dim=0)
-    def support(self):
-        return _Levels(self.levels)
+    The grid, the support and the argument checks are :class:`~pyro_ddpm.likelihoods.DiscretizedGaussian`'s
+    (the same bins); only the mass of a bin and the draw differ.
+    """
 
     def log_prob(self, value):
         """log sigmoid(b) + log sigmoid(-a) + log(1 - e^{a - b}) in float64, edge terms dropped (see above)."""
@@ -119,15 +93,14 @@ class DiscretizedLogistic(TorchDistribution):
             return k * (2.0 / (self.levels - 1)) - 1.0
 
 
-class DiscretizedLogisticLikelihood:
-    """The decoder: :class:`DiscretizedLogistic` at mean mu_theta(x_1, 1), scale s = sigma_1 sqrt(3) / pi."""
-
-    discrete = True  # a probability mass: -log p is a code length, the bound is in bits
+class DiscretizedLogisticLikelihood(DiscretizedGaussianLikelihood):
+    """The decoder: :class:`DiscretizedLogistic` at mean mu_theta(x_1, 1), scale s = sigma_1 sqrt(3) / pi
+    (``discrete``, ``check`` on the K-level grid: the discretized Gaussian decoder's)."""
 
     def __init__(self, levels: int):
         if isinstance(levels, bool) or int(levels) != levels or levels < 2:
             raise ValueError(f"DiscretizedLogisticLikelihood: need an integer number of levels >= 2, got {levels!r}")
-        self.levels = int(levels)
+        super().__init__(int(levels))
 
     @classmethod
     def for_data(cls, dataset) -> "DiscretizedLogisticLikelihood":
@@ -139,9 +112,6 @@ class DiscretizedLogisticLikelihood:
 
     def __call__(self, loc, scale) -> DiscretizedLogistic:
         return DiscretizedLogistic(loc, scale * LOGISTIC_SCALE, self.levels)
-
-    def check(self, x: torch.Tensor, name: str = "x_0") -> None:
-        check_images(x, self.levels, name)
 
     def config(self) -> dict:
         return {"class": f"{type(self).__module__}:{type(self).__qualname__}", "levels": self.levels}
