@@ -35,7 +35,9 @@ def test_sample_speed_script_writes_the_table(tmp_path):
     assert [rows[p][1] for p in ("forward", "ancestral", "ddim")] == ["10", "10", "4"]
     for phase in ("forward", "ancestral", "ddim"):
         median, per_call = float(rows[phase][2]), float(rows[phase][3])
-        assert median > 0 and per_call == pytest.approx(1000 * median / int(rows[phase][1]), rel=0.02, abs=0.01)
+        # the table prints the median to 3 decimals: allow that rounding (half a unit) in the per-call column
+        calls = int(rows[phase][1])
+        assert median > 0 and per_call == pytest.approx(1000 * median / calls, rel=0.02, abs=0.01 + 0.5 / calls)
         assert re.fullmatch(r"\d+ \(\+\d+\.\d\)", rows[phase][4]), rows[phase][4]  # peak RSS of a fresh process
     assert float(rows["ancestral / forward"][1]) > 0 and rows["ancestral / forward"][2] == "<= 1.10"
     assert float(rows["ancestral / ddim"][1]) > 0
