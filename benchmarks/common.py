@@ -60,7 +60,8 @@ def random_model(preset: str, T: int, levels: int, device: str, seed: int):
     reverse process with the linear schedule, large variance and a ``levels``-level decoder, in eval mode."""
     from pyro_ddpm.likelihoods import DiscretizedGaussianLikelihood
     from pyro_ddpm.models import ReverseProcess
-    from pyro_ddpm.nets import PRESETS, build_network
+    from pyro_ddpm.nets import build_network
+    from pyro_ddpm.presets import NETWORKS as PRESETS
     from pyro_ddpm.schedule import Schedule
 
     torch.manual_seed(seed)
@@ -105,7 +106,7 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 
 def write_markdown(path: Path, title: str, table: str, argv: list[str], script: str) -> None:
     """Write ``table`` under ``title`` with the command that made it, atomically."""
-    from pyro_ddpm.checkpoint import atomic_write
+    from pyro_ddpm.files import atomic_write
 
     command = shlex.join(["python", f"benchmarks/{Path(script).name}", *argv])
     text = f"{title}\n\n{table}\n`{command}`\n"

@@ -35,7 +35,8 @@ from common import (fresh_process_peak, machine, markdown_table, memory_cells, p
 from pyro_ddpm import data  # noqa: E402
 from pyro_ddpm.evaluate import bound  # noqa: E402
 from pyro_ddpm.guides import ForwardProcess  # noqa: E402
-from pyro_ddpm.nets import PRESETS, build_network  # noqa: E402
+from pyro_ddpm.nets import build_network  # noqa: E402
+from pyro_ddpm.presets import NETWORKS as PRESETS  # noqa: E402
 from pyro_ddpm.schedule import at  # noqa: E402
 
 DATASETS = {"digits": "digits", "toy2d": "swiss_roll"}  # presets with a shipped data set; others: random grid data

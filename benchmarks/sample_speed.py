@@ -36,7 +36,7 @@ from common import (fresh_process_peak, machine, markdown_table, memory_cells, p
                     reset_peak, timed, write_markdown)
 
 from pyro_ddpm.models import ReverseProcess  # noqa: E402
-from pyro_ddpm.nets import PRESETS  # noqa: E402
+from pyro_ddpm.presets import NETWORKS as PRESETS  # noqa: E402
 from pyro_ddpm.sample import sample  # noqa: E402
 
 PHASES = ("forward", "ancestral", "ddim")

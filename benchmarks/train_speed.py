@@ -31,8 +31,10 @@ from pyro_ddpm import protocol  # noqa: E402
 from pyro_ddpm.guides import ForwardProcess  # noqa: E402
 from pyro_ddpm.likelihoods import DiscretizedGaussianLikelihood  # noqa: E402
 from pyro_ddpm.models import ReverseProcess  # noqa: E402
-from pyro_ddpm.nets import PRESETS, build_network  # noqa: E402
+from pyro_ddpm.nets import build_network  # noqa: E402
+from pyro_ddpm.presets import NETWORKS as PRESETS  # noqa: E402
 from pyro_ddpm.schedule import Schedule, at  # noqa: E402
+from pyro_ddpm.elbo import objective  # noqa: E402
 from pyro_ddpm.train import TrainConfig, make_svi  # noqa: E402
 
 SHAPES = {"digits": ((1, 8, 8), 17), "mnist": ((1, 28, 28), 256), "cifar10": ((3, 32, 32), 256)}
@@ -74,8 +76,9 @@ def make_steps(args, only=None) -> dict:
         if only not in (None, f"SVI {name}"):
             continue
         model = ReverseProcess(fresh_net(), schedule, "large", DiscretizedGaussianLikelihood(levels))
-        svi, weight = make_svi(TrainConfig(objective=name, T=args.T, warmup=1), model,
-                               ForwardProcess(schedule, event_dim=len(shape)))
+        program, weight = objective(name, model)
+        svi = make_svi(TrainConfig(objective=name, T=args.T, warmup=1), program,
+                       ForwardProcess(schedule, event_dim=len(shape)))
 
         def svi_step(svi=svi, weight=weight):
             t = protocol.draw_timesteps(args.batch, 1, args.T, device=args.device)

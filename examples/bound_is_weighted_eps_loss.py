@@ -39,7 +39,7 @@ import torch
 from pyro.infer import TraceMeanField_ELBO
 
 from pyro_ddpm import checkpoint, data, protocol
-from pyro_ddpm.checkpoint import atomic_write
+from pyro_ddpm.files import atomic_write
 from pyro_ddpm.elbo import objective
 from pyro_ddpm.evaluate import bound, summarize
 from pyro_ddpm.figures import new_figure, save_figure

@@ -3,8 +3,9 @@
     python examples/custom_guide.py            # T = 100, 400 steps on digits: about a minute on CPU
     python examples/custom_guide.py --quick    # T = 10, a few steps: seconds
 
-The recipe: write a Pyro program that follows :mod:`pyro_ddpm.protocol`, name its class to the trainer
-as ``"module:Class"``, train, evaluate and sample, with no change to the library. Here the program is
+The recipe: write a Pyro program that follows :mod:`pyro_ddpm.protocol`, register its class
+(``@GUIDES.register(name=...)``) and name it to the trainer, train, evaluate and sample, with no change
+to the library. Here the program is
 the forward process q(x_{1:T} | x_0) of Ho et al. (2020) (Eqs. 4, 6, 7: :class:`ForwardProcess`,
 unchanged) over a schedule with one free parameter per step. With gamma_t = -log SNR_t =
 log((1 - abar_t) / abar_t), so that abar_t = sigmoid(-gamma_t),
@@ -48,12 +49,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyro_ddpm import checkpoint, data, protocol
-from pyro_ddpm.checkpoint import atomic_write
+from pyro_ddpm.files import atomic_write
 from pyro_ddpm.elbo import TermwiseELBO
 from pyro_ddpm.evaluate import bound, format_summary, summarize
 from pyro_ddpm.figures import new_figure, save_figure
 from pyro_ddpm.guides import ForwardProcess
 from pyro_ddpm.guides.learned_schedule import GammaSchedule
+from pyro_ddpm.registry import GUIDES
 from pyro_ddpm.sample import sample, save_png
 from pyro_ddpm.schedule import Schedule
 from pyro_ddpm.train import TrainConfig, train
@@ -74,6 +76,7 @@ class TableSchedule(GammaSchedule):
         super().__init__()
         start = Schedule(betas)  # checks 0 < beta_t < 1, T >= 2
         self.T = start.T
+        self.start = [float(b) for b in start.betas.tolist()]  # plain data: what config() records
         gamma = torch.log1p(-start.abar[1:]) - torch.log(start.abar[1:])  # log((1 - abar) / abar)
         step = torch.diff(gamma)
         self.g_1 = nn.Parameter(gamma[0].clone())
@@ -84,19 +87,24 @@ class TableSchedule(GammaSchedule):
         return self.g_1 + torch.cat([self.g_1.new_zeros(1), torch.cumsum(F.softplus(self.r), 0)])
 
 
+@GUIDES.register(name=NAME)
 class TableForwardProcess(ForwardProcess):
     """:class:`ForwardProcess` (Eqs. 4, 6, 7) over a :class:`TableSchedule` (which it registers with Pyro,
-    as it does any schedule that has parameters)."""
+    as it does any schedule that has parameters). Registered as ``"custom_guide"``: a checkpoint names it
+    so, and any process that imports this file can rebuild the guide from it."""
+
+    def config(self) -> dict:
+        """The betas the table started at (its learned values are the guide's ``state_dict()``)."""
+        return {"start": self.schedule.start, "event_dim": self.event_dim}
 
     @classmethod
-    def from_config(cls, T: int, schedule: str = "linear", event_dim: int | None = None) -> "TableForwardProcess":
-        """The table started at the fixed schedule ``schedule`` (``linear`` or ``cosine``) with T steps."""
-        return cls(TableSchedule(Schedule.from_name(schedule, T).betas), event_dim=event_dim)
+    def from_config(cls, *, start, event_dim: int | None = None) -> "TableForwardProcess":
+        return cls(TableSchedule(start), event_dim=event_dim)
 
-
-def program(cls) -> str:
-    """How the trainer and the checkpoint name a class of this script: ``"module:Class"``."""
-    return f"{cls.__module__}:{cls.__qualname__}"
+    @classmethod
+    def from_spec(cls, T: int, spec: str = "linear", event_dim: int | None = None) -> "TableForwardProcess":
+        """The table started at the fixed schedule ``spec`` (``linear`` or ``cosine``) with T steps."""
+        return cls(TableSchedule(Schedule.from_name(spec, T).betas), event_dim=event_dim)
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -122,11 +130,11 @@ def main(argv=None) -> dict:
     args = parse(argv)
     out = Path(args.out)
     digits = data.load("digits")
-    config = TrainConfig(data="digits", objective="elbo", guide=program(TableForwardProcess), schedule=args.init,
+    config = TrainConfig(data="digits", objective="elbo", guide=NAME, schedule=args.init,
                          T=args.T, steps=args.steps, seed=args.seed, lr=1e-3, batch_size=32 if args.quick else 64,
                          net_overrides={"ch": 8} if args.quick else {}, log_every=max(1, args.steps // 10),
                          checkpoint_every=args.steps)
-    before = TableForwardProcess.from_config(args.T, args.init).schedule
+    before = TableForwardProcess.from_spec(args.T, args.init).schedule
     run = out / "run"
     ckpt = train(config, run, progress=not args.quick, resume=(run / checkpoint.FILENAME).exists())
     pyro.clear_param_store()

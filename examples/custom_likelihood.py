@@ -4,9 +4,12 @@
     python examples/custom_likelihood.py --quick    # T = 10, a few steps: seconds
 
 The recipe: a decoder is any class with ``__call__(loc, scale) -> Distribution`` (elementwise, batch
-shape = the data's shape), ``check(x)``, ``discrete`` and ``config()`` (see :mod:`pyro_ddpm.likelihoods`);
-named to the trainer as ``"module:Class"`` it is built by its ``for_data(dataset)`` and rebuilt from a
-checkpoint by ``config()``'s ``{"class": "module:Class", **arguments}``. The reverse process calls it
+shape = the data's shape), ``check(x)``, ``discrete``, ``levels`` and the self-description of every
+program class: ``config()`` (plain data), ``from_config(**config)`` and ``for_data(dataset)`` (see
+:mod:`pyro_ddpm.likelihoods`). Registered with ``@LIKELIHOODS.register(name=...)`` it is named to the
+trainer by that name; a checkpoint stores ``{"class": name, "config": config()}`` and any process that
+imports this file rebuilds it (a class in an importable module can instead be named ``"module:Class"``
+and imported with ``--trust-code``). The reverse process calls it
 at t = 1 with the mean mu = mu_theta(x_1, 1) (Eq. 11) and scale sigma_1 (Eq. 1); it is the site
 ``x_0`` of both forms of :mod:`pyro_ddpm.protocol`, whose log-probability is the term L_0 of Eq. 5.
 
@@ -49,9 +52,10 @@ import torch.nn.functional as F
 from torch.distributions.utils import broadcast_all
 
 from pyro_ddpm import checkpoint, data
-from pyro_ddpm.checkpoint import atomic_write
+from pyro_ddpm.files import atomic_write
 from pyro_ddpm.evaluate import bound, format_summary, summarize
 from pyro_ddpm.likelihoods import LOG_PROB_FLOOR, DiscretizedGaussian, DiscretizedGaussianLikelihood, check_images
+from pyro_ddpm.registry import LIKELIHOODS
 from pyro_ddpm.sample import sample, save_png
 from pyro_ddpm.train import TrainConfig, train
 
@@ -93,6 +97,7 @@ class DiscretizedLogistic(DiscretizedGaussian):
             return k * (2.0 / (self.levels - 1)) - 1.0
 
 
+@LIKELIHOODS.register(name="discretized_logistic")
 class DiscretizedLogisticLikelihood(DiscretizedGaussianLikelihood):
     """The decoder: :class:`DiscretizedLogistic` at mean mu_theta(x_1, 1), scale s = sigma_1 sqrt(3) / pi
     (``discrete``, ``check`` on the K-level grid: the discretized Gaussian decoder's)."""
@@ -112,9 +117,6 @@ class DiscretizedLogisticLikelihood(DiscretizedGaussianLikelihood):
 
     def __call__(self, loc, scale) -> DiscretizedLogistic:
         return DiscretizedLogistic(loc, scale * LOGISTIC_SCALE, self.levels)
-
-    def config(self) -> dict:
-        return {"class": f"{type(self).__module__}:{type(self).__qualname__}", "levels": self.levels}
 
     def __repr__(self):
         return f"DiscretizedLogisticLikelihood(levels={self.levels})"
@@ -142,8 +144,7 @@ def main(argv=None) -> dict:
     args = parse(argv)
     out = Path(args.out)
     digits = data.load("digits")
-    name = f"{DiscretizedLogisticLikelihood.__module__}:{DiscretizedLogisticLikelihood.__qualname__}"
-    config = TrainConfig(data="digits", objective="elbo", likelihood=name, T=args.T, steps=args.steps,
+    config = TrainConfig(data="digits", objective="elbo", likelihood="discretized_logistic", T=args.T, steps=args.steps,
                          seed=args.seed, lr=1e-3, batch_size=32 if args.quick else 64,
                          net_overrides={"ch": 8} if args.quick else {}, log_every=max(1, args.steps // 10),
                          checkpoint_every=args.steps)
@@ -170,7 +171,7 @@ def main(argv=None) -> dict:
     samples = sample(model, 16 if args.quick else 64)
     save_png(samples, out / "samples.png")
     result = {
-        "T": args.T, "steps": args.steps, "seed": args.seed, "likelihood": model.likelihood.config(),
+        "T": args.T, "steps": args.steps, "seed": args.seed, "likelihood": LIKELIHOODS.describe(model.likelihood),
         "test_images": len(x),
         "bits_per_dim": {label: {k: s[k]["bits_per_dim"] for k in ("total", "prior_L_T", "rate_L_1_to_L_T-1",
                                                                     "distortion_L_0")}

@@ -8,7 +8,7 @@ Both are a Pyro model p(latents) p(x_0 | latents) with the same discretized-Gaus
 mean-field ELBO and read term by term with :class:`pyro_ddpm.elbo.TermwiseELBO`:
 
     ==========  =======================================  ==================================================
-                VAE (:class:`VAE`, this file)            DDPM (``models/reverse_process.py``,
+                VAE (:mod:`pyro_ddpm.vae`)               DDPM (``models/reverse_process.py``,
                                                          ``guides/forward_process.py``, chain form)
     ==========  =======================================  ==================================================
     latents     one site ``z`` (``--z-dim`` numbers)     T sites ``x_T``, ..., ``x_1``, each shaped like x_0
@@ -23,7 +23,7 @@ mean-field ELBO and read term by term with :class:`pyro_ddpm.elbo.TermwiseELBO`:
 Bounds on the first ``--test-images`` images of the digits test split, in bits/dim (D = 64):
 
 - DDPM: the negative ELBO of Eq. 5 from :func:`pyro_ddpm.evaluate.bound` (one noise draw per term).
-- VAE: the negative ELBO (``--draws`` draws of z per image for the distortion, analytic KL), and the
+- VAE (:class:`pyro_ddpm.vae.VAE`): the negative ELBO (``--draws`` draws of z per image for the distortion, analytic KL), and the
   tighter importance-weighted bound with ``--particles`` samples (Burda et al. 2016), which is Pyro's
   ``RenyiELBO`` with alpha = 0, evaluated image by image.
 
@@ -42,79 +42,17 @@ from pathlib import Path
 
 import numpy as np
 import pyro
-import pyro.distributions as dist
 import torch
-from pyro.infer import SVI, RenyiELBO, TraceMeanField_ELBO
-from torch import nn
-from torch.nn import functional as F
 
 from pyro_ddpm import checkpoint, data, protocol
-from pyro_ddpm.checkpoint import atomic_write
 from pyro_ddpm.elbo import TermwiseELBO
 from pyro_ddpm.evaluate import bound, summarize
 from pyro_ddpm.figures import new_figure, save_figure
-from pyro_ddpm.likelihoods import DiscretizedGaussianLikelihood
+from pyro_ddpm.files import atomic_write
 from pyro_ddpm.train import TrainConfig, train
+from pyro_ddpm.vae import train_vae, vae_bounds
 
 NAME = "diffusion_vs_vae"
-
-
-class Decoder(nn.Module):
-    """z -> the mean of p_theta(x_0 | z) (an MLP) and its per-dimension scale (learned, softplus)."""
-
-    def __init__(self, z_dim: int, shape: tuple[int, ...], hidden: int):
-        super().__init__()
-        self.shape = shape
-        self.net = nn.Sequential(nn.Linear(z_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, int(np.prod(shape))))
-        self.raw_scale = nn.Parameter(torch.full(shape, math.log(math.expm1(0.1))))  # scale 0.1 at the start
-
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loc = self.net(z).reshape(*z.shape[:-1], *self.shape)
-        return loc, F.softplus(self.raw_scale).expand_as(loc)
-
-
-class Encoder(nn.Module):
-    """x_0 -> the mean and scale of q_phi(z | x_0) (an MLP)."""
-
-    def __init__(self, z_dim: int, shape: tuple[int, ...], hidden: int):
-        super().__init__()
-        self.event_dim = len(shape)
-        self.net = nn.Sequential(nn.Linear(int(np.prod(shape)), hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, 2 * z_dim))
-
-    def forward(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loc, raw = self.net(x0.flatten(-self.event_dim)).chunk(2, dim=-1)
-        return loc, F.softplus(raw) + 1e-4
-
-
-class VAE(nn.Module):
-    """p(z) p_theta(x_0 | z) with the guide q_phi(z | x_0): the DDPM's programs with one latent layer.
-
-    ``model(x0=None, num_images=None)`` and ``guide(x0)`` mirror the DDPM's ``chain``: a plate
-    ``images`` over the batch, the latent site(s), then the observed ``x_0`` with the decoder of Eq. 13.
-    """
-
-    def __init__(self, shape: tuple[int, ...], levels: int, z_dim: int = 16, hidden: int = 256):
-        super().__init__()
-        self.shape, self.z_dim = tuple(shape), int(z_dim)
-        self.decoder = Decoder(self.z_dim, self.shape, hidden)
-        self.encoder = Encoder(self.z_dim, self.shape, hidden)
-        self.likelihood = DiscretizedGaussianLikelihood(levels)
-
-    def model(self, x0: torch.Tensor | None = None, num_images: int | None = None) -> torch.Tensor:
-        pyro.module("decoder", self.decoder)
-        n = x0.shape[0] if x0 is not None else num_images
-        with pyro.plate(protocol.IMAGES, n, dim=-1):
-            z = pyro.sample("z", dist.Normal(torch.zeros(()), 1.0).expand((n, self.z_dim)).to_event(1))
-            loc, scale = self.decoder(z)
-            return pyro.sample(protocol.X_0, self.likelihood(loc, scale).to_event(len(self.shape)), obs=x0)
-
-    def guide(self, x0: torch.Tensor, num_images: int | None = None) -> None:
-        pyro.module("encoder", self.encoder)
-        with pyro.plate(protocol.IMAGES, x0.shape[0], dim=-1):
-            loc, scale = self.encoder(x0)
-            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -145,41 +83,13 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
-def train_vae(args, digits) -> tuple[VAE, list[float]]:
-    """SVI on the mean-field ELBO (analytic KL for z), minibatches of 128 training images."""
-    pyro.clear_param_store()
-    pyro.set_rng_seed(args.seed)
-    vae = VAE(digits.shape, digits.levels, args.z_dim, hidden=32 if args.quick else 256)
-    svi = SVI(vae.model, vae.guide, pyro.optim.ClippedAdam({"lr": 1e-3, "clip_norm": 10.0}), TraceMeanField_ELBO())
-    g = torch.Generator().manual_seed(args.seed)
-    losses = []
-    for step in range(args.vae_steps):
-        x0 = digits.train[torch.randint(len(digits.train), (128,), generator=g)]
-        losses.append(svi.step(x0) / (len(x0) * digits.dims * math.log(2)))
-        if not math.isfinite(losses[-1]):
-            raise FloatingPointError(f"VAE training diverged at step {step + 1}")
-    return vae, losses
-
-
-@torch.no_grad()
-def vae_bounds(vae: VAE, x0: torch.Tensor, draws: int, particles: int) -> dict[str, np.ndarray]:
-    """Per image, in nats: the rate KL(q || p), the distortion E_q -log p(x_0 | z) (``draws`` draws), and
-    the importance-weighted bound -log (1/K) sum_k p(x_0, z_k) / q(z_k | x_0) with K = ``particles``."""
-    terms = [TermwiseELBO().terms(vae.model, vae.guide, x0) for _ in range(draws)]
-    rate = terms[0]["z"].value.double().numpy()  # analytic: the same for every draw
-    distortion = np.mean([t[protocol.X_0].value.double().numpy() for t in terms], axis=0)
-    iwae = RenyiELBO(alpha=0.0, num_particles=particles, vectorize_particles=True, max_plate_nesting=1)
-    iw = np.array([iwae.loss(vae.model, vae.guide, x0[i:i + 1]) for i in range(len(x0))])
-    return {"rate": rate, "distortion": distortion, "elbo": rate + distortion, "iwae": iw}
-
-
 def train_ddpm(args, out: Path, digits):
     """The EMA model and guide of ``--ddpm-checkpoint``, or of a run trained here (reused if ``out/ddpm`` holds it)."""
     if args.ddpm_checkpoint is not None:
         state = checkpoint.load(args.ddpm_checkpoint)
-        checkpoint.check_data(state, digits.shape, digits.levels, what="digits")
-        args.steps = int(state["step"])
-        return checkpoint.build(state)
+        state.check_data(digits.shape, digits.levels, what="digits")
+        args.steps = int(state.step)
+        return state.build()
     overrides = {"ch": 8, "dropout": 0.0} if args.quick else {}
     config = TrainConfig(data="digits", objective="elbo", steps=args.steps, T=args.T, seed=args.seed,
                          batch_size=32 if args.quick else 128, net_overrides=overrides,
@@ -230,7 +140,7 @@ def main(argv=None) -> dict:
     with torch.no_grad():  # the chain form: one site per latent layer, as in the VAE
         chain_terms = TermwiseELBO().terms(model.chain, guide.chain, x[:8])
 
-    vae, losses = train_vae(args, digits)
+    vae, losses = train_vae(digits, args.vae_steps, args.z_dim, hidden=32 if args.quick else 256, seed=args.seed)
     vb = vae_bounds(vae, x, args.draws, args.particles)
     pyro.clear_param_store()
     with torch.no_grad():

@@ -20,7 +20,8 @@ from pyro_ddpm.evaluate import bound, format_summary, summarize
 from pyro_ddpm.guides import ForwardProcess
 from pyro_ddpm.likelihoods import DiscretizedGaussianLikelihood
 from pyro_ddpm.models import ReverseProcess
-from pyro_ddpm.nets import PRESETS, build_network
+from pyro_ddpm.nets import build_network
+from pyro_ddpm.presets import NETWORKS
 from pyro_ddpm.schedule import Schedule
 
 
@@ -34,7 +35,7 @@ def main():
     pyro.set_rng_seed(0)
     digits = data.load("digits")
     schedule = Schedule.linear(args.T)
-    model = ReverseProcess(build_network(PRESETS["digits"]), schedule, "large", DiscretizedGaussianLikelihood(17))
+    model = ReverseProcess(build_network(NETWORKS["digits"]), schedule, "large", DiscretizedGaussianLikelihood(17))
     guide = ForwardProcess(schedule)
 
     train_model, weight = objective(args.objective, model)

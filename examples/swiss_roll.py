@@ -41,7 +41,7 @@ from scipy.spatial.distance import cdist
 from scipy.stats import wasserstein_distance
 
 from pyro_ddpm import checkpoint, data, protocol
-from pyro_ddpm.checkpoint import atomic_write
+from pyro_ddpm.files import atomic_write
 from pyro_ddpm.evaluate import bound, summarize
 from pyro_ddpm.figures import new_figure, plot_terms, save_figure
 from pyro_ddpm.train import TrainConfig, train

@@ -1,8 +1,7 @@
-"""Pyro guides: forward processes q(x_{1:T} | x_0), and timestep proposals. Installed as ``pyro_ddpm.guides``."""
+"""Pyro guides: forward processes q(x_{1:T} | x_0). Installed as ``pyro_ddpm.guides``."""
 
 from .cosine import CosineForwardProcess
 from .forward_process import ForwardProcess
-from .importance_sampling import FixedProposal, LossAwareSampler, TimestepSampler
 from .learned_schedule import GammaSchedule, LearnedForwardProcess, LearnedSchedule
 from .linear import LinearForwardProcess
 from .user_betas import UserBetasForwardProcess
@@ -15,7 +14,4 @@ __all__ = [
     "GammaSchedule",
     "LearnedSchedule",
     "LearnedForwardProcess",
-    "TimestepSampler",
-    "FixedProposal",
-    "LossAwareSampler",
 ]

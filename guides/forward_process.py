@@ -17,29 +17,39 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.infer.util import is_validation_enabled
 from torch import nn
 
 from pyro_ddpm import protocol
-from pyro_ddpm.likelihoods import check_images
+from pyro_ddpm.registry import GUIDES
 from pyro_ddpm.schedule import Schedule, at
 
 
+@GUIDES.register
 class ForwardProcess(nn.Module):
-    """The fixed noising process, as the variational family of the reverse process."""
+    """The fixed noising process, as the variational family of the reverse process.
+
+    :param schedule: the variance schedule (a :class:`~pyro_ddpm.schedule.Schedule`, or a learned one).
+    :param event_dim: the number of data dimensions (default: every dimension after the batch).
+    """
 
     def __init__(self, schedule: Schedule, event_dim: int | None = None):
         super().__init__()
         self.schedule = schedule
-        self.event_dim = event_dim  # default: every dimension after the batch
+        self.event_dim = event_dim
+
+    def config(self) -> dict:
+        """Plain data that rebuilds this guide with :meth:`from_config`: the betas themselves."""
+        return {"betas": [float(b) for b in self.schedule.betas.detach().cpu().tolist()], "event_dim": self.event_dim}
 
     @classmethod
-    def from_config(cls, T: int, schedule: str, event_dim: int | None = None) -> "ForwardProcess":
-        """The guide for the named fixed schedule (:meth:`Schedule.from_name`: ``linear``, ``cosine``) with T steps.
+    def from_config(cls, *, betas, event_dim: int | None = None) -> "ForwardProcess":
+        """The guide of :meth:`config` (a checkpoint's ``state_dict()`` is then loaded into it)."""
+        return cls(Schedule(betas), event_dim=event_dim)
 
-        The trainer's entry point: a checkpoint's ``state_dict()`` is loaded into what this returns.
-        """
-        return cls(Schedule.from_name(schedule, T), event_dim=event_dim)
+    @classmethod
+    def from_spec(cls, T: int, spec: str, event_dim: int | None = None) -> "ForwardProcess":
+        """The guide a training config asks for: the named fixed schedule (``linear``, ``cosine``) with T steps."""
+        return cls(Schedule.from_name(spec, T), event_dim=event_dim)
 
     @property
     def T(self) -> int:
@@ -50,8 +60,7 @@ class ForwardProcess(nn.Module):
 
     def q_t(self, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and scale of q(x_t | x_0) (Eq. 4)."""
-        s = self.schedule
-        return at(s.sqrt_abar, t, x0) * x0, at(s.sqrt_one_minus_abar, t, x0).expand_as(x0)
+        return self.schedule.q_mean(x0, t), self.schedule.q_scale(t, x0)
 
     def posterior(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean mu_tilde_t and scale sqrt(beta_tilde_t) of q(x_{t-1} | x_t, x_0) (Eqs. 6, 7).
@@ -59,17 +68,15 @@ class ForwardProcess(nn.Module):
         beta_tilde_1 = 0 (the posterior of x_0 is a point mass); where t = 1 the scale returned is 1,
         a finite stand-in for slots that the per-timestep form masks out.
         """
-        s = self.schedule
-        loc = at(s.coef_x0, t, x0) * x0 + at(s.coef_xt, t, x0) * x_t
-        var = at(s.beta_tilde, t, x0)
+        loc = self.schedule.posterior_mean(x0, x_t, t)
+        var = at(self.schedule.beta_tilde, t, x0)
         return loc, torch.where(var > 0, var, torch.ones_like(var)).sqrt().expand_as(loc)
 
     def _check(self, x0: torch.Tensor, t: torch.Tensor | None = None) -> None:
         # The guide runs first under every ELBO: bad input must be named here, not deep inside Normal.
-        if is_validation_enabled():
-            check_images(x0, None)
-            if t is not None:
-                self.schedule.check_timesteps(t)
+        if torch.is_tensor(x0) and self.event_dim is not None and x0.dim() != self.event_dim + 1:
+            raise ValueError(f"x_0 has shape {tuple(x0.shape)}: expected a batch of data with {self.event_dim} dimension(s)")
+        protocol.check_batch(x0, x0.shape[1:] if torch.is_tensor(x0) else (), t, self.T)
 
     def _register(self) -> None:
         """A schedule with parameters (a learned one) is registered with Pyro: SVI then trains it, and

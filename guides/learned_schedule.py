@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyro_ddpm.registry import GUIDES
 from pyro_ddpm.schedule import CONSTANTS, ScheduleBase, derive
 
 from .forward_process import ForwardProcess
@@ -107,6 +108,8 @@ class LearnedSchedule(GammaSchedule):
         if not (math.isfinite(gamma_min) and math.isfinite(gamma_max) and gamma_min < gamma_max):
             raise ValueError(f"learned schedule: need finite gamma_min < gamma_max, got {gamma_min!r}, {gamma_max!r}")
         self.T = int(T)
+        self._config = {"T": self.T, "hidden": int(hidden), "gamma_min": float(gamma_min),
+                        "gamma_max": float(gamma_max), "seed": int(seed)}
         g = torch.Generator().manual_seed(seed)
         f64 = dict(dtype=torch.float64)
         self.gamma_min = nn.Parameter(torch.tensor(float(gamma_min), **f64))
@@ -115,6 +118,10 @@ class LearnedSchedule(GammaSchedule):
         self.w = nn.Parameter(torch.randn(int(hidden), generator=g, **f64))  # softplus -> w_j
         self.b = nn.Parameter(torch.randn(int(hidden), generator=g, **f64))  # b_j
         self.c = nn.Parameter(torch.full((int(hidden),), -6.0, **f64))  # softplus -> c_j ~ 2.5e-3
+
+    def config(self) -> dict:
+        """The construction arguments (plain data); the learned values are in ``state_dict()``."""
+        return dict(self._config)
 
     @property
     def gamma_max(self) -> torch.Tensor:
@@ -137,6 +144,7 @@ class LearnedSchedule(GammaSchedule):
         return self.gamma(torch.arange(1, self.T + 1, dtype=self.slope.dtype, device=self.slope.device) / self.T)
 
 
+@GUIDES.register
 class LearnedForwardProcess(ForwardProcess):
     """:class:`ForwardProcess` over a :class:`LearnedSchedule`, whose parameters it registers with Pyro.
 
@@ -151,10 +159,18 @@ class LearnedForwardProcess(ForwardProcess):
             raise ValueError(f"LearnedForwardProcess: expected a LearnedSchedule, got {type(schedule).__name__}")
         super().__init__(schedule, event_dim=event_dim)
 
-    @classmethod
-    def from_config(cls, T: int, schedule: str = NAME, event_dim: int | None = None) -> "LearnedForwardProcess":
-        """A VDM-initialized learned schedule with T steps; ``schedule`` must be ``"learned"``."""
-        if schedule != cls.NAME:
-            raise ValueError(f"{cls.__name__}: schedule must be {cls.NAME!r}, got {schedule!r}")
-        return cls(LearnedSchedule(T), event_dim=event_dim)
+    def config(self) -> dict:
+        """The schedule's construction arguments (its learned values are the guide's ``state_dict()``)."""
+        return {**self.schedule.config(), "event_dim": self.event_dim}
 
+    @classmethod
+    def from_config(cls, *, T: int, hidden: int = 16, gamma_min: float = GAMMA_MIN, gamma_max: float = GAMMA_MAX,
+                    seed: int = 0, event_dim: int | None = None) -> "LearnedForwardProcess":
+        return cls(LearnedSchedule(T, hidden, gamma_min, gamma_max, seed), event_dim=event_dim)
+
+    @classmethod
+    def from_spec(cls, T: int, spec: str = NAME, event_dim: int | None = None) -> "LearnedForwardProcess":
+        """A VDM-initialized learned schedule with T steps; ``spec`` must be ``"learned"``."""
+        if spec != cls.NAME:
+            raise ValueError(f"{cls.__name__}: schedule must be {cls.NAME!r}, got {spec!r}")
+        return cls(LearnedSchedule(T), event_dim=event_dim)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pyro_ddpm.registry import GUIDES
 from pyro_ddpm.schedule import Schedule
 
 from .forward_process import ForwardProcess
@@ -31,6 +32,7 @@ def read_betas(spec: str) -> np.ndarray:
         raise ValueError(f"user betas: cannot read {spec!r} as a comma-separated list or a file of numbers: {e}") from e
 
 
+@GUIDES.register
 class UserBetasForwardProcess(ForwardProcess):
     """:class:`ForwardProcess` over a given array of betas (validated by :class:`Schedule`)."""
 
@@ -38,9 +40,13 @@ class UserBetasForwardProcess(ForwardProcess):
         super().__init__(Schedule(betas), event_dim=event_dim)
 
     @classmethod
-    def from_config(cls, T: int, schedule: str, event_dim: int | None = None) -> "UserBetasForwardProcess":
-        """``schedule`` is the betas, comma-separated or a file path (see :func:`read_betas`); there must be T of them."""
-        betas = read_betas(schedule)
+    def from_config(cls, *, betas, event_dim: int | None = None) -> "UserBetasForwardProcess":
+        return cls(betas, event_dim=event_dim)
+
+    @classmethod
+    def from_spec(cls, T: int, spec: str, event_dim: int | None = None) -> "UserBetasForwardProcess":
+        """``spec`` is the betas, comma-separated or a file path (see :func:`read_betas`); there must be T of them."""
+        betas = read_betas(spec)
         if betas.size != T:
             raise ValueError(f"user betas: expected T = {T} values, got {betas.size}")
         return cls(betas, event_dim=event_dim)

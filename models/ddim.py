@@ -83,9 +83,8 @@ class DDIM(nn.Module):
         """(x0_hat, eps_hat) at x = x_{tau_i}, read off the model's transition mean (Eqs. 7 and 4)."""
         s = self.model.schedule
         mu, _ = self.model.transition(x, i)
-        x0_hat = (mu - at(s.coef_xt, i, x) * x) / at(s.coef_x0, i, x)
-        eps_hat = (x - at(s.sqrt_abar, i, x) * x0_hat) / at(s.sqrt_one_minus_abar, i, x)
-        return x0_hat, eps_hat
+        x0_hat = s.x0_from_mean(mu, x, i)
+        return x0_hat, s.eps_from_x0(x, i, x0_hat)
 
     def step(self, x: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and scale sigma_i of x_{tau_{i-1}} given x = x_{tau_i} (Song et al., Eq. 12), i in 2..S."""

@@ -19,7 +19,7 @@ which is also Eq. 11's mean at eps_theta above (the two parameterizations of mu_
 N(mu_theta, sigma_t^2), so L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)); since
 x_0 - x0_theta = b (v_theta - v), L_{t-1} = coef_x0_t^2 (1 - abar_t) / (2 sigma_t^2) ||v - v_theta||^2 + D C_t.
 
-Variances, prior, decoder, both forms and sampling are inherited from
+Variances, prior, decoder, both forms, clipping and sampling are inherited from
 :class:`~pyro_ddpm.models.ReverseProcess`; the network is stored as ``.eps`` (its Pyro name).
 """
 
@@ -27,27 +27,23 @@ from __future__ import annotations
 
 import torch
 
-from pyro_ddpm.schedule import at
+from pyro_ddpm.registry import MODELS
 
 from .reverse_process import ReverseProcess
 
 
+@MODELS.register
 class VPredictionReverseProcess(ReverseProcess):
     """p_theta(x_{t-1} | x_t) centred on the forward posterior mean at the x_0 implied by v_theta."""
 
-    def predict_v(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """v_theta(x_t, t): the network's output, shapes checked."""
-        return self.network_output(x_t, t)
-
-    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """x0_theta = sqrt(abar_t) x_t - sqrt(1 - abar_t) v_theta(x_t, t)."""
-        s = self.schedule
-        v = self.predict_v(x_t, t).to(x_t.dtype)
-        return at(s.sqrt_abar, t, x_t) * x_t - at(s.sqrt_one_minus_abar, t, x_t) * v
+        return self.schedule.x0_from_v(x_t, t, out)
 
-    def transition(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The mean mu_tilde_t(x_t, x0_theta) (Eq. 7) and scale sigma_t of p_theta(x_{t-1} | x_t)."""
-        s = self.schedule
-        x0_hat = self.predict_x0(x_t, t)
-        loc = at(s.coef_x0, t, x_t) * x0_hat + at(s.coef_xt, t, x_t) * x_t
-        return loc, at(self.sigma2, t, x_t).sqrt().expand_as(loc)
+    def eps_hat(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The eps implied by x0_theta (Eq. 4 solved for the noise)."""
+        return self.schedule.eps_from_x0(x_t, t, self.predict_x0(x_t, t, out))
+
+    def mean(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """mu_tilde_t(x_t, x0_theta) (Eq. 7)."""
+        return self.mean_at_x0(x_t, t, out)

@@ -11,9 +11,10 @@ eps) / sqrt(abar_t) into Eq. 7 gives coefficient (1/sqrt(alpha_t)) of x_t and
 -beta_t / (sqrt(alpha_t) sqrt(1 - abar_t)) of eps (using abar_t = alpha_t abar_{t-1}). The model is
 the same family of Gaussians with a different parameterization of the mean, so every term L_{t-1} is
 KL(q(x_{t-1} | x_t, x_0) || N(mu_theta, sigma_t^2)) as before; in terms of the x_0 error,
-L_{t-1} = coef_x0_t^2 / (2 sigma_t^2) ||x_0 - x0_theta||^2 + D C_t.
+L_{t-1} = coef_x0_t^2 / (2 sigma_t^2) ||x_0 - x0_theta||^2 + D C_t. The ``simple`` objective's weights
+1 / (T w_t) turn that into the eps-MSE of the implied eps (Algorithm 1's loss).
 
-Variances (``large``/``small``), prior, decoder, both forms and sampling are inherited from
+Variances (``large``/``small``), prior, decoder, both forms, clipping and sampling are inherited from
 :class:`~pyro_ddpm.models.ReverseProcess`; the network is stored as ``.eps`` (its Pyro name) though it
 predicts x_0.
 """
@@ -22,21 +23,23 @@ from __future__ import annotations
 
 import torch
 
-from pyro_ddpm.schedule import at
+from pyro_ddpm.registry import MODELS
 
 from .reverse_process import ReverseProcess
 
 
+@MODELS.register
 class X0PredictionReverseProcess(ReverseProcess):
     """p_theta(x_{t-1} | x_t) centred on the forward posterior mean at the network's prediction of x_0."""
 
-    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x0_theta(x_t, t): the network's output, shapes checked."""
-        return self.network_output(x_t, t)
+    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """x0_theta(x_t, t): the network's output itself."""
+        return out
 
-    def transition(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The mean mu_tilde_t(x_t, x0_theta) (Eq. 7) and scale sigma_t of p_theta(x_{t-1} | x_t)."""
-        s = self.schedule
-        x0_hat = self.predict_x0(x_t, t).to(x_t.dtype)
-        loc = at(s.coef_x0, t, x_t) * x0_hat + at(s.coef_xt, t, x_t) * x_t
-        return loc, at(self.sigma2, t, x_t).sqrt().expand_as(loc)
+    def eps_hat(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The eps implied by x0_theta (Eq. 4 solved for the noise)."""
+        return self.schedule.eps_from_x0(x_t, t, self.predict_x0(x_t, t, out))
+
+    def mean(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """mu_tilde_t(x_t, x0_theta) (Eq. 7)."""
+        return self.mean_at_x0(x_t, t, out)

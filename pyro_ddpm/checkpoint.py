@@ -1,69 +1,182 @@
-"""Checkpoints: written atomically, read back into a model and guide with every mismatch named.
+"""Checkpoints: the one place that writes, reads, checks and rebuilds a training run's state.
 
-A checkpoint is a ``torch.save``d dict: ``format``, ``step``, ``config`` (the training config),
-``network`` (its config), ``schedule`` (``name`` and ``betas``), ``variance``, ``likelihood`` (its
-config), ``data`` (name, shape, levels), ``net`` and ``ema`` (state dicts), ``guide`` (the guide's
-state dict: schedule buffers and any learned parameters), ``optim`` (optimizer state),
-``timesteps`` (the timestep sampler's state) and ``rng`` (torch RNG state). The model and guide
-classes are named in ``config["model"]`` and ``config["guide"]``.
+A checkpoint is a ``torch.save``d dict of plain data and tensors, read back with
+``torch.load(weights_only=True)`` (no pickled objects):
+
+- ``format`` (:data:`FORMAT`), ``step``, ``finished`` (the run reached its step count);
+- ``config``: the :class:`~pyro_ddpm.train.TrainConfig` as a dict, with the defaults it resolved
+  (variance, warm-up) filled in, so a resumed run does what the first one did;
+- ``programs``: for each of ``model``, ``guide``, ``likelihood``, ``network``, ``timesteps`` the
+  self-description ``{"class": NAME, "config": {...}}`` of :mod:`pyro_ddpm.registry`;
+- ``data``: name, source path, shape, levels, and the fingerprint of the training split
+  (number of images and a SHA-256 of their values) that a resume must match;
+- ``weights``: the state dicts of the network (``net``), its EMA (``ema``), the guide (schedule
+  buffers and any learned parameters) and the timestep sampler;
+- ``training``: optimizer and learning-rate scheduler state, EMA update count, the epoch's data
+  order, RNG states, the number of processes and the recent per-image losses (divergence check).
+
+:class:`TrainState` holds one; :meth:`TrainState.build` rebuilds the model and guide through the
+registry, importing nothing that is not registered unless ``trust_code=True``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib
+import dataclasses
+import hashlib
 import os
-import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-FORMAT = 1
+from pyro_ddpm.files import atomic_write
+from pyro_ddpm.registry import GUIDES, LIKELIHOODS, MODELS, NETWORKS, TIMESTEPS
+
+FORMAT = 2
 FILENAME = "checkpoint.pt"
+PROGRAMS = {"model": MODELS, "guide": GUIDES, "likelihood": LIKELIHOODS, "network": NETWORKS, "timesteps": TIMESTEPS}
+_KEYS = {"format", "step", "finished", "config", "programs", "data", "weights", "training"}
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``.
-
-    A crash at any point leaves either the old file or the new one, never a partial file; on an
-    exception the temporary file is removed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
-        yield Path(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+def fingerprint(x: torch.Tensor) -> dict:
+    """The number of images and the SHA-256 of their float32 values: what a resumed run's data must match."""
+    values = x.detach().to(torch.float32).contiguous().cpu().numpy()
+    return {"count": int(x.shape[0]), "sha256": hashlib.sha256(values.tobytes()).hexdigest()}
 
 
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call ``write(file)`` on a binary file that replaces ``path`` atomically (see :func:`atomic_path`)."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        write(f)
-    return Path(path)
+@dataclass
+class TrainState:
+    """A training run's state as a checkpoint stores it (see the module docstring)."""
+
+    step: int
+    config: dict
+    programs: dict
+    data: dict
+    weights: dict
+    training: dict = field(default_factory=dict)
+    finished: bool = False
+    path: Path | None = None  # where it was read from (not stored)
+
+    # ----------------------------------------------------------------- files
+    def save(self, path: str | os.PathLike) -> Path:
+        payload = {"format": FORMAT, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "path"}}
+        return atomic_write(path, lambda f: torch.save(payload, f))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, map_location="cpu") -> "TrainState":
+        """Read a checkpoint file (or the ``checkpoint.pt`` of a run directory); one ValueError for any problem."""
+        path = resolve(path)
+        try:
+            raw = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - one clear message for any unreadable file
+            raise ValueError(f"{path} is not a readable pyro-ddpm checkpoint: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict) or "format" not in raw:
+            raise ValueError(f"{path} is not a pyro-ddpm checkpoint (no 'format' entry)")
+        if raw["format"] != FORMAT:
+            raise ValueError(f"{path} is a pyro-ddpm checkpoint of format {raw['format']!r}; this version reads format "
+                             f"{FORMAT} (checkpoints of format 1 predate self-describing programs: train again)")
+        missing = sorted(_KEYS - set(raw))
+        if missing:
+            raise ValueError(f"{path} is a damaged pyro-ddpm checkpoint: it lacks {', '.join(repr(k) for k in missing)}")
+        lacking = sorted(set(PROGRAMS) - set(raw["programs"])) if isinstance(raw["programs"], dict) else ["programs"]
+        if lacking:
+            raise ValueError(f"{path} is a damaged pyro-ddpm checkpoint: its programs lack {lacking}")
+        for key in ("net", "ema", "guide"):
+            if key not in raw["weights"]:
+                raise ValueError(f"{path} is a damaged pyro-ddpm checkpoint: its weights lack {key!r}")
+        return cls(**{k: raw[k] for k in _KEYS - {"format"}}, path=path)
+
+    @property
+    def origin(self) -> str:
+        return f"checkpoint {self.path}" if self.path is not None else "the checkpoint"
+
+    # ----------------------------------------------------------------- checks
+    def check_data(self, shape, levels: int, what: str = "the data") -> None:
+        """Raise ValueError unless data of ``shape`` with ``levels`` levels is what the run was trained on."""
+        if tuple(shape) != tuple(self.data["shape"]):
+            raise ValueError(f"{what} has images of shape {tuple(shape)}, the checkpoint was trained on shape "
+                             f"{tuple(self.data['shape'])}")
+        if int(levels) != int(self.data["levels"]):
+            raise ValueError(f"{what} has {levels} levels per dimension, the checkpoint was trained on {self.data['levels']}")
+
+    def check_fingerprint(self, train_images: torch.Tensor) -> None:
+        """Raise ValueError unless the training split is the one the run was trained on (count and hash)."""
+        stored, now = self.data.get("fingerprint"), fingerprint(train_images)
+        if stored is not None and stored != now:
+            raise ValueError(f"cannot resume: the training data changed since the checkpoint ({stored['count']} images, "
+                             f"sha256 {stored['sha256'][:12]}...; now {now['count']} images, sha256 {now['sha256'][:12]}...)")
+
+    def resume_config(self, asked: dict, resumable) -> dict:
+        """The config a resumed run uses: the stored one, with the ``resumable`` fields the user set again.
+
+        Every other field the user set (a value other than None) must equal the stored one; the error
+        names each differing setting with its stored and its asked value.
+        """
+        stored = dict(self.config)
+        differ = [k for k, v in asked.items() if k not in resumable and v is not None and k in stored and stored[k] != v]
+        if differ:
+            raise ValueError("cannot resume: the run was trained with different settings: "
+                             + ", ".join(f"{k} = {stored[k]!r} (asked {asked[k]!r})" for k in differ)
+                             + "; only " + ", ".join(resumable) + " may change")
+        config = dict(stored, **{k: v for k, v in asked.items() if k in resumable and v is not None})
+        if config["steps"] < self.step:
+            raise ValueError(f"cannot resume to {config['steps']} steps: the checkpoint is at step {self.step}")
+        return config
+
+    # ----------------------------------------------------------------- the programs
+    def build(self, *, trust_code: bool = False, use_ema: bool = True, device="cpu", likelihood=None,
+              clip_denoised: bool = False, schedule=None):
+        """The model and guide the run trained, with its EMA (or raw) weights, on ``device``, in eval mode.
+
+        Classes are resolved through the registry; a class that is not registered is imported only with
+        ``trust_code=True``. Configs are checked against each class's schema before anything is built.
+
+        :param likelihood: a decoder to use instead of the stored one (e.g. the official tanh approximation).
+        :param clip_denoised: the model with its x_0 prediction clipped (``model.with_clipping()``).
+        :param schedule: the schedule the caller expects; a different T or betas raises ValueError.
+        """
+        def make(kind, **objects):
+            return PROGRAMS[kind].build(self.programs[kind], trust_code=trust_code, origin=self.origin, **objects)
+
+        guide = make("guide")
+        _load_weights(guide, self.weights["guide"], "guide", self.origin)
+        if schedule is not None:
+            schedule.check_matches(guide.schedule.betas.detach())
+        net = make("network")
+        _load_weights(net, self.weights["ema" if use_ema else "net"], "network", self.origin)
+        lik = likelihood if likelihood is not None else make("likelihood")
+        model = make("model", eps=net, schedule=guide.schedule, likelihood=lik)
+        if clip_denoised:
+            model = model.with_clipping()
+        model.to(device).eval()
+        guide.to(device).eval()
+        return model, guide
+
+    def timestep_sampler(self, *, trust_code: bool = False):
+        sampler = PROGRAMS["timesteps"].build(self.programs["timesteps"], trust_code=trust_code, origin=self.origin)
+        if self.weights.get("timesteps") is not None:
+            _load_weights(sampler, self.weights["timesteps"], "timestep sampler", self.origin)
+        return sampler
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def save(state: dict, path: str | os.PathLike) -> Path:
-    return atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+def _load_weights(module: torch.nn.Module, state: dict, what: str, origin: str) -> None:
+    """``module.load_state_dict(state)`` with a mismatch named in one line (missing/unexpected keys, shapes)."""
+    own = module.state_dict()
+    if not isinstance(state, dict):
+        raise ValueError(f"{origin}: the {what} weights are not a state dict")
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and torch.is_tensor(state[k]) and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+        if shapes:
+            parts.append(f"shapes differ: {'; '.join(shapes[:3])}{'...' if len(shapes) > 3 else ''} (stored vs built)")
+        raise ValueError(f"{origin}: the {what} weights do not fit the {what} its config builds: " + ", ".join(parts))
+    module.load_state_dict(state)
 
 
 def resolve(path: str | os.PathLike) -> Path:
@@ -76,89 +189,11 @@ def resolve(path: str | os.PathLike) -> Path:
     return path
 
 
-def load(path: str | os.PathLike, map_location="cpu") -> dict:
-    path = resolve(path)
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - one clear message for any unreadable file
-        raise ValueError(f"{path} is not a readable pyro-ddpm checkpoint: {e}") from e
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a pyro-ddpm checkpoint of format {FORMAT}")
-    return state
+def load(path: str | os.PathLike, map_location="cpu") -> TrainState:
+    """:meth:`TrainState.load`."""
+    return TrainState.load(path, map_location=map_location)
 
 
-def check_data(state: dict, shape, levels: int, what: str = "the data") -> None:
-    """Raise ValueError unless data of ``shape`` with ``levels`` levels is what the checkpoint was trained on."""
-    data = state["data"]
-    if tuple(shape) != tuple(data["shape"]):
-        raise ValueError(f"{what} has images of shape {tuple(shape)}, the checkpoint was trained on shape {tuple(data['shape'])}")
-    if int(levels) != int(data["levels"]):
-        raise ValueError(f"{what} has {levels} levels per dimension, the checkpoint was trained on {data['levels']}")
-
-
-def program_class(spec, package: str):
-    """A model or guide class: the class itself, its name in ``package``, or an importable ``"module:Class"``."""
-    if isinstance(spec, type):
-        return spec
-    module_name, _, name = spec.rpartition(":") if ":" in spec else (package, ":", spec)
-    try:
-        obj = importlib.import_module(module_name)
-        for part in name.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"no program class {spec!r} (a class name in {package} or an importable 'module:Class'): {e}") from e
-    if not isinstance(obj, type):
-        raise ValueError(f"{spec!r} is not a class")
-    return obj
-
-
-def program_name(spec, package: str) -> str:
-    """How a checkpoint stores a program class: its bare name if ``package`` exports it, else ``"module:Class"``."""
-    cls = program_class(spec, package)
-    if getattr(importlib.import_module(package), cls.__name__, None) is cls:
-        return cls.__name__
-    return f"{cls.__module__}:{cls.__qualname__}"
-
-
-def build(state: dict, schedule=None, use_ema: bool = True, device="cpu", model_class=None, likelihood=None,
-          guide_class=None):
-    """The model and guide a checkpoint describes, with its EMA (or raw) weights, in eval mode.
-
-    The classes are the ones the run was trained with (``config["model"]``, ``config["guide"]``; a
-    custom program must be importable under the stored ``"module:Class"`` or be passed here). The
-    guide is built by its ``from_config(T, schedule, event_dim)`` and then given the stored guide state
-    (schedule buffers, learned parameters); the model is built around the guide's schedule.
-
-    :param schedule: optionally, the schedule the caller expects; a different T or betas raises ValueError.
-    :param model_class: a model class to build instead (e.g. :class:`~pyro_ddpm.models.ClippedReverseProcess`
-        for ``clip_denoised``).
-    :param likelihood: a decoder to use instead of the stored one (e.g. the official tanh approximation).
-    :param guide_class: a guide class to build instead of the stored one.
-    """
-    from pyro_ddpm.likelihoods import likelihood_from_config
-    from pyro_ddpm.nets import build_network
-    from pyro_ddpm.schedule import Schedule
-
-    config = state["config"]
-    model_class = program_class(model_class or config.get("model", "ReverseProcess"), "pyro_ddpm.models")
-    guide_class = program_class(guide_class or config.get("guide", "ForwardProcess"), "pyro_ddpm.guides")
-    shape = tuple(state["data"]["shape"])
-    if "guide" in state:
-        spec = config["schedule"]
-        if spec not in ("linear", "cosine", "learned"):  # the betas themselves (a file or a list): use the stored ones
-            spec = ",".join(repr(float(b)) for b in state["schedule"]["betas"])
-        guide = guide_class.from_config(int(config["T"]), spec, len(shape))
-        guide.load_state_dict(state["guide"])
-    else:  # written before guides had state: a fixed schedule
-        from pyro_ddpm.guides import ForwardProcess
-
-        guide = ForwardProcess(Schedule(state["schedule"]["betas"]), event_dim=len(shape))
-    if schedule is not None:
-        schedule.check_matches(guide.schedule.betas.detach())
-    net = build_network(state["network"])
-    net.load_state_dict(state["ema" if use_ema else "net"])
-    model = model_class(net, guide.schedule, state["variance"], likelihood or likelihood_from_config(state["likelihood"]),
-                        shape=shape)
-    model.to(device).eval()
-    guide.to(device).eval()
-    return model, guide
+def build(state: TrainState, **kwargs):
+    """:meth:`TrainState.build` (``trust_code``, ``use_ema``, ``device``, ``likelihood``, ``clip_denoised``, ``schedule``)."""
+    return state.build(**kwargs)

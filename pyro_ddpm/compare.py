@@ -1,27 +1,28 @@
-"""The ELBO-versus-L_simple comparison (Ho et al. 2020, Tables 1 and 2), run and reported.
+"""The comparison of Ho et al. (2020, Tables 1 and 2), run and reported: which objective gives the best
+likelihood, and which the best samples, for each parameterization.
 
-The same network is trained from the same seed under each objective -- ``elbo`` (the bound, Eq. 5),
-``simple`` (L_simple, Eq. 14) and ``hybrid`` (L_simple + 0.001 L_vlb with a learned variance, Nichol
-and Dhariwal 2021) -- and each trained model (its EMA weights) is measured the same way:
+Each *arm* (:data:`pyro_ddpm.presets.ARMS`: a model program, an objective, a timestep sampler, ...)
+trains the same network preset from the same seed, and each trained model (its EMA weights) is
+measured the same way:
 
-- likelihood: the bound on the test split in bits/dim, term by term (L_T, the rate L_1..L_{T-1}, the
-  distortion L_0), by :func:`pyro_ddpm.evaluate.bound`;
+- likelihood: the bound on the test split in bits/dim, term by term (L_T, the rate L_1..L_{T-1} and its
+  split by decades of t, the distortion L_0), by :func:`pyro_ddpm.evaluate.bound`;
 - samples: ancestral samples (Algorithm 2) scored by :func:`pyro_ddpm.metrics.sample_quality`: Frechet
   and kernel distances in the feature space of a small classifier trained on the data set's training
   split, and the Inception-Score analogue with the same classifier (NOT comparable to Inception FID);
-- a trivial baseline beside them: independent per-pixel categorical distributions fit on the training
-  split (:func:`pyro_ddpm.metrics.pixel_categorical_baseline`), and the test split's own sample scores
-  against the training split (the floor the metrics can reach).
+- baselines beside them, as rows of the same table: independent per-pixel categorical distributions fit
+  on the training split (:func:`pyro_ddpm.metrics.pixel_categorical_baseline`), the Pyro VAE of
+  :mod:`pyro_ddpm.vae` (negative ELBO and importance-weighted bound), and the test split's own sample
+  scores against the training split (the floor the metrics can reach).
 
 With several seeds each number is the mean over seeds with the standard error over seeds; with one
 seed the standard errors are over test images (bound) and over sample subsets (sample metrics).
 
-Output in ``out``: one run directory per objective and seed (checkpoint, metrics.jsonl, the bound's
+Output in ``out``: one run directory per arm and seed (checkpoint, metrics.jsonl, the bound's
 netCDF/JSON, samples.pt), ``comparison.md`` (the table), ``comparison.json`` (every number),
-``terms.png`` (L_t of every objective on one plot), ``samples.png`` (grids side by side),
-``training.png`` (the per-batch bound estimate and loss against the step). A run whose checkpoint
-already reached its step count is measured again without retraining, so an interrupted comparison
-is resumed by running the same command.
+``terms.png`` (L_t of every arm), ``samples.png`` (grids side by side), ``training.png`` (the bound's
+estimate and the loss against the step). A run that is unfinished (interrupted) is resumed, and one
+that finished is measured again without retraining, so re-running the same command continues.
 """
 
 from __future__ import annotations
@@ -34,77 +35,69 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pyro_ddpm import checkpoint, data as datasets
+from pyro_ddpm import data as datasets, presets
+from pyro_ddpm.checkpoint import FILENAME, TrainState
+from pyro_ddpm.evaluate import bound, format_summary, save, summarize
+from pyro_ddpm.figures import new_figure, plot_terms, save_figure
+from pyro_ddpm.files import atomic_write, check_directory
+from pyro_ddpm.metrics import pixel_categorical_baseline, sample_quality
+from pyro_ddpm.sample import image_grid, sample
 from pyro_ddpm.train import RESUMABLE, TrainConfig, train
+from pyro_ddpm.vae import train_vae, vae_bounds
 
-# Where each objective differs from the base config: the hybrid objective needs the learned variance.
-OBJECTIVE_PROGRAMS = {
-    "elbo": {},
-    "simple": {},
-    "hybrid": {"model": "LearnedVarianceReverseProcess", "variance": "learned"},
-}
-
-# Training settings per data set. digits: the CPU default, sized to run the three objectives in about a
-# quarter of an hour on 2 CPU cores; its learning rate is 5x the paper's (1e-3: measured here, 1500 steps
-# reach 3.53 bits/dim on 120 test images where 2000 steps at 2e-4 reach 3.87). mnist / cifar10: the paper's settings (Appendix B: T = 1000, linear 1e-4..0.02, Adam
-# 2e-4, batch 128, dropout 0.1 on CIFAR-10, EMA 0.9999, 800k steps for CIFAR-10), meant for a GPU.
-PRESETS = {
-    "digits": dict(data="digits", steps=1500, batch_size=128, lr=1e-3),
-    "mnist5k": dict(data="mnist5k", steps=20000, batch_size=128, net_overrides={"ch": 32}),
-    "mnist": dict(steps=200000, batch_size=128, device="cuda", precision="bf16"),
-    "cifar10": dict(steps=800000, batch_size=128, device="cuda", precision="bf16"),
-}
+VAE_SETTINGS = dict(steps=3000, z_dim=16, hidden=256, particles=256, draws=16)
 
 
-def run_config(base: TrainConfig, objective: str, seed: int) -> TrainConfig:
-    if objective not in OBJECTIVE_PROGRAMS:
-        raise ValueError(f"unknown objective {objective!r}; choose from {sorted(OBJECTIVE_PROGRAMS)}")
-    return dataclasses.replace(base, objective=objective, seed=seed, **OBJECTIVE_PROGRAMS[objective])
+def compare_config(given: dict) -> tuple[TrainConfig, dict, tuple]:
+    """The base config of a comparison on ``given["data"]``: the data set's training settings
+    (:data:`pyro_ddpm.presets.DATASETS`) with the user's settings on top; and its arms and default arms."""
+    name = given.get("data", TrainConfig.data)
+    entry = presets.settings(name).get("compare", {})
+    base = dict(entry.get("train", {}))
+    net_overrides = {**base.pop("net_overrides", {}), **given.get("net_overrides", {})}
+    config = TrainConfig(**{**base, **given, "net_overrides": net_overrides, "data": name})
+    return config, dict(entry.get("arms", presets.ARMS)), tuple(entry.get("default_arms", presets.DEFAULT_ARMS))
+
+
+def arm_config(base: TrainConfig, arm: dict, seed: int) -> TrainConfig:
+    return dataclasses.replace(base, **arm, seed=seed)
 
 
 def _trained(config: TrainConfig, run: Path, progress: bool) -> Path:
-    """Train ``run`` unless its checkpoint already holds this config at its final step."""
-    path = run / checkpoint.FILENAME
-    if path.exists():
-        state = checkpoint.load(path)
-        saved = dict(state["config"])
-        asked = dataclasses.asdict(config)
-        same = all(saved.get(k) == asked[k] for k in asked if k not in RESUMABLE)
-        if not same:
-            raise ValueError(f"{run} holds a run with other settings; choose another --out")
-        if state["step"] >= config.steps:
-            return path
-        return train(config, run, progress=progress, resume=True)
-    return train(config, run, progress=progress)
+    """Train ``run``, resume it when it is unfinished, or reuse it when it is finished (same settings)."""
+    path = run / FILENAME
+    if not path.exists():
+        return train(config, run, progress=progress)
+    state = TrainState.load(path)
+    state.resume_config(dataclasses.asdict(config), RESUMABLE)  # refuses a run with other settings
+    if state.step >= config.steps:
+        return path
+    return train(config, run, progress=progress, resume=True)
 
 
 def _training_curve(run: Path) -> dict:
-    steps, bound, loss = [], [], []
+    steps, bound_bpd, loss = [], [], []
     with open(run / "metrics.jsonl") as f:
         for line in f:
             r = json.loads(line)
             steps.append(r["step"])
             loss.append(r["loss_per_image"])
-            bound.append(sum(r.get(f"{k}_bits_per_dim", float("nan")) for k in ("L_T", "rate", "L_0")))
-    return {"step": steps, "bound_bits_per_dim": bound, "loss_per_image": loss}
+            bound_bpd.append(r.get("bits_per_dim", float("nan")))
+    return {"step": steps, "bound_bits_per_dim": bound_bpd, "loss_per_image": loss}
 
 
 def measure(run: Path, dataset, *, num_samples: int, draws: int, max_batch: int, limit: int | None,
             device: str, seed: int, progress: bool) -> dict:
     """The bound, the sample scores and the training curve of one trained run (written into ``run``)."""
-    from pyro_ddpm.evaluate import bound, save, summarize
-    from pyro_ddpm.metrics import sample_quality
-    from pyro_ddpm.sample import sample
-
-    state = checkpoint.load(run)
-    model, guide = checkpoint.build(state, device=device)
+    state = TrainState.load(run)
+    model, guide = state.build(device=device)
     x = dataset.test[:limit].to(device)
     idata = bound(model, guide, x, draws=draws, max_batch=max_batch, seed=seed, progress=progress)
     summary = summarize(idata)
     save(idata, summary, run, "bound_test")
     torch.manual_seed(seed)
-    samples = sample(model, num_samples).cpu()
-    checkpoint.atomic_write(run / "samples.pt", lambda f: torch.save(samples, f))
+    samples = sample(model, num_samples, progress=progress).cpu()
+    atomic_write(run / "samples.pt", lambda f: torch.save(samples, f))
     try:
         quality = sample_quality(samples, dataset)
     except ValueError as e:  # e.g. a data set without class labels: no classifier to score samples with
@@ -127,18 +120,21 @@ QUALITY_COLUMNS = (("fd", "FD (classifier)"), ("kid", "KID (classifier)"), ("sco
 
 
 def aggregate(results: dict) -> dict:
-    """``{objective: {column: (mean, se)}}`` over the seeds of each objective."""
+    """``{arm: {column: (mean, se)}}`` over the seeds of each arm (bands of the rate included)."""
     table = {}
-    for objective, runs in results.items():
+    for arm, runs in results.items():
         row = {}
+        unit = runs[0]["bound"].get("unit", "bits_per_dim")  # nats_per_dim for continuous data
+        se = "se" if unit == "bits_per_dim" else f"se_{unit}"
         for key, _ in BOUND_COLUMNS:
-            unit = runs[0]["bound"].get("unit", "bits_per_dim")  # nats_per_dim for continuous data
-            se = "se" if unit == "bits_per_dim" else f"se_{unit}"
             row[key] = _mean_se_over([r["bound"][key][unit] for r in runs], [r["bound"][key][se] for r in runs])
+        for band in runs[0]["bound"].get("bands", {}):
+            row[band] = _mean_se_over([r["bound"]["bands"][band]["bits_per_dim"] for r in runs],
+                                      [r["bound"]["bands"][band]["se"] for r in runs])
         for key, _ in QUALITY_COLUMNS:
             if "unavailable" not in runs[0]["quality"]:
                 row[key] = _mean_se_over([r["quality"][key] for r in runs], [r["quality"][f"{key}_se"] for r in runs])
-        table[objective] = row
+        table[arm] = row
     return table
 
 
@@ -149,23 +145,29 @@ def _cell(v) -> str:
     return f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}"
 
 
-def markdown(table: dict, baseline: dict | None, reference: dict | None, seeds: int, dataset_name: str,
+def markdown(table: dict, baselines: dict, reference: dict | None, seeds: int, dataset_name: str, arms: dict,
              unit: str = "bits/dim") -> str:
-    """The comparison table: one row per objective, the per-pixel baseline, and the metrics' floor."""
-    columns = BOUND_COLUMNS + (QUALITY_COLUMNS if reference is not None else ())
-    head = ["objective"] + [name.replace("bits/dim", unit) for _, name in columns]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for objective, row in table.items():
-        lines.append(f"| {objective} | " + " | ".join(_cell(row.get(k)) for k, _ in columns) + " |")
-    if baseline is not None:
-        lines.append("| per-pixel categorical (fit on train) | "
-                     + " | ".join([_cell((baseline["bits_per_dim"], baseline["se"]))] + [""] * (len(columns) - 1)) + " |")
+    """The comparison table: one row per arm, the baselines' rows, and the metrics' floor."""
+    bands = [k for k in next(iter(table.values())) if k.startswith("L_") and ".." in k]
+    columns = [("total", f"total {unit}")] + [(b, b) for b in bands] + list(BOUND_COLUMNS[1:2]) + list(BOUND_COLUMNS[3:])
     if reference is not None:
-        lines.append("| test split vs train split (the metrics' floor) | " + " | ".join(
-            [""] * len(BOUND_COLUMNS) + [_cell((reference[k], reference[f"{k}_se"])) for k, _ in QUALITY_COLUMNS]) + " |")
-    note = [f"{dataset_name}, {seeds} seed(s) per objective; ± is the standard error "
-            + ("over seeds." if seeds > 1 else "over test images (bound)"
+        columns += list(QUALITY_COLUMNS)
+    head = ["arm", "model, objective, timesteps"] + [name for _, name in columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm, row in table.items():
+        what = ", ".join(str(arms[arm].get(k, "")) for k in ("model", "objective", "timesteps") if k in arms[arm])
+        lines.append(f"| {arm} | {what} | " + " | ".join(_cell(row.get(k)) for k, _ in columns) + " |")
+    for label, value in baselines.items():
+        lines.append(f"| {label} | | " + " | ".join([_cell(value)] + [""] * (len(columns) - 1)) + " |")
+    if reference is not None:
+        cells = [""] * (len(columns) - len(QUALITY_COLUMNS)) + [_cell((reference[k], reference[f"{k}_se"]))
+                                                                 for k, _ in QUALITY_COLUMNS]
+        lines.append("| test split vs train split (the metrics' floor) | | " + " | ".join(cells) + " |")
+    note = [f"{dataset_name}, {seeds} seed(s) per arm; ± is the standard error "
+            + ("over seeds." if seeds > 1 else "over test images (bounds)"
                + ("; FD bootstrap, KID jackknife, score over splits." if reference is not None else "."))]
+    if bands:
+        note.append(f"{', '.join(bands)}: the rate split by decades of t ({unit}).")
     if reference is not None:
         note.append("FD, KID and the classifier score are computed in the feature space of a small classifier "
                     "trained on this data set's training split: not comparable to Inception FID/KID/IS.")
@@ -173,14 +175,11 @@ def markdown(table: dict, baseline: dict | None, reference: dict | None, seeds: 
 
 
 def figures(results: dict, out: Path) -> dict[str, Path]:
-    from pyro_ddpm.figures import new_figure, plot_terms, save_figure
-    from pyro_ddpm.sample import image_grid
-
-    first = {objective: runs[0] for objective, runs in results.items()}
+    first = {arm: runs[0] for arm, runs in results.items()}
     paths = {"terms": plot_terms({o: r["idata"] for o, r in first.items()}, out / "terms.png")}
 
     fig, axes = new_figure(1, len(first), size=(3.2 * len(first), 3.6))
-    for ax, (objective, r) in zip(axes[0], first.items()):
+    for ax, (arm, r) in zip(axes[0], first.items()):
         x = r["samples"][:64]
         if x.dim() == 4:
             ax.imshow(image_grid(x), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
@@ -188,66 +187,94 @@ def figures(results: dict, out: Path) -> dict[str, Path]:
         else:
             ax.scatter(*x[:, :2].T, s=2)
             ax.set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), aspect="equal")
-        ax.set_title(objective)
+        ax.set_title(arm)
     paths["samples"] = save_figure(fig, out / "samples.png")
 
     fig, ((ax_b, ax_l),) = new_figure(1, 2, size=(10, 3.6))
-    for k, (objective, runs) in enumerate(results.items()):
+    for k, (arm, runs) in enumerate(results.items()):
         for j, r in enumerate(runs):
             c = r["training"]
-            label = objective if j == 0 else None
+            label = arm if j == 0 else None
             ax_b.plot(c["step"], c["bound_bits_per_dim"], color=f"C{k}", lw=1, label=label)
             ax_l.plot(c["step"], c["loss_per_image"], color=f"C{k}", lw=1, label=label)
-    ax_b.set(xlabel="step", ylabel="bound estimate on the batch (bits/dim)", title="the bound while training")
+    ax_b.set(xlabel="step", ylabel="bound estimate, window mean (bits/dim)", title="the bound while training")
     ax_l.set(xlabel="step", ylabel="objective per image (nats)", yscale="symlog", title="the training objective")
     ax_b.legend(fontsize=8)
     paths["training"] = save_figure(fig, out / "training.png")
     return paths
 
 
-def compare(base: TrainConfig, out: str | Path, objectives=("elbo", "simple", "hybrid"), seeds=(0,), *,
-            num_samples: int = 256, draws: int = 1, max_batch: int = 4096, limit: int | None = None,
-            progress: bool = True, log=print) -> dict:
-    """Train, measure and report every objective and seed; return the aggregated table and the paths."""
-    from pyro_ddpm.evaluate import format_summary
-    from pyro_ddpm.metrics import pixel_categorical_baseline
+def vae_rows(dataset, x: torch.Tensor, seed: int, settings: dict | None = None, log=print) -> dict:
+    """The Pyro VAE of :mod:`pyro_ddpm.vae` trained on the same training split: its negative ELBO and its
+    importance-weighted bound on the test images ``x`` (bits/dim, mean ± s.e. over images)."""
+    s = dict(VAE_SETTINGS, **(settings or {}))
+    vae, _ = train_vae(dataset, s["steps"], s["z_dim"], hidden=s["hidden"], seed=seed)
+    b = vae_bounds(vae, x, s["draws"], s["particles"])
+    to_bpd = 1.0 / (dataset.dims * math.log(2))
+    rows = {}
+    for key, label in (("elbo", f"Pyro VAE (z {s['z_dim']}), negative ELBO"),
+                       ("iwae", f"Pyro VAE (z {s['z_dim']}), IWAE-{s['particles']}")):
+        v = b[key] * to_bpd
+        rows[label] = (float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))))
+    log("VAE: " + ", ".join(f"{k} {m:.4f} ± {e:.4f}" for k, (m, e) in rows.items()))
+    return rows
 
-    out = Path(out)
+
+def compare(base: TrainConfig, out: str | Path, arms: dict | None = None, seeds=(0,), *, num_samples: int = 256,
+            draws: int = 1, max_batch: int = 4096, limit: int | None = None, progress: bool = True, vae: bool = True,
+            vae_settings: dict | None = None, log=print) -> dict:
+    """Train, measure and report every arm and seed; return the aggregated table and the paths.
+
+    :param arms: ``{name: TrainConfig overrides}`` (default: the data set's default arms).
+    """
+    out = check_directory(out, "comparison folder")
+    if arms is None:
+        _, all_arms, default = compare_config({"data": base.data})
+        arms = {a: all_arms[a] for a in default}
     seeds = list(seeds)
     if not seeds:
         raise ValueError("compare: give at least one seed")
-    configs = {(o, s): run_config(base, o, s) for o in objectives for s in seeds}
-    for config in configs.values():
-        config.check()
-    dataset = datasets.load(base.data)
+    if not arms:
+        raise ValueError("compare: give at least one arm")
     if num_samples < 2:
         raise ValueError(f"compare: need at least 2 samples per model, got {num_samples}")
-    results = {o: [] for o in objectives}
-    for (objective, seed), config in configs.items():
-        run = out / (objective if len(seeds) == 1 else f"{objective}-seed{seed}")
+    configs = {(a, s): arm_config(base, arms[a], s) for a in arms for s in seeds}
+    for config in configs.values():
+        config.check()  # every arm's settings are refused before the first one trains
+    dataset = datasets.load(base.data)
+    results = {a: [] for a in arms}
+    for (arm, seed), config in configs.items():
+        run = out / (arm if len(seeds) == 1 else f"{arm}-seed{seed}")
         _trained(config, run, progress)
         r = measure(run, dataset, num_samples=num_samples, draws=draws, max_batch=max_batch, limit=limit,
                     device=base.device, seed=seed, progress=progress)
         q = r["quality"]
         scores = q.get("unavailable") or ", ".join(f"{k} {q[k]:.4g} ± {q[k + '_se']:.2g}" for k, _ in QUALITY_COLUMNS)
-        log(f"\n== objective {objective}, seed {seed} ==\n{format_summary(r['bound'])}\nsample scores: {scores}")
-        results[objective].append(r)
+        log(f"\n== arm {arm}, seed {seed} ==\n{format_summary(r['bound'])}\nsample scores: {scores}")
+        results[arm].append(r)
 
     table = aggregate(results)
     discrete = not dataset.continuous
-    baseline = pixel_categorical_baseline(dataset.train, dataset.test[:limit], dataset.levels) if discrete else None
+    test = dataset.test[:limit]
+    baselines = {}
+    baseline = pixel_categorical_baseline(dataset.train, test, dataset.levels) if discrete else None
+    if baseline is not None:
+        baselines["per-pixel categorical (fit on train)"] = (baseline["bits_per_dim"], baseline["se"])
+    if vae and discrete and len(dataset.shape) == 3:
+        baselines.update(vae_rows(dataset, test, seeds[0], vae_settings, log))
     first = next(iter(results.values()))[0]["quality"]
     reference = first.get("data_vs_data")
-    text = markdown(table, baseline, reference, len(seeds), dataset.name, "bits/dim" if discrete else "nats/dim")
+    text = markdown(table, baselines, reference, len(seeds), dataset.name, arms, "bits/dim" if discrete else "nats/dim")
     log("\n" + text)
     paths = figures(results, out)
     record = {
-        "data": dataset.name, "seeds": seeds, "objectives": list(objectives), "config": dataclasses.asdict(base),
-        "table": {o: {k: {"mean": v[0], "se": v[1]} for k, v in row.items()} for o, row in table.items()},
+        "data": dataset.name, "seeds": seeds, "arms": arms, "config": dataclasses.asdict(base),
+        "table": {a: {k: {"mean": v[0], "se": v[1]} for k, v in row.items()} for a, row in table.items()},
+        "baselines": {k: {"mean": v[0], "se": v[1]} for k, v in baselines.items()},
         "pixel_categorical_baseline": baseline, "test_vs_train_quality": reference,
-        "runs": {o: [{k: r[k] for k in ("bound", "quality", "training")} for r in runs] for o, runs in results.items()},
+        "runs": {a: [{k: r[k] for k in ("bound", "quality", "training")} for r in runs] for a, runs in results.items()},
     }
-    paths["markdown"] = checkpoint.atomic_write(out / "comparison.md", lambda f: f.write(text.encode()))
-    paths["json"] = checkpoint.atomic_write(out / "comparison.json",
-                                            lambda f: f.write(json.dumps(record, indent=2, default=float).encode()))
-    return {"table": table, "baseline": baseline, "reference": reference, "paths": paths, "markdown": text}
+    paths["markdown"] = atomic_write(out / "comparison.md", lambda f: f.write(text.encode()))
+    paths["json"] = atomic_write(out / "comparison.json",
+                                 lambda f: f.write(json.dumps(record, indent=2, default=float).encode()))
+    return {"table": table, "baselines": baselines, "reference": reference, "paths": paths, "markdown": text}

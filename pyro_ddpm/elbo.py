@@ -16,12 +16,11 @@ Objectives (Eqs. 12 and 14), for the same model and guide:
   Eq. 14): -log N(x_0; mu_theta(x_1, 1), sigma_1^2) = w_1 ||eps - eps_theta||^2 + const. The
   constants (D C_t / (T w_t) and the Gaussian's normalizer) stay in the reported loss value; they
   carry no gradient. The true bound of a model trained on L_simple is measured with the evaluator.
-- ``hybrid`` (learned-variance models only; Nichol and Dhariwal 2021): L_simple + lambda L_vlb with
-  lambda = 0.001 and a stop-gradient on the mean in L_vlb. The program is
-  :class:`~pyro_ddpm.models.HybridReverseProcess` (its docstring derives it and its t = 1 term); the
-  weight is lambda at every t, which scales the L_vlb sites in both programs.
+- further objectives a model class defines itself, e.g. ``hybrid`` of the learned-variance model.
 
-``simple`` needs a fixed variance (lambda_t = 1 / (T w_t) depends on sigma_t), ``hybrid`` a learned one.
+Which objectives a model supports, and what each means for it, is the model class's own declaration
+(``objectives`` and ``training_program``); :func:`objective` asks it. ``simple`` needs a fixed
+variance (lambda_t = 1 / (T w_t) depends on sigma_t).
 """
 
 from __future__ import annotations
@@ -29,68 +28,98 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import TraceMeanField_ELBO
-from pyro.infer.util import torch_item
-from pyro.util import warn_if_nan
+from pyro.infer.enum import get_importance_trace
+from pyro.infer.util import is_validation_enabled, torch_item
+from pyro.util import check_if_enumerated, warn_if_nan
 from torch.distributions import kl_divergence
 
-from pyro_ddpm.likelihoods import GaussianLikelihood
-
-FIXED_VARIANCE_OBJECTIVES = ("elbo", "simple")  # the objectives of a fixed-variance model
-LEARNED_VARIANCE_OBJECTIVES = ("elbo", "hybrid")  # those of a learned-variance model
-OBJECTIVES = ("elbo", "simple", "hybrid")
-HYBRID_LAMBDA = 1e-3  # lambda of L_hybrid = L_simple + lambda L_vlb (Nichol and Dhariwal 2021, section 3.1)
+from pyro_ddpm import protocol
 
 
 class Term(NamedTuple):
-    """One site's contribution: ``value`` (masked, batch-shaped, nats) and the ``scale`` Pyro applies."""
+    """One site's contribution: ``value`` (masked, batch-shaped, nats), the ``scale`` Pyro applies and the
+    names of the plates the site sits in (``protocol.PAIRS`` for the per-pair terms)."""
 
     value: torch.Tensor
     scale: torch.Tensor | float
+    plates: tuple[str, ...] = ()
+
+    @property
+    def per_pair(self) -> bool:
+        return protocol.PAIRS in self.plates
 
 
 class TermwiseELBO(TraceMeanField_ELBO):
     """``TraceMeanField_ELBO`` that also returns its terms, one per sample site, unsummed.
 
     Subclassed because Pyro's ELBOs return only the total, while a diffusion model is read term by
-    term (L_T, each L_{t-1}, L_0; rate against distortion). :meth:`terms` takes the traces exactly as
-    the loss does (Pyro's own ``_get_trace``, with its model/guide and mean-field checks) and applies
-    the same rule per site: KL(guide || model) masked by the guide site's mask for latent sites,
-    -log p masked by the model site's mask for observed ones. ``sum(value * scale)`` over all terms is
-    the loss of a single particle.
+    term (L_T, each L_{t-1}, L_0; rate against distortion). It overrides only the public entry points
+    ``loss`` and ``loss_and_grads``, and takes the traces as Pyro's ELBOs do, with Pyro's public
+    ``get_importance_trace`` (model replayed against the guide, log-probs and score parts computed) and
+    ``check_if_enumerated``. Per site it applies ``TraceMeanField_ELBO``'s rule: the analytic
+    KL(guide || model) scaled and masked as the guide site is for a latent site, falling back to
+    log q - log p (the guide's entropy term) where no KL is registered; -log p, scaled and masked as
+    the model site is, for an observed site or ``pyro.factor``; -log q for an auxiliary guide site.
+    ``sum(value * scale)`` over all terms is the loss of one particle; under Pyro's validation every
+    call checks that sum against Pyro's own ``TraceMeanField_ELBO`` loss of the same traces.
 
-    :meth:`loss_and_grads` (what ``SVI.step`` calls) computes the loss from those same terms and keeps
-    the last particle's, detached, in ``last_terms``: the trainer reads each pair's L_{t-1} from it
-    for importance sampling without tracing the programs again.
+    :meth:`loss_and_grads` (what ``SVI.step`` calls) keeps the last particle's terms, detached, in
+    ``last_terms``: the trainer reads each pair's term from it (for importance sampling and logs)
+    without tracing the programs again.
+
+    :param max_plate_nesting: the programs of :mod:`pyro_ddpm.protocol` nest one plate.
     """
 
     last_terms: dict | None = None
 
+    def __init__(self, num_particles: int = 1, max_plate_nesting: int = 1, **kwargs):
+        super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting, **kwargs)
+
+    def traces(self, model, guide, *args, **kwargs):
+        """The model and guide traces of one particle, as Pyro's ELBOs take them."""
+        try:
+            model_trace, guide_trace = get_importance_trace("flat", self.max_plate_nesting, model, guide, args, kwargs)
+        except ValueError as e:  # Pyro re-raises with its table of trace shapes appended: the cause names the problem
+            raise ValueError(unwrap(e)) from None
+        if is_validation_enabled():
+            check_if_enumerated(guide_trace)
+        return model_trace, guide_trace
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        with torch.no_grad():
+            loss = sum(torch_item(self.loss_from_terms(self.terms(model, guide, *args, **kwargs)))
+                       for _ in range(self.num_particles)) / self.num_particles
+        warn_if_nan(loss, "loss")
+        return loss
+
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         loss = 0.0
-        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            terms = self.terms_from_traces(model_trace, guide_trace)
+        for _ in range(self.num_particles):
+            terms = self.terms(model, guide, *args, **kwargs)
             loss = loss + self.loss_from_terms(terms) / self.num_particles
-        self.last_terms = {name: Term(term.value.detach(), term.scale) for name, term in terms.items()}
+        self.last_terms = {name: Term(term.value.detach(), term.scale, term.plates) for name, term in terms.items()}
         if torch.is_tensor(loss) and loss.requires_grad:
             loss.backward(retain_graph=self.retain_graph)
         loss = torch_item(loss)
         warn_if_nan(loss, "loss")
         return loss
 
-    def traces(self, model, guide, *args, **kwargs):
-        """The model and guide traces of one particle, as the loss takes them."""
-        return self._get_trace(model, guide, args, kwargs)
-
     def terms(self, model, guide, *args, **kwargs) -> dict[str, Term]:
-        return self.terms_from_traces(*self.traces(model, guide, *args, **kwargs))
+        model_trace, guide_trace = self.traces(model, guide, *args, **kwargs)
+        terms = self.terms_from_traces(model_trace, guide_trace)
+        if is_validation_enabled():
+            check_against_pyro(terms, model, guide, guide_trace, args, kwargs, self.max_plate_nesting)
+        return terms
 
     def terms_from_traces(self, model_trace, guide_trace) -> dict[str, Term]:
         out = {}
         for name, site in model_trace.nodes.items():
             if site["type"] != "sample":
                 continue
+            plates = tuple(f.name for f in site["cond_indep_stack"])
             if site["is_observed"]:
                 mask, scale = site["mask"], site["scale"]
                 log_p = site.get("unscaled_log_prob")  # computed by the trace already
@@ -98,56 +127,62 @@ class TermwiseELBO(TraceMeanField_ELBO):
             else:
                 guide_site = guide_trace.nodes[name]
                 mask, scale = guide_site["mask"], guide_site["scale"]
-                value = kl_divergence(guide_site["fn"], site["fn"])
+                try:
+                    value = kl_divergence(guide_site["fn"], site["fn"])
+                except NotImplementedError:  # no analytic KL: the Monte-Carlo term, as Pyro falls back to
+                    value = guide_site["unscaled_log_prob"] - site["unscaled_log_prob"]
             if mask is False:
                 continue
-            out[name] = Term(scale_and_mask(value, 1.0, mask), scale)
+            out[name] = Term(scale_and_mask(value, 1.0, mask), scale, plates)
+        for name, site in guide_trace.nodes.items():  # auxiliary guide sites: -entropy term
+            if site["type"] == "sample" and name not in model_trace.nodes:
+                plates = tuple(f.name for f in site["cond_indep_stack"])
+                if site["mask"] is not False:
+                    out[name] = Term(scale_and_mask(site["unscaled_log_prob"], 1.0, site["mask"]), site["scale"], plates)
         return out
 
     def loss_from_terms(self, terms: dict[str, Term]) -> torch.Tensor:
         return sum((term.value * term.scale).sum() for term in terms.values())
 
 
-def simple_weights(model) -> torch.Tensor:
-    """lambda_t = 1 / (T w_t), t = 1..T (index 0 unused): the scale that turns the bound into L_simple."""
-    w = model.schedule.variance(model.variance).w
+def unwrap(error: BaseException) -> str:
+    """The message of the error Pyro's trace re-raised (without the trace-shape tables it appends)."""
+    while isinstance(error.__cause__, type(error)):
+        error = error.__cause__
+    return str(error).split("\nTrace Shapes:")[0].strip()
+
+
+def check_against_pyro(terms, model, guide, guide_trace, args, kwargs, max_plate_nesting) -> None:
+    """Raise AssertionError unless the terms sum to Pyro's own ``TraceMeanField_ELBO`` loss on the same draws.
+
+    Pyro's loss is computed with both programs replayed on the guide trace's values, so it sees
+    exactly the sample the terms were computed from.
+    """
+    replayed_guide = poutine.replay(guide, trace=guide_trace)
+    with torch.no_grad():
+        expected = TraceMeanField_ELBO(max_plate_nesting=max_plate_nesting).differentiable_loss(
+            model, replayed_guide, *args, **kwargs)
+        ours = sum((term.value * term.scale).sum() for term in terms.values())
+    expected, ours = float(expected), float(ours)
+    if not abs(ours - expected) <= 1e-5 * max(1.0, abs(expected)):
+        raise AssertionError(f"TermwiseELBO: the terms sum to {ours!r}, Pyro's TraceMeanField_ELBO loss is {expected!r}")
+
+
+def simple_weights(w: torch.Tensor) -> torch.Tensor:
+    """lambda_t = 1 / (T w_t), t = 1..T (index 0 unused), from a fixed variance's Eq. 12 weights w_t
+    (length T + 1): the scale that turns the bound into L_simple."""
+    T = w.shape[0] - 1
     weight = torch.zeros_like(w)
-    weight[1:] = 1.0 / (model.T * w[1:])
+    weight[1:] = 1.0 / (T * w[1:])
     return weight.detach()  # a reweighting, not a path for gradients into a learned schedule
 
 
-def hybrid_weights(model) -> torch.Tensor:
-    """lambda at t = 1..T (index 0 unused): the scale of the hybrid objective's L_vlb sites."""
-    weight = torch.full_like(model.schedule.beta, HYBRID_LAMBDA)
-    weight[0] = 0.0
-    return weight
-
-
 def objective(name: str, model):
-    """The model and per-timestep weights that SVI optimizes for the objective ``name``.
+    """``(program, weight)`` that SVI optimizes for the objective ``name``: what the model's class declares.
 
-    ``elbo``: ``(model, None)``. ``simple``: the model with the Gaussian transition density as its
-    t = 1 term, sharing the network, and lambda_t = 1 / (T w_t). ``hybrid``: the
-    :class:`~pyro_ddpm.models.HybridReverseProcess` around a learned-variance model's network, and
-    lambda = :data:`HYBRID_LAMBDA` at every t.
+    ``name`` must be one of ``model.objectives``; the model's ``training_program(name)`` builds it.
     """
-    from pyro_ddpm.models import HybridReverseProcess, LearnedVarianceReverseProcess
-
-    learned = isinstance(model, LearnedVarianceReverseProcess)
-    if name == "elbo":
-        return model, None
-    if name == "simple":
-        if learned:
-            raise ValueError(
-                f"objective 'simple' needs a fixed variance (its weights 1 / (T w_t) depend on sigma_t); "
-                f"{type(model).__name__} learns its variance: use one of {LEARNED_VARIANCE_OBJECTIVES}"
-            )
-        return model.with_likelihood(GaussianLikelihood()), simple_weights(model)
-    if name == "hybrid":
-        if not learned:
-            raise ValueError(
-                f"objective 'hybrid' trains a learned variance; {type(model).__name__} has the fixed variance "
-                f"{model.variance!r}: use one of {FIXED_VARIANCE_OBJECTIVES}, or LearnedVarianceReverseProcess"
-            )
-        return HybridReverseProcess.from_model(model), hybrid_weights(model)
-    raise ValueError(f"unknown objective {name!r}; choose one of {OBJECTIVES}")
+    supported = tuple(getattr(type(model), "objectives", ("elbo",)))
+    if name not in supported:
+        raise ValueError(f"{type(model).__name__} does not train on objective {name!r}; it supports {list(supported)}")
+    return model.training_program(name)

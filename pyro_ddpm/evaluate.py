@@ -34,6 +34,7 @@ correlated chains, computed exactly.
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from pathlib import Path
@@ -44,7 +45,9 @@ from tqdm.auto import tqdm
 
 from pyro_ddpm import protocol
 from pyro_ddpm.elbo import TermwiseELBO
-from pyro_ddpm.schedule import at
+from pyro_ddpm.files import atomic_path, atomic_write
+from pyro_ddpm.guides import ForwardProcess
+from pyro_ddpm.models import ReverseProcess
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)  # arviz announces its 1.0 refactor on import
@@ -79,13 +82,16 @@ def bound(model, guide, x0: torch.Tensor, draws: int = 1, max_batch: int = 4096,
         t holds L_t), ``sq_error`` (draw, image, step), the mean squared error of x0_hat on the 0..255
         scale at reverse step 1..T, and ``x0_hat_strip`` (step_strip, *shape).
     """
+    protocol.check_batch(x0, model.shape)  # one clear error before any tracing
+    model.likelihood.check(x0)
+    for name, value in (("draws", draws), ("max_batch", max_batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     T, N, shape = model.T, x0.shape[0], tuple(x0.shape[1:])
     ids = list(range(N)) if image_ids is None else [int(i) for i in image_ids]
     strip_steps = sorted({int(s) for s in (strip_steps or _strip_steps(T))}, reverse=True)
     if strip_steps[0] > T or strip_steps[-1] < 1:
         raise ValueError(f"strip_steps must lie in 1..T = 1..{T}, got {strip_steps}")
-    if draws < 1:
-        raise ValueError(f"draws must be positive, got {draws}")
     images_per_call = max(1, max_batch // T)
     steps_per_call = min(T, max_batch)
     s = model.schedule
@@ -119,7 +125,7 @@ def bound(model, guide, x0: torch.Tensor, draws: int = 1, max_batch: int = 4096,
                     x_t = guide_trace.nodes[protocol.X_t]["value"].double()
                     loc = protocol.elementwise(model_trace.nodes[protocol.X_PREV]["fn"]).loc.double()
                     tf = t.reshape(-1)
-                    x0_hat = ((loc - at(s.coef_xt, tf, x_t) * x_t) / at(s.coef_x0, tf, x_t)).reshape(*t.shape, *shape)
+                    x0_hat = s.x0_from_mean(loc, x_t, tf).reshape(*t.shape, *shape)
                     err = ((x0_hat - x.double().unsqueeze(1)) * 127.5) ** 2
                     sq_error[d, rows, steps.cpu() - 1] = err.flatten(2).mean(-1).cpu()
                     if d == 0 and i == 0:
@@ -150,9 +156,6 @@ def bound(model, guide, x0: torch.Tensor, draws: int = 1, max_batch: int = 4096,
 
 def bound_of_network(eps, schedule, likelihood, x0: torch.Tensor, variance: str = "large", **kwargs):
     """:func:`bound` for a bare eps network: the DDPM reverse process around it and the forward process."""
-    from pyro_ddpm.guides import ForwardProcess
-    from pyro_ddpm.models import ReverseProcess
-
     model = ReverseProcess(eps, schedule, variance, likelihood, shape=x0.shape[1:])
     return bound(model, ForwardProcess(schedule, event_dim=x0.dim() - 1), x0, **kwargs)
 
@@ -173,6 +176,16 @@ def _mean_se(v: np.ndarray) -> tuple[float, float, float | None]:
     se = float(per_image.std(ddof=1) / math.sqrt(N)) if N > 1 else float("nan")
     se_noise = float(math.sqrt(v.var(0, ddof=1).sum() / draws) / N) if draws > 1 else None
     return float(per_image.mean()), se, se_noise
+
+
+def rate_bands(T: int) -> list[tuple[int, int]]:
+    """The rate terms L_1..L_{T-1} split by decades of t: (1, 9), (10, 99), (100, 999), ... up to T - 1."""
+    bands, lo = [], 1
+    while lo <= T - 1:
+        hi = min(10 * lo - 1, T - 1)
+        bands.append((lo, hi))
+        lo = hi + 1
+    return bands
 
 
 def summarize(idata, coding_points: int = 10) -> dict:
@@ -209,6 +222,10 @@ def summarize(idata, coding_points: int = 10) -> dict:
             entry["nats_per_dim"], entry["se_nats_per_dim"], _ = _mean_se(v / D)
         out[name] = entry
     T = out["T"]
+    out["bands"] = {}  # the rate split by decades of t: where the bound is spent
+    for lo, hi in rate_bands(T):
+        mean, se, _ = _mean_se(L[..., lo:hi + 1].sum(-1) * to_bpd)
+        out["bands"][f"L_{lo}..L_{hi}"] = {"bits_per_dim": mean, "se": se}
     L_mean = L.mean((0, 1)) * to_bpd
     mse = ds["sq_error"].values.mean((0, 1))  # (T,), step 1..T
     steps = sorted({T} | {max(1, round(T * (1 - k / (coding_points - 1)))) for k in range(coding_points)}, reverse=True)
@@ -247,10 +264,6 @@ def format_summary(summary: dict, header: str = "") -> str:
 
 def save(idata, summary: dict, directory: str | Path, stem: str = "bound") -> dict[str, Path]:
     """Write ``stem.nc`` (netCDF of the InferenceData) and ``stem.json`` (the summary) atomically."""
-    import json
-
-    from pyro_ddpm.checkpoint import atomic_path, atomic_write
-
     directory = Path(directory)
     nc = directory / f"{stem}.nc"
     with atomic_path(nc) as tmp:

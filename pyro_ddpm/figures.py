@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pyro_ddpm.checkpoint import atomic_write
+from pyro_ddpm.files import atomic_write
 
 
 def _runs(idata) -> dict:

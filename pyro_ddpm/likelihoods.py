@@ -2,10 +2,13 @@
 
 A *likelihood* is a callable ``likelihood(loc, scale) -> Distribution`` (elementwise: batch shape is
 the data's full shape; the model adds ``.to_event``) with a ``check(x)`` method that raises one clear
-ValueError for data it cannot score, a ``config()`` dict that :func:`likelihood_from_config` turns
-back into it, and a ``discrete`` attribute: True when ``log_prob`` is the log of a probability mass
-(so -log p is a code length and the bound is in bits), False when it is a log-density. The model
-calls it with the t = 1 transition's mean mu_theta(x_1, 1) and scale sigma_1.
+ValueError for data it cannot score, ``levels`` (K for grid data, 0 for a density), a ``discrete``
+attribute (True when ``log_prob`` is the log of a probability mass, so -log p is a code length and the
+bound is in bits; False for a log-density), and the self-description every program class has:
+``config()`` (plain data), ``from_config(**config)`` and ``for_data(dataset)`` (the decoder for a data
+set, or one clear error when it cannot score it). The shipped decoders are registered in
+:data:`pyro_ddpm.registry.LIKELIHOODS` under the names below. The model calls a likelihood with the
+t = 1 transition's mean mu_theta(x_1, 1) and scale sigma_1.
 
 Decoders, by data kind (:func:`default_likelihood` picks one from a data set's ``levels``):
 
@@ -23,6 +26,8 @@ import torch
 from pyro.distributions import Normal, TorchDistribution
 from torch.distributions import constraints
 from torch.distributions.utils import broadcast_all
+
+from pyro_ddpm.registry import LIKELIHOODS
 
 # A per-dimension log-probability floor. It is reached only for |x - mu| / sigma > ~1.4e5, where the
 # true value (about -z^2/2) is not representable in float32 sums over an image; the official code
@@ -212,14 +217,19 @@ class TanhDiscretizedGaussian(DiscretizedGaussian):
         return torch.where(k <= 0, log_cdf_plus, torch.where(k >= K - 1, log_one_minus_cdf_min, log_delta))
 
 
+def _data_name(dataset) -> str:
+    return repr(getattr(dataset, "name", ""))
+
+
+@LIKELIHOODS.register(name="discretized_gaussian")
 class DiscretizedGaussianLikelihood:
     """The decoder of Eq. 13 for data with ``levels`` values per dimension (256: 8-bit; 17: sklearn digits)."""
 
     discrete = True  # log_prob is a log-probability mass: -log p is a code length
 
     def __init__(self, levels: int):
-        if int(levels) < 2:
-            raise ValueError(f"likelihood: need at least 2 levels, got {levels}")
+        if isinstance(levels, bool) or int(levels) != levels or int(levels) < 2:
+            raise ValueError(f"likelihood: need at least 2 levels (an integer), got {levels!r}")
         self.levels = int(levels)
 
     def __call__(self, loc, scale) -> DiscretizedGaussian:
@@ -229,25 +239,33 @@ class DiscretizedGaussianLikelihood:
         check_images(x, self.levels, name)
 
     def config(self) -> dict:
-        return {"name": "discretized_gaussian", "levels": self.levels}
+        return {"levels": self.levels}
+
+    @classmethod
+    def from_config(cls, **config):
+        return cls(**config)
+
+    @classmethod
+    def for_data(cls, dataset):
+        """The decoder for a quantized data set (its ``levels`` K >= 2)."""
+        if is_continuous(dataset.levels):
+            raise ValueError(f"likelihood {cls.__name__} needs quantized data; data set {_data_name(dataset)} is "
+                             f"continuous (levels = 0): use 'gaussian'")
+        return cls(int(dataset.levels))
 
     def __repr__(self):
-        return f"DiscretizedGaussianLikelihood(levels={self.levels})"
+        return f"{type(self).__name__}(levels={self.levels})"
 
 
+@LIKELIHOODS.register(name="tanh_discretized_gaussian")
 class TanhDiscretizedGaussianLikelihood(DiscretizedGaussianLikelihood):
     """The official code's approximate decoder (:class:`TanhDiscretizedGaussian`)."""
 
     def __call__(self, loc, scale) -> TanhDiscretizedGaussian:
         return TanhDiscretizedGaussian(loc, scale, self.levels)
 
-    def config(self) -> dict:
-        return {"name": "tanh_discretized_gaussian", "levels": self.levels}
 
-    def __repr__(self):
-        return f"TanhDiscretizedGaussianLikelihood(levels={self.levels})"
-
-
+@LIKELIHOODS.register(name="gaussian")
 class GaussianLikelihood:
     """p_theta(x_0 | x_1) = N(mu_theta(x_1, 1), sigma_1^2): the t = 1 transition itself, a density.
 
@@ -259,6 +277,7 @@ class GaussianLikelihood:
     """
 
     discrete = False  # log_prob is a log-density: -log p is not a code length
+    levels = CONTINUOUS
 
     def __call__(self, loc, scale) -> Normal:
         return Normal(loc, scale)
@@ -267,7 +286,16 @@ class GaussianLikelihood:
         check_images(x, None, name)
 
     def config(self) -> dict:
-        return {"name": "gaussian"}
+        return {}
+
+    @classmethod
+    def from_config(cls):
+        return cls()
+
+    @classmethod
+    def for_data(cls, dataset):
+        """A density scores any data (on grid data its bound is a density bound, not a code length)."""
+        return cls()
 
     def __repr__(self):
         return "GaussianLikelihood()"
@@ -368,6 +396,7 @@ class SignedBernoulli(TorchDistribution):
             return (2.0 * b - 1.0).to(self.loc.dtype)
 
 
+@LIKELIHOODS.register(name="bernoulli")
 class BernoulliLikelihood:
     """The decoder for binarized data x_0 in {-1, +1} (e.g. binarized MNIST): :class:`SignedBernoulli`.
 
@@ -385,7 +414,19 @@ class BernoulliLikelihood:
         check_binary(x, name)
 
     def config(self) -> dict:
-        return {"name": "bernoulli"}
+        return {}
+
+    @classmethod
+    def from_config(cls):
+        return cls()
+
+    @classmethod
+    def for_data(cls, dataset):
+        """The decoder for binary data (2 levels)."""
+        if is_continuous(dataset.levels) or int(dataset.levels) != 2:
+            raise ValueError(f"likelihood 'bernoulli' needs binary data (2 levels); data set {_data_name(dataset)} "
+                             f"has levels = {dataset.levels}")
+        return cls()
 
     def __repr__(self):
         return "BernoulliLikelihood()"
@@ -417,28 +458,6 @@ class ScoredWhere(TorchDistribution):
         return self.likelihood(self.loc, self.scale).sample(sample_shape)
 
 
-def likelihood_from_config(config: dict):
-    """Rebuild a likelihood from its ``config()`` (as stored in checkpoints).
-
-    A decoder written outside this module stores ``{"class": "module:Class", **arguments}`` in its
-    ``config()``; it is rebuilt as ``Class(**arguments)`` (the module must be importable).
-    """
-    if "class" in config:
-        from pyro_ddpm.checkpoint import program_class
-
-        arguments = {k: v for k, v in config.items() if k != "class"}
-        return program_class(config["class"], __name__)(**arguments)
-    if config.get("name") == "discretized_gaussian":
-        return DiscretizedGaussianLikelihood(config["levels"])
-    if config.get("name") == "tanh_discretized_gaussian":
-        return TanhDiscretizedGaussianLikelihood(config["levels"])
-    if config.get("name") == "gaussian":
-        return GaussianLikelihood()
-    if config.get("name") == "bernoulli":
-        return BernoulliLikelihood()
-    raise ValueError(f"likelihood: unknown configuration {config!r}")
-
-
 def default_likelihood(levels: int | None):
     """The decoder for data with ``levels`` values per dimension (a data set's ``levels``):
 
@@ -458,36 +477,11 @@ def default_for(dataset):
     return default_likelihood(dataset.levels)
 
 
-# The decoders by their config() name, for data with ``levels`` (0: continuous).
-LIKELIHOOD_NAMES = ("discretized_gaussian", "tanh_discretized_gaussian", "bernoulli", "gaussian")
-
-
-def by_name(name: str, dataset):
-    """The decoder ``name`` (one of :data:`LIKELIHOOD_NAMES`) for the data set's ``levels``.
-
-    The discretized decoders need grid data (K >= 2), the Bernoulli decoder binary data (K = 2); the
-    Gaussian density scores any data (on grid data its bound is a density bound, not a code length).
-    A decoder class of one's own is named ``"module:Class"`` and built as ``Class.for_data(dataset)``.
-    """
-    levels = dataset.levels
-    check_levels(levels, name=f"data set {getattr(dataset, 'name', '')!r}: levels")
-    if ":" in name:
-        from pyro_ddpm.checkpoint import program_class
-
-        cls = program_class(name, __name__)
-        if not hasattr(cls, "for_data"):
-            raise ValueError(f"likelihood class {name!r} has no classmethod for_data(dataset) to build it for the data")
-        return cls.for_data(dataset)
-    if name not in LIKELIHOOD_NAMES:
-        raise ValueError(f"unknown likelihood {name!r}; choose one of {list(LIKELIHOOD_NAMES)}")
-    if name == "gaussian":
-        return GaussianLikelihood()
-    if is_continuous(levels):
-        raise ValueError(f"likelihood {name!r} needs quantized data; data set {getattr(dataset, 'name', '')!r} is "
-                         f"continuous (levels = 0): use 'gaussian'")
-    if name == "bernoulli":
-        if int(levels) != 2:
-            raise ValueError(f"likelihood 'bernoulli' needs binary data (2 levels); data set "
-                             f"{getattr(dataset, 'name', '')!r} has {levels} levels")
-        return BernoulliLikelihood()
-    return likelihood_from_config({"name": name, "levels": int(levels)})
+def by_name(name: str, dataset, trust_code: bool = True):
+    """The decoder registered as ``name`` (or an importable ``"module:Class"``), built for the data set by
+    its class's ``for_data(dataset)``, which refuses data it cannot score."""
+    check_levels(dataset.levels, name=f"data set {_data_name(dataset)}: levels")
+    cls = LIKELIHOODS.resolve(name, trust_code=trust_code)
+    if not hasattr(cls, "for_data"):
+        raise ValueError(f"likelihood class {name!r} has no classmethod for_data(dataset) to build it for the data")
+    return cls.for_data(dataset)

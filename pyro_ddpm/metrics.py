@@ -51,14 +51,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pyro_ddpm.checkpoint import atomic_write
+from pyro_ddpm import presets
+from pyro_ddpm.files import atomic_write
 
 CLASSIFIER_FORMAT = 1
-LABELED = ("digits", "mnist5k", "mnist5k-binary")
-# Training settings of :func:`classifier` per data set (defaults of :func:`fit_classifier` otherwise):
-# MNIST-5k's 28x28 images use a narrower network and fewer epochs to keep training well under a minute.
-SETTINGS = {"digits": {"width": 32, "epochs": 30}, "mnist5k": {"width": 16, "epochs": 15},
-            "mnist5k-binary": {"width": 16, "epochs": 15}}
 NOT_INCEPTION = (
     "computed in the feature space of a small classifier trained on this data set's training split; "
     "not comparable with Inception FID/KID/IS"
@@ -71,7 +67,7 @@ def labels(data) -> tuple[torch.Tensor, torch.Tensor]:
     ValueError for a data set without labels."""
     if data.train_labels is None or data.test_labels is None:
         raise ValueError(f"classifier metrics need class labels; data set {data.name!r} has none "
-                         f"(they apply to {list(LABELED)})")
+                         f"(they apply to {presets.labeled()})")
     return data.train_labels, data.test_labels
 
 
@@ -209,10 +205,10 @@ def classifier(data="digits", seed: int = 0, cache_dir: str | os.PathLike | None
                **kwargs) -> Classifier:
     """The cached (or freshly trained) classifier of the data set ``data`` (a name or a loaded
     :class:`~pyro_ddpm.data.Dataset` split with ``seed``), trained from ``train_seed`` with
-    :data:`SETTINGS`; keyword arguments override them and go to :func:`fit_classifier`."""
+    :data:`pyro_ddpm.presets.DATASETS` (its ``classifier`` entry); keyword arguments override them and go to :func:`fit_classifier`."""
     data = _dataset(data, seed)
     train_y, test_y = labels(data)
-    settings = {**SETTINGS.get(data.name, {}), **kwargs}
+    settings = {**presets.settings(data.name).get("classifier", {}), **kwargs}
     return fit_classifier(data.train, train_y, data.test, test_y, name=data.name, cache_dir=cache_dir, seed=train_seed, **settings)
 
 
@@ -221,8 +217,9 @@ def _dataset(data, seed: int):
 
     if isinstance(data, Dataset):
         return data
-    if isinstance(data, str) and data not in LABELED:
-        raise ValueError(f"classifier metrics need class labels; data set {data!r} has none here (they apply to {list(LABELED)})")
+    if isinstance(data, str) and data not in presets.labeled():
+        raise ValueError(f"classifier metrics need class labels; data set {data!r} has none here "
+                         f"(they apply to {presets.labeled()})")
     return load(data, seed=seed)
 
 

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pyro_ddpm.registry import NETWORKS
+
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """The Transformer's sinusoidal embedding of the (integer) timesteps ``t``: shape (len(t), dim)."""
@@ -75,6 +77,7 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))
 
 
+@NETWORKS.register(name="unet")
 class UNet(nn.Module):
     """The DDPM U-Net eps_theta(x_t, t) for images of shape (in_channels, resolution, resolution).
 
@@ -98,7 +101,7 @@ class UNet(nn.Module):
         out_channels = in_channels if out_channels is None else int(out_channels)
         if out_channels < 1:
             raise ValueError(f"UNet: out_channels must be positive, got {out_channels}")
-        self.config = dict(
+        self._config = dict(
             resolution=resolution, in_channels=in_channels, ch=ch, ch_mult=tuple(ch_mult),
             num_res_blocks=num_res_blocks, attn_resolutions=tuple(attn_resolutions), dropout=dropout, groups=groups,
             out_channels=out_channels,
@@ -142,6 +145,14 @@ class UNet(nn.Module):
         self.norm_out = _norm(c, groups)
         self.conv_out = _zero(nn.Conv2d(c, out_channels, 3, padding=1))
 
+    def config(self) -> dict:
+        """The constructor arguments (plain data): ``UNet(**net.config())`` builds the same architecture."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self._config.items()}
+
+    @classmethod
+    def from_config(cls, **config) -> "UNet":
+        return cls(**config)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         temb = self.temb(timestep_embedding(t, self.ch).to(x.dtype))
         hs = [self.conv_in(x)]
@@ -165,18 +176,21 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+@NETWORKS.register(name="mlp")
 class MLP(nn.Module):
     """eps_theta(x_t, t) for flat data of shape (dim,): residual MLP blocks with a time embedding.
 
-    ``out_dim`` (default ``dim``) sets the output's size, as ``out_channels`` does for :class:`UNet`.
+    ``out_channels`` (default ``dim``) sets the output's size, as it does for :class:`UNet`: for flat
+    data the D features stand where an image's channels do.
     """
 
-    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, temb_dim: int = 64, out_dim: int | None = None):
+    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, temb_dim: int = 64,
+                 out_channels: int | None = None):
         super().__init__()
-        out_dim = dim if out_dim is None else int(out_dim)
+        out_dim = dim if out_channels is None else int(out_channels)
         if out_dim < 1:
-            raise ValueError(f"MLP: out_dim must be positive, got {out_dim}")
-        self.config = dict(dim=dim, hidden=hidden, depth=depth, temb_dim=temb_dim, out_dim=out_dim)
+            raise ValueError(f"MLP: out_channels must be positive, got {out_dim}")
+        self._config = dict(dim=dim, hidden=hidden, depth=depth, temb_dim=temb_dim, out_channels=out_dim)
         self.shape = (dim,)
         self.temb_dim = temb_dim
         self.temb = nn.Sequential(nn.Linear(temb_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
@@ -186,6 +200,14 @@ class MLP(nn.Module):
         )
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, out_dim))
 
+    def config(self) -> dict:
+        """The constructor arguments (plain data)."""
+        return dict(self._config)
+
+    @classmethod
+    def from_config(cls, **config) -> "MLP":
+        return cls(**config)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         temb = self.temb(timestep_embedding(t, self.temb_dim).to(x.dtype))
         h = self.inp(x)
@@ -194,35 +216,18 @@ class MLP(nn.Module):
         return self.out(h)
 
 
-PRESETS = {
-    # sklearn digits: 1 x 8 x 8, 17 levels.
-    "digits": dict(kind="unet", resolution=8, in_channels=1, ch=16, ch_mult=(1, 2), num_res_blocks=1,
-                   attn_resolutions=(4,), dropout=0.1),
-    # MNIST: 1 x 28 x 28, 8-bit.
-    "mnist": dict(kind="unet", resolution=28, in_channels=1, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2,
-                  attn_resolutions=(14,), dropout=0.1),
-    # The paper's CIFAR-10 model: 3 x 32 x 32, 35.7M parameters.
-    "cifar10": dict(kind="unet", resolution=32, in_channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
-                    attn_resolutions=(16,), dropout=0.1),
-    # 2-D toy data.
-    "toy2d": dict(kind="mlp", dim=2, hidden=128, depth=3, temb_dim=64),
-}
-
-
 def build_network(config: dict) -> nn.Module:
-    """A network from a preset-style config: ``{"kind": "unet" | "mlp", **constructor arguments}``."""
+    """A network from a preset-style config: ``{"kind": NAME, **constructor arguments}``, NAME registered in
+    :data:`pyro_ddpm.registry.NETWORKS` (``unet``, ``mlp``, or a class of one's own)."""
     config = dict(config)
     kind = config.pop("kind", None)
-    if kind == "unet":
-        return UNet(**config)
-    if kind == "mlp":
-        return MLP(**config)
-    raise ValueError(f"network: unknown kind {kind!r}; expected 'unet' or 'mlp'")
+    if kind is None:
+        raise ValueError(f"network config {config!r} names no 'kind'; choose one of {NETWORKS.names()}")
+    return NETWORKS.build({"class": kind, "config": config}, origin="the network config")
 
 
 def network_config(net: nn.Module) -> dict:
     """The config that rebuilds ``net`` with :func:`build_network` (for checkpoints)."""
-    kind = {UNet: "unet", MLP: "mlp"}.get(type(net))
-    if kind is None:
-        raise ValueError(f"network: cannot record the configuration of a {type(net).__name__}")
-    return {"kind": kind, **net.config}
+    if not callable(getattr(net, "config", None)):
+        raise ValueError(f"network: cannot record the configuration of a {type(net).__name__} (it has no config())")
+    return {"kind": NETWORKS.name_of(type(net)), **net.config()}

@@ -47,11 +47,35 @@ shared), the network preset adapted by ``Model.network_config(preset)``; a decod
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
+
+class DataSpec(NamedTuple):
+    """What a program needs to know of the data: the shape of one datum and its levels per dimension.
+
+    ``levels`` is K >= 2 for data on the K-level grid -1 + 2k/(K-1), 0 for continuous data. For an image
+    (C, H, W) ``channels`` is C; for flat data (D,) it is D (the network's output has
+    ``output_channels`` in that place, see :meth:`pyro_ddpm.models.ReverseProcess.output_channels`).
+    """
+
+    shape: tuple
+    levels: int = 0
+
+    @property
+    def channels(self) -> int:
+        return int(self.shape[0])
+
+    @property
+    def dims(self) -> int:
+        out = 1
+        for s in self.shape:
+            out *= int(s)
+        return out
+
 
 IMAGES = "images"
 PAIRS = "(x_0, t)"
@@ -64,6 +88,37 @@ X_0 = "x_0"
 def chain_site(s: int) -> str:
     """The chain form's name of x_s (s = 0..T)."""
     return f"x_{s}"
+
+
+def check_batch(x0, shape, t=None, T: int | None = None, name: str = "x_0") -> None:
+    """Raise one ValueError naming the problem unless ``x0`` is a non-empty floating-point torch tensor of
+    data of ``shape`` with finite values and, when given, ``t`` a (B, K) integer tensor of timesteps in 1..T.
+
+    Both programs call this first (the guide runs first under every ELBO), whatever Pyro's validation
+    flag says: bad input gives this error before any distribution is built.
+    """
+    if not torch.is_tensor(x0):
+        raise ValueError(f"{name} must be a torch tensor, got {type(x0).__module__}.{type(x0).__name__}"
+                         + (" (use torch.as_tensor)" if hasattr(x0, "__array__") else ""))
+    if not x0.dtype.is_floating_point:
+        raise ValueError(f"{name} must be floating point in [-1, 1], got dtype {x0.dtype}"
+                         + (" (8-bit images: see pyro_ddpm.adapters.from_uint8)" if x0.dtype == torch.uint8 else ""))
+    shape = tuple(int(s) for s in shape)
+    if x0.dim() != len(shape) + 1 or tuple(x0.shape[1:]) != shape:
+        raise ValueError(f"{name} has shape {tuple(x0.shape)}, but the data shape is (batch, {', '.join(map(str, shape))})")
+    if x0.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(x0.shape)})")
+    if not bool(torch.isfinite(x0).all()):
+        bad = "NaN" if bool(torch.isnan(x0).any()) else "infinite values"
+        raise ValueError(f"{name} contains {bad}")
+    if t is None:
+        return
+    if not torch.is_tensor(t) or t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
+        raise ValueError(f"timesteps t must be an integer torch tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if t.dim() != 2 or t.shape[0] != x0.shape[0] or t.shape[1] < 1:
+        raise ValueError(f"timesteps t must have shape (batch, K) = ({x0.shape[0]}, K >= 1), got {tuple(t.shape)}")
+    if T is not None and (int(t.min()) < 1 or int(t.max()) > T):
+        raise ValueError(f"timesteps t must lie in 1..T = 1..{T}, got values in {int(t.min())}..{int(t.max())}")
 
 
 def timestep_plate(t: torch.Tensor, T: int) -> pyro.plate:

@@ -18,15 +18,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pyro.poutine.messenger import Messenger
+from tqdm.auto import tqdm
+
+from pyro_ddpm.figures import new_figure, save_figure
+from pyro_ddpm.models import DDIM
+from pyro_ddpm.respace import respace
 
 SAMPLERS = ("ancestral", "ddim")
 
 
+class Progress(Messenger):
+    """A progress bar over the sample sites a chain visits (one per reverse step and image batch)."""
+
+    def __init__(self, bar):
+        super().__init__()
+        self.bar = bar
+
+    def _pyro_post_sample(self, msg):
+        self.bar.update(1)
+
+
 def sampling_program(model, sampler: str = "ancestral", steps: int | None = None, eta: float = 0.0):
     """The Pyro program whose ``chain(num_images=n)`` draws from ``model`` with the chosen sampler."""
-    from pyro_ddpm.models.ddim import DDIM
-    from pyro_ddpm.respace import respace
-
     if sampler not in SAMPLERS:
         raise ValueError(f"sample: unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     if sampler == "ddim":
@@ -40,12 +54,13 @@ def sampling_program(model, sampler: str = "ancestral", steps: int | None = None
 
 @torch.no_grad()
 def sample(model, n: int, sampler: str = "ancestral", steps: int | None = None, eta: float = 0.0, *,
-           batch_size: int = 256) -> torch.Tensor:
+           batch_size: int = 256, progress: bool = False) -> torch.Tensor:
     """``n`` draws x_0, shape (n, *model.shape), on the model's device, ``batch_size`` images per chain.
 
     :param sampler: ``"ancestral"`` or ``"ddim"`` (see :func:`sampling_program`).
     :param steps: S network calls per image, 2 <= S <= T (default T).
     :param eta: DDIM's eta in [0, 1] (0: deterministic given x_T); only for ``"ddim"``.
+    :param progress: show a progress bar over the reverse steps.
     """
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"number of samples must be a positive integer, got {n!r}")
@@ -54,9 +69,15 @@ def sample(model, n: int, sampler: str = "ancestral", steps: int | None = None, 
     program = sampling_program(model, sampler, steps, eta)
     was_training = model.training  # the network is shared: restore the model's own mode afterwards
     program.eval()
+    batches = range(0, n, batch_size)
+    sites = (len(program.timesteps) if hasattr(program, "timesteps") else model.T) + 1
+    bar = tqdm(total=len(batches) * sites, desc=f"sample {sampler}", unit="step", disable=not progress,
+               dynamic_ncols=True)
     try:
-        return torch.cat([program.chain(None, min(batch_size, n - i)) for i in range(0, n, batch_size)])
+        with Progress(bar):
+            return torch.cat([program.chain(None, min(batch_size, n - i)) for i in batches])
     finally:
+        bar.close()
         model.train(was_training)
 
 
@@ -75,8 +96,6 @@ def image_grid(images: torch.Tensor, ncol: int | None = None) -> np.ndarray:
 
 def save_png(samples: torch.Tensor, path: str | Path, reference: torch.Tensor | None = None) -> Path:
     """An image grid (image data) or a scatter plot (2-D points, with ``reference`` data beside), atomically."""
-    from pyro_ddpm.figures import new_figure, save_figure
-
     if samples.dim() == 4:
         grid = image_grid(samples)
         fig, axes = new_figure(size=(grid.shape[1] / 20, grid.shape[0] / 20))

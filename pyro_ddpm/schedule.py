@@ -155,6 +155,55 @@ class ScheduleBase:
         if not torch.allclose(other, self.betas.detach().to(other), rtol=1e-12, atol=0.0):
             raise ValueError(f"schedule mismatch: the {what}'s betas differ from this schedule's (same T = {self.T})")
 
+    # ----------------------------------------------------------------- the operations of the paper
+    # Every program (models, guides, samplers, the evaluator) goes through these: each formula is written
+    # once, next to the constants it uses. ``t`` is an integer tensor of timesteps (batch dims first);
+    # results are in the dtype of the tensor argument (see :func:`at`).
+
+    def q_mean(self, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """sqrt(abar_t) x_0: the mean of q(x_t | x_0) (Eq. 4)."""
+        return at(self.sqrt_abar, t, x0) * x0
+
+    def q_scale(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """sqrt(1 - abar_t), shaped like ``like``: the scale of q(x_t | x_0) (Eq. 4)."""
+        return at(self.sqrt_one_minus_abar, t, like).expand_as(like)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (Eq. 4, reparameterized)."""
+        return self.q_mean(x0, t) + at(self.sqrt_one_minus_abar, t, x0) * eps
+
+    def posterior_mean(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """mu_tilde_t(x_t, x_0) = coef_x0_t x_0 + coef_xt_t x_t (Eq. 7)."""
+        return at(self.coef_x0, t, x_t) * x0 + at(self.coef_xt, t, x_t) * x_t
+
+    def x0_from_mean(self, mean: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The x_0 at which Eq. 7's mean equals ``mean``: (mean - coef_xt_t x_t) / coef_x0_t."""
+        return (mean - at(self.coef_xt, t, x_t) * x_t) / at(self.coef_x0, t, x_t)
+
+    def x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t): Eq. 4 solved for x_0 (Eq. 15)."""
+        return (x_t - at(self.sqrt_one_minus_abar, t, x_t) * eps) / at(self.sqrt_abar, t, x_t)
+
+    def eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t): Eq. 4 solved for the noise."""
+        return (x_t - at(self.sqrt_abar, t, x_t) * x0) / at(self.sqrt_one_minus_abar, t, x_t)
+
+    def mean_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """mu_theta(x_t, t) = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t) (Eq. 11).
+
+        Algebraically Eq. 7 at :meth:`x0_from_eps`; computed directly, without dividing by
+        sqrt(abar_t) (which loses float32 precision near t = T).
+        """
+        return at(self.recip_sqrt_alpha, t, x_t) * (x_t - at(self.eps_coef, t, x_t) * eps)
+
+    def x0_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v, for v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0."""
+        return at(self.sqrt_abar, t, x_t) * x_t - at(self.sqrt_one_minus_abar, t, x_t) * v
+
+    def v_from(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans and Ho 2022)."""
+        return at(self.sqrt_abar, t, x0) * eps - at(self.sqrt_one_minus_abar, t, x0) * x0
+
     def extra_repr(self) -> str:
         beta = self.betas.detach()
         return f"T={self.T}, beta_1={beta[0].item():.3g}, beta_T={beta[-1].item():.3g}"

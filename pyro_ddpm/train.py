@@ -1,15 +1,15 @@
 """Training: Pyro SVI on the per-timestep form of the bound, with warm-up, clipping, EMA and checkpoints.
 
-Each step draws a global minibatch x_0, K timesteps per image (uniform on 1..T, or from the
-loss-aware importance sampler with weights 1/(T p_t)) and the noise of x_t ~ q(x_t | x_0) from the
-run's own generator, and calls ``svi.step`` with :class:`~pyro_ddpm.elbo.TermwiseELBO` (Pyro's
-``TraceMeanField_ELBO`` that keeps its terms): one network call over the B*K pairs. The guide draws
-x_t from that noise through :class:`~pyro_ddpm.protocol.FixedNoise` (a reparameterized draw), so a
-run is reproduced exactly by its seed, whether it is resumed or split over processes. The objective
-(``elbo``, ``simple``, ``hybrid``) changes only the model program and the per-timestep weights
-(:mod:`pyro_ddpm.elbo`). The model and guide are any classes following :mod:`pyro_ddpm.protocol`
-(``config.model``, ``config.guide``); parameters of either (e.g. a learned schedule) are trained by
-the same SVI step.
+Each step draws a global minibatch x_0, K timesteps per image from the run's timestep sampler (uniform
+on 1..T, Algorithm 1's draw, or an importance proposal with weights 1/(T p_t); :mod:`pyro_ddpm.timesteps`)
+and the noise of x_t ~ q(x_t | x_0) from the run's own generator, and calls ``svi.step`` with
+:class:`~pyro_ddpm.elbo.TermwiseELBO` (Pyro's ``TraceMeanField_ELBO`` that keeps its terms): one
+network call over the B*K pairs. The guide draws x_t from that noise through
+:class:`~pyro_ddpm.protocol.FixedNoise` (a reparameterized draw), so a run is reproduced exactly by
+its seed, whether it is resumed or split over processes. The objective changes only the model
+program and the per-timestep weights, as the model class declares (``training_program``). The model
+and guide are any classes following :mod:`pyro_ddpm.protocol`; parameters of either (e.g. a learned
+schedule) are trained by the same SVI step.
 
 Optimizer: one torch optimizer (Adam by default) over all parameters with the paper's global-norm
 clipping and a linear warm-up (:class:`~pyro_ddpm.optim.JointOptimizer`). The EMA of the network
@@ -19,9 +19,14 @@ their recent past rather than their initialization; evaluation and sampling use 
 Many processes: under ``torchrun`` (``torch.distributed`` initialized from the environment) each
 process runs SVI on its contiguous shard of the global batch, with the network wrapped in
 ``DistributedDataParallel`` (gradients averaged across processes) and both programs scaled by the
-world size, so the averaged gradient is the global batch's. Rank 0 writes logs, samples and
-checkpoints; at every checkpoint the ranks check that they hold identical parameters. Dropout masks
-are drawn per process, so only dropout-free runs match a single-process run to round-off.
+world size, so the averaged gradient is the global batch's (:class:`Processes`). Rank 0 writes logs,
+samples and checkpoints; at every checkpoint the ranks check that they hold identical parameters.
+Dropout masks are drawn per process, so only dropout-free runs match a single-process run to round-off.
+
+Safety: the run directory is locked while a run writes to it; stale temporaries of interrupted saves
+are removed; SIGINT/SIGTERM save a checkpoint at the current step and stop with one line saying how
+to resume; a NaN, infinite or exploding loss (far beyond the running median) stops the run, keeping
+the last good checkpoint; Pyro's validation flag and torch's thread count are restored on exit.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import statistics
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,36 +51,43 @@ from pyro.infer import SVI
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from pyro_ddpm import checkpoint, data as datasets, likelihoods, protocol
-from pyro_ddpm.elbo import OBJECTIVES, TermwiseELBO, objective
-from pyro_ddpm.nets import PRESETS, build_network, network_config
+from pyro_ddpm import data as datasets, likelihoods, presets, protocol
+from pyro_ddpm.checkpoint import FILENAME, TrainState, fingerprint
+from pyro_ddpm.elbo import TermwiseELBO, objective
+from pyro_ddpm.files import RunLock, atomic_write, remove_stale_temporaries
+from pyro_ddpm.nets import build_network, network_config
 from pyro_ddpm.optim import JointOptimizer
+from pyro_ddpm.registry import GUIDES, LIKELIHOODS, MODELS, NETWORKS, TIMESTEPS
+from pyro_ddpm.sample import sample, save_png
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
-TIMESTEPS = ("uniform", "importance")
 # Fields that may change when a run is resumed; every other field must match the checkpoint.
-RESUMABLE = ("steps", "device", "log_every", "sample_every", "checkpoint_every", "validate")
+RESUMABLE = ("steps", "device", "log_every", "sample_every", "checkpoint_every", "validate", "threads")
+# A loss per image further than this factor times max(|median|, 1) from the running median is divergence.
+DIVERGENCE_FACTOR = 1e3
+LOSS_HISTORY = 200
 
 
 @dataclass
 class TrainConfig:
     data: str = "digits"
-    objective: str = "elbo"
-    model: str = "ReverseProcess"  # a class in pyro_ddpm.models, or an importable "module:Class"
-    guide: str = "ForwardProcess"  # a class in pyro_ddpm.guides, or an importable "module:Class"
-    likelihood: str | None = None  # the decoder; default: the data set's (see likelihoods.default_for)
-    timesteps: str = "uniform"  # "uniform" or "importance" (loss-aware, guides.importance_sampling)
+    objective: str = "elbo"  # one of the model class's objectives
+    model: str = "ReverseProcess"  # a registered model class, or an importable "module:Class"
+    guide: str = "ForwardProcess"  # a registered guide class, or an importable "module:Class"
+    schedule: str = "linear"  # what the guide class's from_spec(T, schedule) reads (a name, betas, ...)
+    T: int = 1000
+    variance: str | None = None  # one of the model class's variances; default: its first
+    likelihood: str | None = None  # a registered decoder; default: the data set's (likelihoods.default_for)
+    timesteps: str = "uniform"  # a registered timestep sampler: "uniform" or "importance" (loss-aware)
+    model_options: dict = dataclasses.field(default_factory=dict)  # further keyword arguments of the model class
     steps: int = 3000
     batch_size: int = 128  # the global batch, over all processes
     timesteps_per_image: int = 1  # K
-    T: int = 1000
-    schedule: str = "linear"
-    variance: str = "large"
-    net: str | None = None  # a preset of pyro_ddpm.nets.PRESETS; default: the data set's
+    net: str | None = None  # a preset of pyro_ddpm.presets.NETWORKS; default: the data set's
     net_overrides: dict = dataclasses.field(default_factory=dict)  # e.g. {"ch": 16, "dropout": 0.0}
     optimizer: str = "Adam"  # a torch.optim class
     lr: float = 2e-4
-    warmup: int | None = None  # default min(5000, steps // 10): the paper's 5000 for long runs
+    warmup: int | None = None  # default min(5000, steps // 10) of the first run, stored: resuming keeps it
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     seed: int = 0
@@ -83,34 +98,102 @@ class TrainConfig:
     sample_every: int = 0  # write a grid of EMA samples every N steps (0: never)
     checkpoint_every: int = 1000
     validate: bool = False  # pyro.enable_validation during training (slower)
+    threads: int | None = None  # torch threads; default: torch's choice (1 under pytest-xdist)
 
-    def check(self) -> None:
-        for field, package in (("model", "pyro_ddpm.models"), ("guide", "pyro_ddpm.guides")):
-            setattr(self, field, checkpoint.program_name(getattr(self, field), package))
+    def model_class(self, trust_code: bool = True) -> type:
+        return MODELS.resolve(self.model, trust_code=trust_code)
+
+    def check(self, trust_code: bool = True) -> None:
+        """Raise one ValueError naming the first setting that cannot work (nothing is built or written)."""
+        model_class = self.model_class(trust_code)
+        self.model = MODELS.name_of(model_class)
+        self.guide = GUIDES.name_of(GUIDES.resolve(self.guide, trust_code=trust_code))
+        self.timesteps = TIMESTEPS.name_of(TIMESTEPS.resolve(self.timesteps, trust_code=trust_code))
+        if self.likelihood is not None:
+            self.likelihood = LIKELIHOODS.name_of(LIKELIHOODS.resolve(self.likelihood, trust_code=trust_code))
+        if self.objective not in model_class.objectives:
+            raise ValueError(f"{self.model} does not train on objective {self.objective!r}; "
+                             f"it supports {list(model_class.objectives)}")
+        if self.variance is not None and self.variance not in model_class.variances:
+            raise ValueError(f"{self.model} has no variance {self.variance!r}; it implements {list(model_class.variances)}")
         if not isinstance(getattr(torch.optim, self.optimizer, None), type):
             raise ValueError(f"unknown optimizer {self.optimizer!r}: not a class in torch.optim")
-        if self.timesteps not in TIMESTEPS:
-            raise ValueError(f"unknown timestep sampling {self.timesteps!r}; choose one of {TIMESTEPS}")
-        if self.timesteps == "importance" and self.objective == "hybrid":
-            raise ValueError("timesteps='importance' with objective='hybrid' is not supported: the hybrid program's "
-                             "L_simple factor is not reweighted by the proposal, so the estimate would be biased")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {self.objective!r}; choose one of {OBJECTIVES}")
-        if self.net is not None and self.net not in PRESETS:
-            raise ValueError(f"unknown network preset {self.net!r}; choose one of {sorted(PRESETS)}")
+        if self.net is not None and self.net not in presets.NETWORKS:
+            raise ValueError(f"unknown network preset {self.net!r}; choose one of {sorted(presets.NETWORKS)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; choose one of {sorted(PRECISIONS)}")
         for name in ("steps", "batch_size", "timesteps_per_image", "T", "log_every", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.T < 2:
+            raise ValueError(f"T must be at least 2, got {self.T}")
+        if self.sample_every < 0:
+            raise ValueError(f"sample_every must be 0 (never) or positive, got {self.sample_every}")
+        if self.warmup is not None and self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be positive, got {self.threads}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} requested but CUDA is not available")
+        if not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be positive, got {self.grad_clip}")
+        check_device(self.device)
 
     @property
     def warmup_steps(self) -> int:
         return self.warmup if self.warmup is not None else min(5000, self.steps // 10)
+
+    def resolved(self, dataset) -> "TrainConfig":
+        """This config with the defaults it leaves open filled in (what a checkpoint stores)."""
+        model_class = self.model_class()
+        likelihood = self.likelihood or LIKELIHOODS.name_of(type(likelihoods.default_for(dataset)))
+        return dataclasses.replace(self, variance=self.variance or model_class.variances[0], warmup=self.warmup_steps,
+                                   likelihood=likelihood, net=self.net or dataset.preset)
+
+
+def check_device(device: str) -> None:
+    """Raise ValueError unless ``device`` names a device this torch build has."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r}: {e}") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available in this torch build/machine")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif d.type not in ("cpu", "mps"):
+        raise ValueError(f"device {device!r} is not supported (use cpu or cuda[:N])")
+
+
+# ----------------------------------------------------------------------------- building the programs
+def build(config: TrainConfig, dataset: datasets.Dataset, trust_code: bool = True):
+    """Model and guide for ``config`` on ``dataset`` (on ``config.device``).
+
+    The guide class builds itself with ``from_spec(T, schedule, event_dim)``; the model class is built by
+    ``from_config(eps=network, schedule=guide.schedule, likelihood=..., variance=..., shape=...)`` around
+    the guide's schedule (one schedule object: a learned schedule is learned for both), with the network
+    preset given the output the class asks for (``network_config(preset, data)``).
+    """
+    model_class = config.model_class(trust_code)
+    guide = GUIDES.resolve(config.guide, trust_code=trust_code).from_spec(config.T, config.schedule, len(dataset.shape))
+    likelihood = (likelihoods.default_for(dataset) if config.likelihood is None
+                  else likelihoods.by_name(config.likelihood, dataset, trust_code=trust_code))
+    spec = protocol.DataSpec(dataset.shape, int(dataset.levels or 0))
+    preset = dict(presets.NETWORKS[config.net or dataset.preset], **config.net_overrides)
+    net = build_network(model_class.network_config(preset, spec))
+    if tuple(getattr(net, "shape", dataset.shape)) != dataset.shape:
+        raise ValueError(f"network preset {config.net!r} expects data of shape {net.shape}, "
+                         f"but {dataset.name} has shape {dataset.shape}")
+    model = model_class.from_config(eps=net, schedule=guide.schedule, likelihood=likelihood, variance=config.variance,
+                                    shape=list(dataset.shape), **config.model_options)
+    model.to(config.device)
+    guide.to(config.device)
+    model.autocast = PRECISIONS[config.precision]
+    return model, guide
 
 
 def make_optimizer(config: TrainConfig) -> JointOptimizer:
@@ -120,50 +203,216 @@ def make_optimizer(config: TrainConfig) -> JointOptimizer:
                           lr_lambda=lambda step: min(1.0, (step + 1) / warmup))
 
 
-def make_svi(config: TrainConfig, model, guide, world: int = 1) -> tuple[SVI, torch.Tensor | None]:
-    """The trainer's ``SVI`` and the objective's per-timestep weights; ``svi.elbo`` is its :class:`TermwiseELBO`.
+class Processes:
+    """The processes of a run: rank, world size, and what data-parallel training changes (one place).
 
-    ``svi.step(x0, t, eps, weight)`` takes one step on the objective's program with x_t drawn from
-    the given noise ``eps`` (pair b * K + k). With ``world`` > 1 processes the network is wrapped in
-    ``DistributedDataParallel`` and both programs are scaled by ``world`` (DDP averages gradients).
+    With one process every method is the identity; under ``torchrun`` the network is wrapped in
+    ``DistributedDataParallel``, both programs are scaled by the world size and values are gathered.
     """
-    train_model, weight = objective(config.objective, model)
-    if world > 1:
-        train_model = train_model.with_network(torch.nn.parallel.DistributedDataParallel(model.eps))
-    scale = poutine.scale(scale=float(world)) if world > 1 else contextlib.nullcontext()
+
+    def __init__(self, device: str):
+        self.created = False
+        if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+            self.created = True
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+    @property
+    def many(self) -> bool:
+        return self.world > 1
+
+    def wrap(self, program):
+        """The training program with its network in DistributedDataParallel (when there are many processes)."""
+        if not self.many:
+            return program
+        return program.with_network(torch.nn.parallel.DistributedDataParallel(program.eps))
+
+    def scale(self):
+        """``poutine.scale`` by the world size: DDP averages the gradients, so each process sums B/world images."""
+        return poutine.scale(scale=float(self.world)) if self.many else contextlib.nullcontext()
+
+    def shard(self, batch: int) -> slice:
+        """This process's contiguous share of a global batch of ``batch`` items."""
+        if batch % self.world:
+            raise ValueError(f"batch_size {batch} is not divisible by the {self.world} processes")
+        n = batch // self.world
+        return slice(self.rank * n, (self.rank + 1) * n)
+
+    def gather(self, values: torch.Tensor) -> torch.Tensor:
+        """The values of every process, concatenated in rank order (the global batch's)."""
+        if not self.many:
+            return values
+        out = [torch.zeros_like(values) for _ in range(self.world)]
+        dist.all_gather(out, values)
+        return torch.cat(out)
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        if self.many:
+            values = values.clone()
+            dist.all_reduce(values)
+            values /= self.world
+        return values
+
+    def check_in_sync(self, net: torch.nn.Module, step: int) -> None:
+        if not self.many:
+            return
+        flat = torch.cat([p.detach().double().reshape(-1) for p in net.parameters()]).cpu()
+        summary = torch.stack([flat.sum(), flat.abs().sum(), (flat * torch.arange(len(flat), dtype=torch.float64)).sum()])
+        gathered = [torch.zeros_like(summary) for _ in range(self.world)]
+        dist.all_gather(gathered, summary)
+        if not all(torch.equal(g, gathered[0]) for g in gathered):
+            raise RuntimeError(f"processes hold different parameters at step {step}")
+
+    def close(self) -> None:
+        if self.created and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def make_svi(config: TrainConfig, program, guide, processes: Processes | None = None) -> SVI:
+    """The trainer's ``SVI`` on the objective's ``program`` (``objective(config.objective, model)[0]``);
+    ``svi.elbo`` is its :class:`TermwiseELBO`.
+
+    ``svi.step(x0, t, eps, weight)`` takes one step on the program with x_t drawn from the given noise
+    ``eps`` (pair b * K + k) and per-timestep weights ``weight`` (the objective's times the timestep
+    proposal's, or None).
+    """
+    processes = processes or Processes(config.device)
+    train_program = processes.wrap(program)
 
     def svi_model(x0, t, eps, weight):
-        with scale:
-            train_model.per_timestep(x0, t, weight)
+        with processes.scale():
+            train_program.per_timestep(x0, t, weight)
 
     def svi_guide(x0, t, eps, weight):
-        with scale, protocol.FixedNoise({protocol.X_t: eps}):
+        with processes.scale(), protocol.FixedNoise({protocol.X_t: eps}):
             guide.per_timestep(x0, t, weight)
 
     elbo = TermwiseELBO()
     svi = SVI(svi_model, svi_guide, make_optimizer(config), loss=elbo)
     svi.elbo = elbo  # its last_terms: each pair's term of the last step
-    return svi, weight
+    return svi
 
 
-def make_timestep_sampler(config: TrainConfig, T: int):
-    """None for uniform timesteps (drawn inline), else the loss-aware importance sampler."""
-    if config.timesteps == "uniform":
-        return None
-    from pyro_ddpm.guides.importance_sampling import LossAwareSampler
-
-    return LossAwareSampler(T)
+def step_weight(objective_weight: torch.Tensor | None, proposal: torch.Tensor) -> torch.Tensor | None:
+    """The per-timestep weights of one step: the objective's times the proposal's 1/(T p_t) (None: all 1)."""
+    if objective_weight is None:
+        return None if bool((proposal[1:] == 1).all()) else proposal
+    return objective_weight * proposal.to(objective_weight)
 
 
-def _pair_terms(terms: dict, world: int) -> torch.Tensor:
-    """Each pair's unweighted L_{t-1} (or L_0 at t = 1), in nats, from the terms of the last SVI step."""
-    prev, x0 = terms[protocol.X_PREV], terms[protocol.X_0]
-    values = (prev.value + x0.value).detach()
-    if world > 1:
-        gathered = [torch.zeros_like(values) for _ in range(world)]
-        dist.all_gather(gathered, values)
-        values = torch.cat(gathered)
-    return values
+def pair_losses(terms: dict, t: torch.Tensor, proposal: torch.Tensor, K: int, world: int) -> torch.Tensor:
+    """Each pair's term of the optimized objective, as a loss-aware sampler wants it (weights of the
+    objective kept, the proposal's 1/(T p_t) and the plate's T/K removed): (B*K,) in nats."""
+    T = proposal.shape[0] - 1
+    plate = (T / K) * world * proposal.to(t.device)[t]
+    total = 0.0
+    for term in terms.values():
+        if term.per_pair:
+            total = total + term.value * term.scale
+    return (total / plate).detach()
+
+
+def bound_estimates(terms: dict, t: torch.Tensor, proposal: torch.Tensor, K: int, images: int) -> torch.Tensor:
+    """This batch's unbiased estimates of L_T, the rate L_1..L_{T-1} and L_0 (nats per image) from the
+    terms of the bound's own programs (the proposal's weights 1/(T p_t) carried)."""
+    T = proposal.shape[0] - 1
+    w = (T / K) * proposal.to(t.device)[t]
+    L_T = terms[protocol.X_T].value.sum()
+    rate = (terms[protocol.X_PREV].value * w).sum()
+    L_0 = (terms[protocol.X_0].value * w).sum()
+    return torch.stack([L_T, rate, L_0]).detach().double().cpu() / images
+
+
+class MetricsLog:
+    """``metrics.jsonl``: per logging window, the mean and standard error of the loss and of the bound's
+    estimates (L_T, rate, L_0, total; bits/dim), images/s; rank 0 writes."""
+
+    def __init__(self, path: Path, dims: int, write: bool):
+        self.path, self.dims, self.write = path, dims, write
+        self.losses: list[float] = []
+        self.bounds: list[torch.Tensor] = []
+        self.t0, self.images = time.perf_counter(), 0
+
+    def truncate(self, step: int) -> None:
+        """Keep the records up to ``step`` (a resumed run drops what was logged after its checkpoint)."""
+        if not self.write or not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError):  # a line cut by a kill: dropped
+                continue
+        atomic_write(self.path, lambda f: f.write("".join(k + "\n" for k in kept).encode()))
+
+    def add(self, loss_per_image: float, bound: torch.Tensor | None, images: int) -> None:
+        self.losses.append(loss_per_image)
+        if bound is not None:
+            self.bounds.append(bound)
+        self.images += images
+
+    @staticmethod
+    def _mean_se(values: list[float]) -> tuple[float, float]:
+        n = len(values)
+        mean = sum(values) / n
+        se = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else float("nan")
+        return mean, se
+
+    def flush(self, step: int, config: TrainConfig, processes: Processes) -> dict:
+        elapsed = time.perf_counter() - self.t0
+        losses = processes.mean(torch.tensor(self.losses, dtype=torch.float64)).tolist()
+        loss, loss_se = self._mean_se(losses)
+        record = {"step": step, "objective": config.objective, "loss_per_image": loss, "loss_per_image_se": loss_se,
+                  "images_per_s": self.images * processes.world / elapsed, "window_steps": len(losses)}
+        if self.bounds:
+            b = processes.mean(torch.stack(self.bounds)) / (self.dims * math.log(2))  # (steps, 3) bits/dim
+            for j, name in enumerate(("L_T", "rate", "L_0")):
+                record[f"{name}_bits_per_dim"], record[f"{name}_bits_per_dim_se"] = self._mean_se(b[:, j].tolist())
+            record["bits_per_dim"], record["bits_per_dim_se"] = self._mean_se(b.sum(1).tolist())
+            record["bound_steps"] = len(self.bounds)
+        if self.write:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        self.losses, self.bounds, self.t0, self.images = [], [], time.perf_counter(), 0
+        return record
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGINT or SIGTERM after saving a checkpoint; the message says how to resume."""
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Turn SIGINT/SIGTERM into a request to stop after the current step (a list: ``[signal name]`` or ``[]``)."""
+    requested: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def handler(signum, frame):
+        requested.append(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """``torch.set_num_threads(threads)`` inside, restored after; None: 1 under pytest-xdist, else torch's own."""
+    if threads is None and os.environ.get("PYTEST_XDIST_WORKER"):
+        threads = 1
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _ema_avg(decay: float):
@@ -179,236 +428,196 @@ def _ema_avg(decay: float):
     return avg
 
 
-def build(config: TrainConfig, dataset: datasets.Dataset):
-    """Model and guide for ``config`` on ``dataset`` (on ``config.device``).
-
-    The guide class builds itself with ``from_config(T, schedule, event_dim)``; the model class is
-    built as ``Model(network, guide.schedule, variance, likelihood, shape=...)`` around the guide's
-    schedule (one schedule object: a learned schedule is learned for both), with the network preset
-    adapted by the class's ``network_config`` (e.g. twice the output channels for a learned variance).
-    """
-    model_class = checkpoint.program_class(config.model, "pyro_ddpm.models")
-    guide_class = checkpoint.program_class(config.guide, "pyro_ddpm.guides")
-    guide = guide_class.from_config(config.T, config.schedule, len(dataset.shape))
-    preset = dict(PRESETS[config.net or dataset.preset], **config.net_overrides)
-    net = build_network(model_class.network_config(preset))
-    if tuple(getattr(net, "shape", dataset.shape)) != dataset.shape:
-        raise ValueError(f"network preset {config.net!r} expects data of shape {net.shape}, "
-                         f"but {dataset.name} has shape {dataset.shape}")
-    likelihood = likelihoods.default_for(dataset) if config.likelihood is None else likelihoods.by_name(config.likelihood, dataset)
-    model = model_class(net, guide.schedule, config.variance, likelihood, shape=dataset.shape)
-    model.to(config.device)
-    guide.to(config.device)
-    model.autocast = PRECISIONS[config.precision]
-    return model, guide
-
-
-def _process_group(device: str) -> tuple[int, int]:
-    """(rank, world size); initializes torch.distributed when launched by torchrun."""
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _resume_config(config: TrainConfig, state: dict) -> None:
-    saved = TrainConfig(**state["config"])
-    differ = [f.name for f in dataclasses.fields(TrainConfig)
-              if f.name not in RESUMABLE and getattr(saved, f.name) != getattr(config, f.name)]
-    if differ:
-        raise ValueError("cannot resume: the checkpoint was trained with different "
-                         + ", ".join(f"{n}={getattr(saved, n)!r} (asked {getattr(config, n)!r})" for n in differ))
-    if config.steps < state["step"]:
-        raise ValueError(f"cannot resume to {config.steps} steps: the checkpoint is at step {state['step']}")
-
-
-def train(config: TrainConfig, out: str | Path, progress: bool = True, resume: bool = False) -> Path:
-    """Train; write ``out/metrics.jsonl``, checkpoints ``out/checkpoint.pt`` and sample grids; return the checkpoint.
-
-    With ``resume=True`` the run continues from ``out/checkpoint.pt`` (``config`` must match it except
-    for the fields in :data:`RESUMABLE`); on CPU it then reproduces the uninterrupted run exactly.
-    """
-    config.check()
-    out = Path(out)
-    ckpt_path = out / checkpoint.FILENAME
-    state = None
-    if resume:
-        state = checkpoint.load(ckpt_path)
-        _resume_config(config, state)
-    elif ckpt_path.exists():
-        raise ValueError(f"{out} already holds a checkpoint: resume it (--resume) or choose another output directory")
-    dataset = datasets.load(config.data, seed=0)
-    rank, world = _process_group(config.device)
-    if config.batch_size % world:
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world} processes")
-
-    pyro.clear_param_store()
-    pyro.set_rng_seed(config.seed)
-    pyro.enable_validation(config.validate)
-    model, guide = build(config, dataset)
-    if world > 1 and any(p.requires_grad for p in guide.parameters()):
-        raise ValueError(f"{config.guide} has parameters: training it over {world} processes is not supported "
-                         "(only the network's gradients are averaged across processes); use one process")
-    net = model.eps
-    if state is not None:
-        net.load_state_dict(state["net"])
-    ema = AveragedModel(net, multi_avg_fn=_ema_avg(config.ema_decay), use_buffers=True)  # a copy, before compiling
-    if config.compile:
-        net.compile()
-    svi, weight = make_svi(config, model, guide, world)
-    optim = svi.optim
-    prefix = "$$$module." if world > 1 else "$$$"
-    if state is not None:
-        optim.set_state(dict(state["optim"], names=[k.replace("$$$", prefix, 1) for k in state["optim"]["names"]]))
-        guide.load_state_dict(state["guide"])
-    timesteps = make_timestep_sampler(config, model.T)
-    if state is not None and timesteps is not None:
-        timesteps.load_state_dict(state["timesteps"])
-    generator = torch.Generator().manual_seed(config.seed)
-    start, order = 0, None
-    if state is not None:
-        ema.module.load_state_dict(state["ema"])
-        ema.n_averaged.fill_(int(state["ema_updates"]))
-        generator.set_state(state["rng"]["generator"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if torch.cuda.is_available() and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        start, order = state["step"], state["order"]
-    sample_model = model.with_network(ema.module)
-
-    x_train = dataset.train
-    N, B, K, D = len(x_train), min(config.batch_size, len(dataset.train)), config.timesteps_per_image, dataset.dims
-    per_epoch = max(1, N // B)
-    shard = slice(rank * (B // world), (rank + 1) * (B // world))
-    out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "metrics.jsonl"
-    if rank == 0 and not resume:
-        log_path.unlink(missing_ok=True)
-
-    def save(step: int) -> Path:
-        in_sync = _ranks_in_sync(net) if world > 1 else True
-        if not in_sync:
-            raise RuntimeError(f"processes hold different parameters at step {step}")
-        if rank != 0:
-            return ckpt_path
-        return checkpoint.save({
-            "step": step,
-            "config": dataclasses.asdict(config),
-            "network": network_config(net),
-            "schedule": {"name": config.schedule, "betas": model.schedule.betas.detach().cpu()},
-            "variance": config.variance,
-            "likelihood": model.likelihood.config(),
-            "data": {"name": dataset.name, "shape": list(dataset.shape), "levels": dataset.levels,
-                     "source": getattr(dataset, "source", "")},
-            "net": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-            "ema": {k: v.detach().cpu() for k, v in ema.module.state_dict().items()},
-            "ema_updates": int(ema.n_averaged),
-            "guide": {k: v.detach().cpu() for k, v in guide.state_dict().items()},
-            "optim": (lambda o: dict(o, names=[k.replace(prefix, "$$$", 1) for k in o["names"]]))(optim.get_state()),
-            "timesteps": timesteps.state_dict() if timesteps is not None else None,
-            "order": order,
-            "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-            "world_size": world,
-        }, ckpt_path)
-
-    net.train()
-    t0, window_loss, window_steps, saved_at = time.perf_counter(), 0.0, 0, start
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"train {config.objective}",
-               disable=not progress or rank != 0, dynamic_ncols=True)
-    for step in bar:
-        if step % per_epoch == 0:
-            order = torch.randperm(N, generator=generator)
-        idx = order[(step % per_epoch) * B:(step % per_epoch + 1) * B]
-        x0 = x_train[idx]
-        if getattr(dataset, "flip", False):
-            x0 = datasets.random_flip(x0, generator)
-        if timesteps is None:
-            t, step_weight = torch.randint(1, model.T + 1, (B, K), generator=generator), weight
-        else:
-            t, proposal_weight = timesteps.draw(B, K, generator=generator)
-            step_weight = proposal_weight.to(config.device) * (1.0 if weight is None else weight)
-        eps = torch.randn((B * K, *dataset.shape), generator=generator)
-        t_global = t
-        x0, t, eps = (v[shard].to(config.device) for v in (x0, t, eps.view(B, K, *dataset.shape)))
-        eps = eps.reshape(-1, *dataset.shape)  # pair b * K + k
-        loss = svi.step(x0, t, eps, step_weight)
-        optim.step()  # the learning-rate schedule
-        if timesteps is not None:
-            optimized = _pair_terms(svi.elbo.last_terms, world)  # the loss the objective optimizes per pair:
-            if weight is not None:  # for L_simple the reweighted term (as improved-diffusion's sampler)
-                optimized = optimized * weight.to(optimized)[t_global.reshape(-1).to(optimized.device)]
-            timesteps.update(t_global.reshape(-1), optimized)
-        ema.update_parameters(net)
-        if not math.isfinite(loss):
-            kept = f"the last good checkpoint (step {saved_at}) is kept at {ckpt_path}" if saved_at else "no checkpoint was written"
-            raise FloatingPointError(f"training stopped: the loss became {loss} at step {step + 1}; {kept}")
-        window_loss += loss / B
-        window_steps += 1
-        done = step + 1
-        if done % config.log_every == 0 or done == config.steps:
-            record = _log_record(config, done, window_loss / window_steps, B, D, t0, start, world)
-            record.update(_term_estimates(model, guide, x0, t, eps, world, D,
-                                          None if timesteps is None else proposal_weight.to(config.device)))
-            if rank == 0:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                bar.set_postfix(loss=f"{record['loss_per_image']:.4g}", img_s=f"{record['images_per_s']:.0f}")
-            window_loss, window_steps = 0.0, 0
-        if config.sample_every and done % config.sample_every == 0 and rank == 0:
-            _sample_grid(sample_model, dataset, out / "samples" / f"step_{done:07d}.png")
-        if done % config.checkpoint_every == 0 or done == config.steps:
-            save(done)
-            saved_at = done
-    return ckpt_path
-
-
-def _log_record(config, step, loss_per_image, B, D, t0, start, world) -> dict:
-    if world > 1:
-        value = torch.tensor([loss_per_image], dtype=torch.float64)
-        dist.all_reduce(value)
-        loss_per_image = value.item() / world
-    elapsed = time.perf_counter() - t0
-    record = {"step": step, "objective": config.objective, "loss_per_image": loss_per_image,
-              "images_per_s": (step - start) * B / elapsed}
-    if config.objective == "elbo":
-        record["bits_per_dim"] = loss_per_image / (D * math.log(2))
-    return record
-
-
 def _own_rng():
     """Random numbers drawn inside are not taken from the training run's stream."""
     return torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else [])
 
 
+def _cpu(state: dict) -> dict:
+    return {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in state.items()}
+
+
+# ----------------------------------------------------------------------------- the loop
+def train(config: TrainConfig, out: str | Path, progress: bool = True, resume: bool = False,
+          trust_code: bool = True) -> Path:
+    """Train; write ``out/metrics.jsonl``, checkpoints ``out/checkpoint.pt`` and sample grids; return the checkpoint.
+
+    With ``resume=True`` the run continues from ``out/checkpoint.pt``: the stored settings, with the
+    fields of :data:`RESUMABLE` taken from ``config``; any other field of ``config`` that is set and
+    differs is refused. On CPU a resumed run reproduces the uninterrupted one exactly.
+
+    :param trust_code: allow importing a ``"module:Class"`` that is not registered. The classes named in
+        ``config`` are the caller's choice (default True); on resume they must equal the stored ones.
+    """
+    out = Path(out)
+    ckpt_path = out / FILENAME
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"the output {out} is a file, not a run directory")
+    state = None
+    if resume:
+        state = TrainState.load(ckpt_path)
+        config = TrainConfig(**state.resume_config(dataclasses.asdict(config), RESUMABLE))
+    elif ckpt_path.exists():
+        raise ValueError(f"{out} already holds a checkpoint: resume it (--resume) or choose another output directory")
+    config.check(trust_code=trust_code)
+    dataset = datasets.load(config.data, seed=0)
+    if state is not None:
+        state.check_fingerprint(dataset.train)
+    else:
+        config = config.resolved(dataset)
+    processes = Processes(config.device)
+    try:  # rank 0 writes and holds the run directory's lock; the other ranks only train
+        with (RunLock(out) if processes.rank == 0 else contextlib.nullcontext()), \
+                pyro.validation_enabled(config.validate), torch_threads(config.threads):
+            if processes.rank == 0:
+                remove_stale_temporaries(out)
+            return _train(config, dataset, out, state, processes, progress, trust_code)
+    finally:
+        processes.close()
+
+
+def _train(config, dataset, out: Path, state, processes: Processes, progress: bool, trust_code: bool) -> Path:
+    ckpt_path = out / FILENAME
+    B, K = min(config.batch_size, len(dataset.train)), config.timesteps_per_image
+    shard = processes.shard(B)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(config.seed)
+    model, guide = build(config, dataset, trust_code=trust_code)
+    if processes.many and any(p.requires_grad for p in guide.parameters()):
+        raise ValueError(f"{config.guide} has parameters: training it over {processes.world} processes is not "
+                         "supported (only the network's gradients are averaged across processes); use one process")
+    net = model.eps
+    sampler = TIMESTEPS.resolve(config.timesteps).from_config(T=model.T)
+    generator = torch.Generator().manual_seed(config.seed)
+    start, order, losses = 0, None, []
+    if state is not None:
+        net.load_state_dict(state.weights["net"])
+        guide.load_state_dict(state.weights["guide"])
+        sampler = state.timestep_sampler(trust_code=trust_code)
+    ema = AveragedModel(net, multi_avg_fn=_ema_avg(config.ema_decay), use_buffers=True)  # a copy, before compiling
+    if config.compile:
+        net.compile()
+    program, objective_weight = objective(config.objective, model)
+    svi = make_svi(config, program, guide, processes)
+    optim = svi.optim
+    prefix = "$$$module." if processes.many else "$$$"
+    if state is not None:
+        training = state.training
+        optim.set_state(dict(training["optim"], names=[k.replace("$$$", prefix, 1) for k in training["optim"]["names"]]))
+        ema.module.load_state_dict(state.weights["ema"])
+        ema.n_averaged.fill_(int(training["ema_updates"]))
+        generator.set_state(training["rng"]["generator"])
+        torch.set_rng_state(training["rng"]["torch"])
+        if torch.cuda.is_available() and training["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state_all(training["rng"]["cuda"])
+        start, order, losses = state.step, training["order"], list(training.get("losses", []))
+    sample_model = model.with_network(ema.module)
+    writes = processes.rank == 0
+    log = MetricsLog(out / "metrics.jsonl", dataset.dims, writes)
+    if writes:
+        if state is None:
+            log.path.unlink(missing_ok=True)
+        else:
+            log.truncate(start)
+    programs = {"model": MODELS.describe(model), "guide": GUIDES.describe(guide),
+                "likelihood": LIKELIHOODS.describe(model.likelihood), "network": NETWORKS.describe(net),
+                "timesteps": TIMESTEPS.describe(sampler)}
+    data_record = {"name": dataset.name, "shape": list(dataset.shape), "levels": dataset.levels,
+                   "source": dataset.source, "fingerprint": fingerprint(dataset.train)}
+
+    def save(step: int) -> None:
+        processes.check_in_sync(net, step)
+        if not writes:
+            return
+        TrainState(
+            step=step, config=dataclasses.asdict(config), programs=programs, data=data_record,
+            weights={"net": _cpu(net.state_dict()), "ema": _cpu(ema.module.state_dict()),
+                     "guide": _cpu(guide.state_dict()), "timesteps": _cpu(sampler.state_dict())},
+            training={"optim": (lambda o: dict(o, names=[k.replace(prefix, "$$$", 1) for k in o["names"]]))(optim.get_state()),
+                      "ema_updates": int(ema.n_averaged), "order": order, "losses": losses[-LOSS_HISTORY:],
+                      "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state(),
+                              "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                      "world_size": processes.world},
+            finished=step >= config.steps,
+        ).save(ckpt_path)
+
+    x_train = dataset.train
+    N, D = len(x_train), dataset.dims
+    per_epoch = max(1, N // B)
+    bound_stride = max(1, config.log_every // 8)  # steps whose batch gives a bound estimate, other objectives
+    net.train()
+    saved_at = start
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"train {config.objective}",
+               disable=not progress or not writes, dynamic_ncols=True)
+    with stop_on_signals() as stop:
+        for step in bar:
+            if step % per_epoch == 0:
+                order = torch.randperm(N, generator=generator)
+            x0 = x_train[order[(step % per_epoch) * B:(step % per_epoch + 1) * B]]
+            if dataset.flip:
+                x0 = datasets.random_flip(x0, generator)
+            t, proposal = sampler.draw(B, K, generator=generator)
+            eps = torch.randn((B, K, *dataset.shape), generator=generator)
+            weight = step_weight(objective_weight, proposal)
+            x0, t, eps = (v[shard].to(config.device) for v in (x0, t, eps))
+            eps = eps.reshape(-1, *dataset.shape)  # pair b * K + k
+            weight = None if weight is None else weight.to(config.device)
+            loss = svi.step(x0, t, eps, weight)
+            optim.step()  # the learning-rate schedule
+            terms, t_flat = svi.elbo.last_terms, t.reshape(-1)
+            if sampler.learns:
+                sampler.update(processes.gather(t_flat).cpu(),
+                               processes.gather(pair_losses(terms, t_flat, proposal, K, processes.world)).cpu())
+            ema.update_parameters(net)
+            done = step + 1
+            per_image = loss / x0.shape[0] / processes.world
+            _check_loss(per_image, done, losses, saved_at, ckpt_path)
+            losses = (losses + [per_image])[-LOSS_HISTORY:]
+            bound = None
+            if program is model:  # the terms are the bound's own
+                bound = bound_estimates(terms, t_flat, proposal, K, x0.shape[0])
+            elif done % bound_stride == 0:
+                bound = _bound_of_batch(model, guide, x0, t, eps, proposal, K)
+            log.add(per_image, bound, x0.shape[0])
+            if done % config.log_every == 0 or done == config.steps:
+                record = log.flush(done, config, processes)
+                bar.set_postfix(loss=f"{record['loss_per_image']:.4g}", img_s=f"{record['images_per_s']:.0f}")
+            if config.sample_every and done % config.sample_every == 0 and writes:
+                _sample_grid(sample_model, dataset, out / "samples" / f"step_{done:07d}.png")
+            if done % config.checkpoint_every == 0 or done == config.steps or stop:
+                save(done)
+                saved_at = done
+            if stop:
+                bar.close()
+                raise Interrupted(f"{stop[0]} received: stopped at step {done} of {config.steps}; checkpoint saved to "
+                                  f"{ckpt_path}; resume with: pyro-ddpm train --out {out} --resume")
+    return ckpt_path
+
+
+def _check_loss(per_image: float, step: int, history: list[float], saved_at: int, ckpt_path: Path) -> None:
+    """Stop on a non-finite loss, or one further from the running median than :data:`DIVERGENCE_FACTOR` allows."""
+    kept = (f"the last good checkpoint (step {saved_at}) is kept at {ckpt_path}" if saved_at
+            else "no checkpoint was written")
+    if not math.isfinite(per_image):
+        raise FloatingPointError(f"training stopped: the loss became {per_image} at step {step}; {kept}")
+    if len(history) >= 20:
+        median = statistics.median(history)
+        if abs(per_image - median) > DIVERGENCE_FACTOR * max(abs(median), 1.0):
+            raise FloatingPointError(f"training stopped: the loss diverged at step {step} ({per_image:.4g} per image, "
+                                     f"running median {median:.4g}); {kept} (lower --lr?)")
+
+
 @torch.no_grad()
-def _term_estimates(model, guide, x0, t, eps, world, D, proposal_weight=None) -> dict:
-    """This batch's unbiased estimates of L_T, the rate and L_0 (bits/dim), from the traced terms
-    (importance-sampled timesteps carry their weights 1/(T p_t))."""
+def _bound_of_batch(model, guide, x0, t, eps, proposal, K) -> torch.Tensor:
+    """The bound's estimates on this step's batch, traced from the model itself (for objectives whose
+    training program is another one), with the training run's random streams left alone."""
     with _own_rng():
         terms = TermwiseELBO().terms(model.per_timestep, protocol.FixedNoise({protocol.X_t: eps})(guide.per_timestep),
-                                     x0, t, proposal_weight)
-    estimates = torch.stack([(term.value * term.scale).sum() / x0.shape[0]
-                             for term in (terms[protocol.X_T], terms[protocol.X_PREV], terms[protocol.X_0])])
-    if world > 1:
-        dist.all_reduce(estimates)
-        estimates /= world
-    to_bpd = 1.0 / (D * math.log(2))
-    return {f"{name}_bits_per_dim": float(v) * to_bpd for name, v in zip(("L_T", "rate", "L_0"), estimates)}
-
-
-def _ranks_in_sync(net) -> bool:
-    flat = torch.cat([p.detach().double().reshape(-1) for p in net.parameters()]).cpu()
-    summary = torch.stack([flat.sum(), flat.abs().sum(), (flat * torch.arange(len(flat), dtype=torch.float64)).sum()])
-    gathered = [torch.zeros_like(summary) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, summary)
-    return all(torch.equal(g, gathered[0]) for g in gathered)
+                                     x0, t, step_weight(None, proposal.to(x0.device)))
+    return bound_estimates(terms, t.reshape(-1), proposal, K, x0.shape[0])
 
 
 def _sample_grid(model, dataset, path: Path, n: int = 16) -> None:
-    from pyro_ddpm.sample import sample, save_png
-
     with _own_rng():
         torch.manual_seed(0)
         save_png(sample(model, n), path, reference=dataset.test if len(dataset.shape) == 1 else None)

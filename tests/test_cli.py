@@ -23,13 +23,17 @@ def digits_run(tmp_path_factory):
 
 def test_train_writes_checkpoint_and_metrics(digits_run):
     state = checkpoint.load(digits_run)
-    assert state["step"] == 6
-    assert state["data"] == {"name": "digits", "shape": [1, 8, 8], "levels": 17, "source": ""}
-    assert state["schedule"]["betas"].shape == (10,)
+    assert state.step == 6 and state.finished
+    fp = state.data.pop("fingerprint")
+    assert state.data == {"name": "digits", "shape": [1, 8, 8], "levels": 17, "source": ""}
+    assert fp["count"] == 1437 and len(fp["sha256"]) == 64
+    assert len(state.programs["guide"]["config"]["betas"]) == 10
+    assert state.programs["model"] == {"class": "ReverseProcess", "config": {"variance": "large", "shape": [1, 8, 8]}}
     records = [json.loads(line) for line in (digits_run / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 6 and math.isfinite(records[-1]["bits_per_dim"])
     # the EMA differs from the raw weights after a few updates of a network that has learned something
-    assert any(not torch.equal(state["net"][k], state["ema"][k]) for k in state["net"])
+    net, ema = state.weights["net"], state.weights["ema"]
+    assert any(not torch.equal(net[k], ema[k]) for k in net)
 
 
 def test_evaluate_prints_terms_that_add_up(digits_run, capsys):
@@ -76,9 +80,9 @@ def test_evaluate_refuses_mismatches_before_computing(digits_run, capsys, argv, 
 
 def test_levels_mismatch_is_named(digits_run):
     state = checkpoint.load(digits_run)
-    checkpoint.check_data(state, (1, 8, 8), 17)
+    state.check_data((1, 8, 8), 17)
     with pytest.raises(ValueError, match="256 levels per dimension, the checkpoint was trained on 17"):
-        checkpoint.check_data(state, (1, 8, 8), 256)
+        state.check_data((1, 8, 8), 256)
 
 
 def test_sample_writes_png_grid(digits_run, tmp_path, capsys):
@@ -130,7 +134,7 @@ def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path):
 
 def test_bad_training_arguments(tmp_path, capsys):
     assert main(["train", "--data", "digits", "--steps", "0", "--out", str(tmp_path / "r"), *TINY]) == 2
-    assert "steps must be positive" in capsys.readouterr().err
+    assert "steps must be a positive integer, got 0" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
     assert main(["train", "--data", "digits", "--steps", "2", "--device", "cuda:7", "--out", str(tmp_path / "r"),
                  *TINY]) == (0 if torch.cuda.device_count() > 7 else 2)

@@ -12,35 +12,41 @@ from pyro_ddpm.cli import main
 from pyro_ddpm.compare import aggregate, markdown
 
 TINY = ["--T", "10", "--steps", "4", "--batch-size", "16", "--ch", "8", "--log-every", "2", "--samples", "40",
-        "--limit", "40", "--no-progress"]
+        "--limit", "40", "--no-progress", "--no-vae"]
+ARMS = ["eps-elbo", "eps-simple", "eps-hybrid"]
 RUN_FILES = ["checkpoint.pt", "metrics.jsonl", "bound_test.nc", "bound_test.json", "samples.pt"]
 
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
-    assert main(["compare", "--data", "digits", *TINY, "--out", str(out)]) == 0
+    assert main(["compare", "--data", "digits", *TINY, "--arms", *ARMS, "--out", str(out)]) == 0
     return out
 
 
 def test_every_output_file_is_written(compared):
     for name in ("comparison.md", "comparison.json", "terms.png", "samples.png", "training.png"):
         assert (compared / name).stat().st_size > 100, name
-    for objective in ("elbo", "simple", "hybrid"):
+    for arm in ARMS:
         for name in RUN_FILES:
-            assert (compared / objective / name).exists(), (objective, name)
-        assert torch.load(compared / objective / "samples.pt").shape == (40, 1, 8, 8)
-    assert checkpoint.load(compared / "hybrid")["config"]["model"] == "LearnedVarianceReverseProcess"
+            assert (compared / arm / name).exists(), (arm, name)
+        assert torch.load(compared / arm / "samples.pt").shape == (40, 1, 8, 8)
+    config = checkpoint.load(compared / "eps-hybrid").config
+    assert (config["model"], config["objective"], config["variance"]) == ("LearnedVarianceReverseProcess", "hybrid",
+                                                                         "learned")
+    assert checkpoint.load(compared / "eps-elbo").config["timesteps"] == "importance"
 
 
 def test_the_table_carries_the_runs_numbers_the_baseline_and_the_metrics_floor(compared):
     record = json.loads((compared / "comparison.json").read_text())
-    assert list(record["table"]) == ["elbo", "simple", "hybrid"] and record["seeds"] == [0]
-    for objective, row in record["table"].items():
-        run = json.loads((compared / objective / "bound_test.json").read_text())
+    assert list(record["table"]) == ARMS and record["seeds"] == [0]
+    for arm, row in record["table"].items():
+        run = json.loads((compared / arm / "bound_test.json").read_text())
         assert row["total"]["mean"] == run["total"]["bits_per_dim"] and row["total"]["se"] == run["total"]["se"]
         parts = sum(row[k]["mean"] for k in ("prior_L_T", "rate_L_1_to_L_T-1", "distortion_L_0"))
         assert parts == pytest.approx(row["total"]["mean"], rel=1e-9)
+        bands = sum(row[k]["mean"] for k in ("L_1..L_9",))  # T = 10: one band, the whole rate
+        assert bands == pytest.approx(row["rate_L_1_to_L_T-1"]["mean"], rel=1e-9)
         for key in ("fd", "kid", "score"):
             assert math.isfinite(row[key]["mean"]) and row[key]["se"] >= 0
         assert 1.0 <= row["score"]["mean"] <= 10.0
@@ -56,16 +62,16 @@ def test_the_table_carries_the_runs_numbers_the_baseline_and_the_metrics_floor(c
     assert record["pixel_categorical_baseline"]["bits_per_dim"] == pytest.approx(bits.mean(), rel=1e-9)
     text = (compared / "comparison.md").read_text()
     assert sum(line.startswith("| ") for line in text.splitlines()) == 6 and "per-pixel categorical" in text and "not comparable to Inception" in text
-    curve = record["runs"]["elbo"][0]["training"]
+    curve = record["runs"]["eps-elbo"][0]["training"]
     assert curve["step"] == [2, 4] and all(math.isfinite(v) for v in curve["bound_bits_per_dim"])
 
 
 def test_running_again_measures_without_retraining_and_other_settings_are_refused(compared, capsys):
-    before = (compared / "elbo" / "checkpoint.pt").stat().st_mtime_ns
-    assert main(["compare", "--data", "digits", *TINY, "--objectives", "elbo", "--out", str(compared)]) == 0
-    assert (compared / "elbo" / "checkpoint.pt").stat().st_mtime_ns == before
-    assert main(["compare", "--data", "digits", *TINY, "--lr", "0.1", "--objectives", "elbo", "--out", str(compared)]) == 2
-    assert "other settings" in capsys.readouterr().err
+    before = (compared / "eps-elbo" / "checkpoint.pt").stat().st_mtime_ns
+    assert main(["compare", "--data", "digits", *TINY, "--arms", "eps-elbo", "--out", str(compared)]) == 0
+    assert (compared / "eps-elbo" / "checkpoint.pt").stat().st_mtime_ns == before
+    assert main(["compare", "--data", "digits", *TINY, "--lr", "0.1", "--arms", "eps-elbo", "--out", str(compared)]) == 2
+    assert "lr = 0.001 (asked 0.1)" in capsys.readouterr().err
 
 
 def test_several_seeds_report_the_mean_and_standard_error_over_seeds():
@@ -77,12 +83,12 @@ def test_several_seeds_report_the_mean_and_standard_error_over_seeds():
     assert row["total"] == pytest.approx((4.0, 1.0 / math.sqrt(3)))  # values 3, 4, 5: sd 1
     assert row["fd"] == pytest.approx((20.0, 10.0 / math.sqrt(3)))
     assert row["kid"] == pytest.approx((1.0, 0.0))
-    assert "over seeds" in markdown({"elbo": row}, None, None, 3, "digits")
+    assert "over seeds" in markdown({"elbo": row}, {}, None, 3, "digits", {"elbo": {"objective": "elbo"}})
 
 
 def test_continuous_data_reports_nats_and_skips_the_classifier_scores(tmp_path):
     assert main(["compare", "--data", "swiss_roll-continuous", "--T", "10", "--steps", "2", "--batch-size", "16",
-                 "--log-every", "1", "--samples", "40", "--limit", "40", "--objectives", "elbo", "--no-progress",
+                 "--log-every", "1", "--samples", "40", "--limit", "40", "--arms", "eps-elbo", "--no-progress",
                  "--out", str(tmp_path)]) == 0
     text = (tmp_path / "comparison.md").read_text()
     assert "total nats/dim" in text and "FD" not in text and "per-pixel" not in text
@@ -93,15 +99,20 @@ def test_example_script_quick_run(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "examples" / "elbo_vs_lsimple.py"
-    result = runpy.run_path(str(script))["main"](["--quick", "--objectives", "elbo", "simple", "--out", str(tmp_path)])
-    assert set(result["table"]) == {"elbo", "simple"} and (tmp_path / "comparison.md").exists()
+    result = runpy.run_path(str(script))["main"](["--quick", "--arms", "eps-elbo", "eps-simple", "--out", str(tmp_path)])
+    assert set(result["table"]) == {"eps-elbo", "eps-simple"} and (tmp_path / "comparison.md").exists()
 
 
 def test_the_main_command_defaults_to_the_digits_preset():
-    from pyro_ddpm.cli import parser
-    from pyro_ddpm.compare import PRESETS
+    from pyro_ddpm.cli import _given, parser
+    from pyro_ddpm.compare import compare_config
+    from pyro_ddpm.presets import DATASETS
 
     args = parser().parse_args(["compare", "--out", "x"])
-    assert args.data == "digits" and args.objectives == ["elbo", "simple", "hybrid"]
-    assert args.steps is None and args.batch_size is None  # so that the preset's settings apply
-    assert PRESETS["digits"]["data"] == "digits"
+    assert args.arms is None and not hasattr(args, "steps") and not hasattr(args, "lr")  # the preset's apply
+    config, arms, default = compare_config(_given(args))
+    assert config.data == "digits" and default == DATASETS["digits"]["compare"]["default_arms"]
+    assert (config.steps, config.lr) == (DATASETS["digits"]["compare"]["train"]["steps"],
+                                         DATASETS["digits"]["compare"]["train"]["lr"])
+    config, _, _ = compare_config(_given(parser().parse_args(["compare", "--out", "x", "--steps", "7"])))
+    assert config.steps == 7

@@ -37,8 +37,8 @@ from pyro_ddpm.likelihoods import (
     check_images,
     default_for,
     default_likelihood,
-    likelihood_from_config,
 )
+from pyro_ddpm.registry import LIKELIHOODS
 from pyro_ddpm.models import ReverseProcess
 from pyro_ddpm.nets import MLP
 from pyro_ddpm.schedule import Schedule
@@ -400,8 +400,10 @@ def test_grid_decoders_and_quantize_need_a_grid():
     ids=["bernoulli", "discretized", "tanh", "continuous"],
 )
 def test_config_round_trip_and_kind(lik, discrete):
-    again = likelihood_from_config(lik.config())
+    stored = LIKELIHOODS.describe(lik)
+    again = LIKELIHOODS.build(stored)
     assert type(again) is type(lik) and repr(again) == repr(lik) and again.config() == lik.config()
+    assert LIKELIHOODS.describe(again) == stored
     assert again.discrete is discrete
 
 
@@ -412,8 +414,10 @@ def test_default_likelihood_by_levels():
     for levels in (3, 17, 256):
         lik = default_likelihood(levels)
         assert type(lik) is DiscretizedGaussianLikelihood and lik.levels == levels
-    with pytest.raises(ValueError, match="unknown configuration"):
-        likelihood_from_config({"name": "poisson"})
+    with pytest.raises(ValueError, match="unknown likelihood 'poisson'"):
+        LIKELIHOODS.build({"class": "poisson", "config": {}})
+    with pytest.raises(ValueError, match="unknown config keys \\['scale'\\]"):
+        LIKELIHOODS.build({"class": "discretized_gaussian", "config": {"levels": 17, "scale": 2.0}})
 
 
 @pytest.mark.parametrize(

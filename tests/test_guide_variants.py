@@ -22,14 +22,13 @@ from pyro_ddpm import protocol
 from pyro_ddpm.elbo import TermwiseELBO
 from pyro_ddpm.guides import (
     CosineForwardProcess,
-    FixedProposal,
     ForwardProcess,
     LearnedForwardProcess,
     LearnedSchedule,
     LinearForwardProcess,
-    LossAwareSampler,
     UserBetasForwardProcess,
 )
+from pyro_ddpm.timesteps import FixedProposal, LossAwareSampler
 from pyro_ddpm.likelihoods import DiscretizedGaussianLikelihood
 from pyro_ddpm.models import ReverseProcess
 from pyro_ddpm.nets import MLP
@@ -91,15 +90,15 @@ def random_learned(T=6, seed=1, hidden=4, gamma_min=-7.0, gamma_max=4.0, spread=
 # name -> (guide factory, independent betas)
 GUIDES = {
     "linear": (lambda: LinearForwardProcess(6, 0.05, 0.4), lambda ref, g: ref.linear_betas(6, 0.05, 0.4)),
-    "linear-config": (lambda: LinearForwardProcess.from_config(5, "linear", 1),
+    "linear-config": (lambda: LinearForwardProcess.from_spec(5, "linear", 1),
                       lambda ref, g: ref.linear_betas(5, 1e-4, 0.02)),
     "cosine": (lambda: CosineForwardProcess(7), lambda ref, g: ref.cosine_betas(7)),
-    "cosine-base-config": (lambda: ForwardProcess.from_config(6, "cosine", 1), lambda ref, g: ref.cosine_betas(6)),
+    "cosine-base-config": (lambda: ForwardProcess.from_spec(6, "cosine", 1), lambda ref, g: ref.cosine_betas(6)),
     "user": (lambda: UserBetasForwardProcess(USER_BETAS), lambda ref, g: USER_BETAS.copy()),
-    "user-config": (lambda: UserBetasForwardProcess.from_config(5, ", ".join(repr(float(b)) for b in USER_BETAS), 1),
+    "user-config": (lambda: UserBetasForwardProcess.from_spec(5, ", ".join(repr(float(b)) for b in USER_BETAS), 1),
                     lambda ref, g: USER_BETAS.copy()),
     "learned": (lambda: LearnedForwardProcess(random_learned()), lambda ref, g: ref_learned_betas(g.schedule)),
-    "learned-config": (lambda: LearnedForwardProcess.from_config(5, "learned", 1),
+    "learned-config": (lambda: LearnedForwardProcess.from_spec(5, "learned", 1),
                        lambda ref, g: ref_learned_betas(g.schedule)),
 }
 
@@ -256,21 +255,21 @@ def test_bad_input_raises(name):
         TraceMeanField_ELBO().loss(model.chain, guide.chain, x_nan)
 
 
-# ------------------------------------------------------------------------ b. from_config and state_dict
+# ------------------------------------------------------------------------ b. from_spec and state_dict
 @pytest.mark.parametrize(
     "cls,schedule",
     [(ForwardProcess, "linear"), (ForwardProcess, "cosine"), (LinearForwardProcess, "linear"),
      (CosineForwardProcess, "cosine"), (UserBetasForwardProcess, "0.1,0.2,0.3,0.4"),
      (LearnedForwardProcess, "learned")],
 )
-def test_from_config_and_state_dict_round_trip(cls, schedule):
-    guide = cls.from_config(4, schedule, 2)
+def test_from_spec_and_state_dict_round_trip(cls, schedule):
+    guide = cls.from_spec(4, schedule, 2)
     assert guide.T == 4 and guide.event_dim == 2
     if isinstance(guide.schedule, LearnedSchedule):
         with torch.no_grad():
             for p in guide.schedule.parameters():
                 p.add_(0.1 * torch.randn(p.shape, dtype=p.dtype))
-    fresh = cls.from_config(4, schedule, 2)
+    fresh = cls.from_spec(4, schedule, 2)
     fresh.load_state_dict(guide.state_dict())
     np.testing.assert_array_equal(np_(fresh.schedule.betas), np_(guide.schedule.betas))
     fresh.schedule.check_matches(guide.schedule.betas)
@@ -286,20 +285,20 @@ def test_from_config_and_state_dict_round_trip(cls, schedule):
      (UserBetasForwardProcess, "0.1,0.2,0.3", "T = 4"), (UserBetasForwardProcess, "0.1,zero,0.3,0.4", "cannot read"),
      (UserBetasForwardProcess, "0.1,0.2,1.3,0.4", "0 < beta_t < 1")],
 )
-def test_from_config_bad_input(cls, schedule, match):
+def test_from_spec_bad_input(cls, schedule, match):
     with pytest.raises(ValueError, match=match):
-        cls.from_config(4, schedule, 1)
+        cls.from_spec(4, schedule, 1)
 
 
 def test_user_betas_from_files(tmp_path, ref):
     np.save(tmp_path / "b.npy", USER_BETAS)
     (tmp_path / "b.txt").write_text("\n".join(repr(float(b)) for b in USER_BETAS) + "\n")
     for f in ("b.npy", "b.txt"):
-        g = UserBetasForwardProcess.from_config(5, str(tmp_path / f), 1)
+        g = UserBetasForwardProcess.from_spec(5, str(tmp_path / f), 1)
         np.testing.assert_array_equal(np_(g.schedule.betas), USER_BETAS)
     np.save(tmp_path / "m.npy", USER_BETAS[:4].reshape(2, 2))
     with pytest.raises(ValueError, match="1-D"):
-        UserBetasForwardProcess.from_config(4, str(tmp_path / "m.npy"), 1)
+        UserBetasForwardProcess.from_spec(4, str(tmp_path / "m.npy"), 1)
 
 
 # ------------------------------------------------------------------------ c. the learned schedule

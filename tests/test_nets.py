@@ -10,7 +10,8 @@ from pyro_ddpm.elbo import objective
 from pyro_ddpm.guides import ForwardProcess
 from pyro_ddpm.likelihoods import DiscretizedGaussianLikelihood
 from pyro_ddpm.models import ReverseProcess
-from pyro_ddpm.nets import MLP, PRESETS, UNet, build_network, network_config, timestep_embedding
+from pyro_ddpm.nets import MLP, UNet, build_network, network_config, timestep_embedding
+from pyro_ddpm.presets import NETWORKS as PRESETS
 from pyro_ddpm.schedule import Schedule
 
 
@@ -25,7 +26,7 @@ def test_presets_map_inputs_to_outputs_of_the_same_shape(preset):
     net = build_network(PRESETS[preset])
     x = torch.randn(3, *net.shape)
     assert net(x, torch.tensor([1, 500, 1000])).shape == x.shape
-    assert build_network(network_config(net)).config == net.config
+    assert build_network(network_config(net)).config() == net.config()
 
 
 def test_zero_initialized_output_and_time_dependence():

@@ -30,9 +30,11 @@ from scipy.special import expit
 from pyro_ddpm import checkpoint, data, protocol
 from pyro_ddpm.evaluate import bound_terms
 from pyro_ddpm.guides import ForwardProcess
-from pyro_ddpm.likelihoods import DiscretizedGaussianLikelihood, likelihood_from_config
+from pyro_ddpm.likelihoods import DiscretizedGaussianLikelihood
 from pyro_ddpm.models import ReverseProcess
-from pyro_ddpm.nets import PRESETS, build_network
+from pyro_ddpm.nets import build_network
+from pyro_ddpm.presets import NETWORKS as PRESETS
+from pyro_ddpm.registry import GUIDES, LIKELIHOODS
 from pyro_ddpm.schedule import CONSTANTS, Schedule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,9 +171,9 @@ def test_the_decoder_matches_variances_and_rebuilds_from_its_config(lik):
     d = dec(torch.zeros(3, dtype=torch.float64), sigma)
     # the logistic's variance s^2 pi^2 / 3 (scipy) equals the Gaussian's sigma^2 it replaces
     np.testing.assert_allclose(stats.logistic(scale=d.scale.numpy()).var(), sigma.numpy() ** 2, rtol=1e-12)
-    config = dec.config()
-    assert config == {"class": "recipe_custom_likelihood:DiscretizedLogisticLikelihood", "levels": 17}
-    again = likelihood_from_config(config)
+    stored = LIKELIHOODS.describe(dec)
+    assert stored == {"class": "discretized_logistic", "config": {"levels": 17}}
+    again = LIKELIHOODS.build(stored)
     assert type(again) is lik.DiscretizedLogisticLikelihood and again.levels == 17
 
 
@@ -217,9 +219,9 @@ def test_custom_likelihood_example_trains_evaluates_and_samples(lik, lik_run):
     out, stdout, r = lik_run
     assert_png(out / "samples.png")
     assert "distortion_L_0" in stdout and "discretized Gaussian" in stdout
-    assert r["likelihood"] == {"class": "__main__:DiscretizedLogisticLikelihood", "levels": 17}
+    assert r["likelihood"] == {"class": "discretized_logistic", "config": {"levels": 17}}
     state = checkpoint.load(out / "run")
-    assert state["step"] == r["steps"] == 20 and state["likelihood"] == r["likelihood"]
+    assert state.step == r["steps"] == 20 and state.programs["likelihood"] == r["likelihood"]
     logistic, gaussian = r["bits_per_dim"]["discretized logistic"], r["bits_per_dim"]["discretized Gaussian"]
     # same network, same noise: every term but L_0 is the same number; L_0 is each decoder's own
     for term in ("prior_L_T", "rate_L_1_to_L_T-1"):
@@ -229,10 +231,9 @@ def test_custom_likelihood_example_trains_evaluates_and_samples(lik, lik_run):
         parts = b["prior_L_T"] + b["rate_L_1_to_L_T-1"] + b["distortion_L_0"]
         assert b["total"] == pytest.approx(parts, rel=1e-12) and 0 < b["total"] < 20
     assert r["samples_on_grid"] and set(r["samples_levels"]) <= set(range(17))
-    # the stored decoder config rebuilds the decoder (outside the script: name the class)
-    model, _ = checkpoint.build(state, likelihood=lik.DiscretizedLogisticLikelihood(**{
-        k: v for k, v in state["likelihood"].items() if k != "class"}))
-    assert model.likelihood.levels == 17
+    # the stored decoder rebuilds in any process that imported the example (which registers the class)
+    model, _ = checkpoint.build(state)
+    assert type(model.likelihood) is lik.DiscretizedLogisticLikelihood and model.likelihood.levels == 17
 
 
 # --------------------------------------------------------------------------- the table schedule
@@ -247,7 +248,7 @@ def np_table(g_1: float, r: np.ndarray) -> dict:
 def test_table_starts_at_the_named_fixed_schedule(tab, ref, name):
     T = 12
     betas = ref.linear_betas(T, 1e-4, 0.02) if name == "linear" else ref.cosine_betas(T)
-    guide = tab.TableForwardProcess.from_config(T, name, 3)
+    guide = tab.TableForwardProcess.from_spec(T, name, 3)
     assert guide.T == T and guide.event_dim == 3
     with torch.no_grad():
         np.testing.assert_allclose(guide.schedule.betas.numpy(), betas, rtol=1e-9)
@@ -291,7 +292,7 @@ def test_table_guide_at_its_start_is_the_fixed_guide(tab):
     net = build_network(dict(PRESETS["digits"], ch=8))
     x = data.load("digits").test[:3]
     fixed = Schedule.linear(T)
-    table = tab.TableForwardProcess.from_config(T, "linear", 3)
+    table = tab.TableForwardProcess.from_spec(T, "linear", 3)
     a = bound_terms(ReverseProcess(net, fixed, "large", DiscretizedGaussianLikelihood(17)).eval(),
                     ForwardProcess(fixed, 3), x, seed=3)
     b = bound_terms(ReverseProcess(net, table.schedule, "large", DiscretizedGaussianLikelihood(17)).eval(),
@@ -300,7 +301,7 @@ def test_table_guide_at_its_start_is_the_fixed_guide(tab):
 
 
 def test_table_guide_registers_its_parameters_with_pyro(tab):
-    guide = tab.TableForwardProcess.from_config(5, "cosine", 3)
+    guide = tab.TableForwardProcess.from_spec(5, "cosine", 3)
     x = data.load("digits").test[:2]
     poutine.trace(guide.per_timestep).get_trace(x, torch.tensor([[1], [4]]))
     assert {"schedule$$$g_1", "schedule$$$r"} <= set(pyro.get_param_store().keys())
@@ -309,7 +310,7 @@ def test_table_guide_registers_its_parameters_with_pyro(tab):
 @pytest.mark.parametrize("T,name,match", [(5, "quadratic", "unknown schedule"), (1, "linear", "T >= 2")])
 def test_table_guide_bad_input(tab, T, name, match):
     with pytest.raises(ValueError, match=match):
-        tab.TableForwardProcess.from_config(T, name, 3)
+        tab.TableForwardProcess.from_spec(T, name, 3)
 
 
 @pytest.fixture(scope="module")
@@ -325,22 +326,24 @@ def test_custom_guide_example_learns_a_monotone_schedule_that_round_trips(tab, g
     assert_png(out / "schedule.png")
     assert "distortion_L_0" in stdout and "abar_t before" in stdout
     state = checkpoint.load(out / "run")
-    assert state["config"]["guide"] == r["guide"] == "__main__:TableForwardProcess" and state["step"] == 20
+    assert state.config["guide"] == r["guide"] == "custom_guide" == state.programs["guide"]["class"]
+    assert state.step == 20
     T = r["T"]
     # the schedule before training is the named one; training moved it; it is still monotone
     np.testing.assert_allclose(np.asarray(r["abar_before"])[1:], np.cumprod(1.0 - ref.linear_betas(T, 1e-4, 0.02)),
                                rtol=1e-9)
-    after = np_table(state["guide"]["schedule.g_1"].item(), state["guide"]["schedule.r"].numpy())
+    after = np_table(state.weights["guide"]["schedule.g_1"].item(), state.weights["guide"]["schedule.r"].numpy())
     np.testing.assert_allclose(r["gamma_after"], after["gamma"], rtol=1e-12)
     np.testing.assert_allclose(r["abar_after"], after["abar"], rtol=1e-12)
     assert np.all(np.diff(after["gamma"]) > 0) and np.all(np.diff(after["abar"]) < 0)
     assert np.abs(np.asarray(r["gamma_after"]) - np.asarray(r["gamma_before"])).max() > 1e-4
-    # the stored state rebuilds the same guide (outside the script: name the class)
-    model, guide = checkpoint.build(state, guide_class=tab.TableForwardProcess)
+    # the stored state rebuilds the same guide in any process that imported the example
+    model, guide = checkpoint.build(state)
+    assert GUIDES.resolve("custom_guide") is tab.TableForwardProcess
     assert model.schedule is guide.schedule and isinstance(guide.schedule, tab.TableSchedule)
     with torch.no_grad():
         np.testing.assert_array_equal(guide.schedule.abar.numpy(), np.asarray(r["abar_after"]))
-        np.testing.assert_allclose(guide.schedule.betas.numpy(), state["schedule"]["betas"].numpy(), rtol=1e-12)
+        np.testing.assert_allclose(guide.schedule.start, state.programs["guide"]["config"]["start"], rtol=0)
     b = r["bits_per_dim"]
     assert b["total"] == pytest.approx(b["prior_L_T"] + b["rate_L_1_to_L_T-1"] + b["distortion_L_0"], rel=1e-12)
     assert 0 < b["total"] < 20 and set(r["samples_levels"]) <= set(range(17))

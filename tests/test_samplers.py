@@ -253,7 +253,7 @@ def test_ddim_reads_any_parameterization_off_the_transition_mean(float64, name):
         pytest.skip(f"{name} is not in pyro_ddpm.models")
     learned = "LearnedVariance" in name
     torch.manual_seed(0)
-    net = MLP(dim=2, hidden=16, depth=1, temb_dim=8, **({"out_dim": 4} if learned else {}))
+    net = MLP(dim=2, hidden=16, depth=1, temb_dim=8, **({"out_channels": 4} if learned else {}))
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0, 0.5)

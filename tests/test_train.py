@@ -24,9 +24,9 @@ def _states_equal(a: dict, b: dict) -> bool:
     return all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
 
 
-def _adam_state(ckpt: dict) -> dict:
+def _adam_state(ckpt) -> dict:
     """{parameter name: its Adam state} from a checkpoint's optimizer state."""
-    optim = ckpt["optim"]
+    optim = ckpt.training["optim"]
     return {name: optim["optimizer"]["state"][i] for i, name in enumerate(optim["names"]) if i in optim["optimizer"]["state"]}
 
 
@@ -34,9 +34,9 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
     straight = checkpoint.load(train(TrainConfig(steps=7, **TINY), tmp_path / "straight", progress=False))
     train(TrainConfig(steps=3, **TINY), tmp_path / "resumed", progress=False)
     resumed = checkpoint.load(train(TrainConfig(steps=7, **TINY), tmp_path / "resumed", progress=False, resume=True))
-    assert resumed["step"] == straight["step"] == 7
-    assert _states_equal(resumed["net"], straight["net"])  # dropout, data order, t and noise all restored
-    assert _states_equal(resumed["ema"], straight["ema"]) and resumed["ema_updates"] == 7
+    assert resumed.step == straight.step == 7
+    assert _states_equal(resumed.weights["net"], straight.weights["net"])  # dropout, data order, t, noise restored
+    assert _states_equal(resumed.weights["ema"], straight.weights["ema"]) and resumed.training["ema_updates"] == 7
     straight_adam, resumed_adam = _adam_state(straight), _adam_state(resumed)
     assert straight_adam.keys() == resumed_adam.keys() and len(straight_adam) > 10
     for name, state in straight_adam.items():
@@ -49,7 +49,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
 def test_resume_refuses_a_different_configuration_and_fresh_runs_refuse_to_overwrite(tmp_path):
     train(TrainConfig(steps=2, **TINY), tmp_path, progress=False)
     before = (tmp_path / "checkpoint.pt").read_bytes()
-    with pytest.raises(ValueError, match="lr=0.001 \\(asked 0.01\\)"):
+    with pytest.raises(ValueError, match="lr = 0.001 \\(asked 0.01\\)"):
         train(TrainConfig(steps=4, **dict(TINY, lr=1e-2)), tmp_path, progress=False, resume=True)
     with pytest.raises(ValueError, match="already holds a checkpoint"):
         train(TrainConfig(steps=4, **TINY), tmp_path, progress=False)
@@ -70,14 +70,14 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     monkeypatch.setattr(pyro.infer.SVI, "step", step)
     with pytest.raises(FloatingPointError, match="nan at step 5; the last good checkpoint \\(step 3\\) is kept"):
         train(TrainConfig(steps=8, **TINY), tmp_path, progress=False)
-    assert checkpoint.load(tmp_path)["step"] == 3
+    assert checkpoint.load(tmp_path).step == 3
 
 
 def test_bf16_autocast_and_sample_grids(tmp_path):
     seen = []
     path = train(TrainConfig(steps=4, precision="bf16", sample_every=2, **TINY), tmp_path, progress=False)
     state = checkpoint.load(path)
-    assert all(v.dtype == torch.float32 for v in state["net"].values())  # autocast leaves the weights in fp32
+    assert all(v.dtype == torch.float32 for v in state.weights["net"].values())  # autocast leaves the weights fp32
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss_per_image"]) for r in records)
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_0000002.png", "step_0000004.png"]
@@ -110,9 +110,9 @@ def test_mnist5k_train_kill_resume_sample(tmp_path):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert checkpoint.load(run)["step"] < 40  # killed mid-run; its last checkpoint is intact
+    assert checkpoint.load(run).step < 40  # killed mid-run; its last checkpoint is intact
     assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
-    assert _states_equal(checkpoint.load(run)["net"], checkpoint.load(reference)["net"])
+    assert _states_equal(checkpoint.load(run).weights["net"], checkpoint.load(reference).weights["net"])
     assert main(["sample", str(run), "--n", "4"]) == 0
     assert (run / "samples.png").stat().st_size > 500
 
@@ -129,12 +129,12 @@ def _torchrun(nproc: int, out: Path, steps: int):
 
 def test_two_gloo_processes_stay_in_sync_and_match_one_process_with_the_same_global_batch(tmp_path):
     # Each checkpoint (here every step) checks that the ranks hold identical parameters, and raises if not.
-    assert _torchrun(2, tmp_path / "sync", steps=4)["world_size"] == 2
+    assert _torchrun(2, tmp_path / "sync", steps=4).training["world_size"] == 2
     # The averaged gradient of two shards is the global batch's gradient: compare Adam's first moments
     # after two steps (at step 1 only the zero-initialised output layer has a gradient). Later steps are not
     # compared: Adam's normalised update turns round-off in near-zero gradients into steps of size lr.
     one, two = _torchrun(1, tmp_path / "one", steps=2), _torchrun(2, tmp_path / "two", steps=2)
-    assert one["world_size"] == 1 and two["world_size"] == 2
+    assert one.training["world_size"] == 1 and two.training["world_size"] == 2
     two_adam = _adam_state(two)
     moments = {name: (state["exp_avg"], two_adam[name]["exp_avg"]) for name, state in _adam_state(one).items()}
     scale = max(float(g1.abs().max()) for g1, _ in moments.values())  # round-off is relative to the largest gradient
@@ -152,8 +152,8 @@ def test_two_gloo_processes_stay_in_sync_and_match_one_process_with_the_same_glo
 def test_compiled_network_trains_and_keeps_parameter_names(tmp_path):
     path = train(TrainConfig(steps=3, compile=True, **TINY), tmp_path, progress=False)
     state = checkpoint.load(path)
-    assert not any("_orig_mod" in k for k in state["net"])  # module.compile() compiles in place
-    assert all(torch.isfinite(v).all() for v in state["net"].values())
+    assert not any("_orig_mod" in k for k in state.weights["net"])  # module.compile() compiles in place
+    assert all(torch.isfinite(v).all() for v in state.weights["net"].values())
 
 
 def test_cifar10_folder_trains_with_flips_and_evaluates(tmp_path, monkeypatch):
@@ -170,7 +170,7 @@ def test_cifar10_folder_trains_with_flips_and_evaluates(tmp_path, monkeypatch):
     assert main(["train", "--data", folder, "--T", "5", "--ch", "8", "--batch-size", "4", "--steps", "3",
                  "--out", str(run), "--no-progress"]) == 0
     state = checkpoint.load(run)
-    assert state["data"]["name"] == "cifar10" and state["data"]["shape"] == [3, 32, 32]
-    assert state["data"]["source"] and state["config"]["data"] == folder
+    assert state.data["name"] == "cifar10" and state.data["shape"] == [3, 32, 32]
+    assert state.data["source"] and state.config["data"] == folder
     assert flips == [4, 4, 4]  # every CIFAR-10 batch is flipped at random (digits/MNIST batches are not)
     assert main(["evaluate", str(run), "--no-progress", "--no-figures"]) == 0

@@ -22,7 +22,9 @@ VARIANTS = {
     "eps, simple, small variance": dict(objective="simple", variance="small"),
     "x0 prediction": dict(model="X0PredictionReverseProcess"),
     "v prediction": dict(model="VPredictionReverseProcess", objective="simple"),
-    "learned variance, hybrid": dict(model="LearnedVarianceReverseProcess", variance="learned", objective="hybrid"),
+    "learned variance, hybrid": dict(model="LearnedVarianceReverseProcess", objective="hybrid"),
+    "learned variance, hybrid, importance-sampled": dict(model="LearnedVarianceReverseProcess", objective="hybrid",
+                                                         timesteps="importance"),
     "cosine guide": dict(guide="CosineForwardProcess", schedule="cosine"),
     "learned schedule": dict(guide="LearnedForwardProcess", schedule="learned"),
     "importance-sampled timesteps": dict(timesteps="importance"),
@@ -35,7 +37,8 @@ VARIANTS = {
 def test_variant_trains_and_its_checkpoint_rebuilds_the_same_programs(tmp_path, variant):
     config = TrainConfig(steps=4, **dict(TINY, **VARIANTS[variant]))
     state = checkpoint.load(train(config, tmp_path, progress=False))
-    assert state["step"] == 4 and state["config"]["model"] == config.model and state["config"]["guide"] == config.guide
+    assert state.step == 4 and state.config["model"] == config.model and state.config["guide"] == config.guide
+    assert state.programs["model"]["class"] == config.model and state.programs["guide"]["class"] == config.guide
     model, guide = checkpoint.build(state, use_ema=False)
     assert type(model).__name__ == config.model and type(guide).__name__ == config.guide
     assert model.schedule is guide.schedule  # one schedule object, learned or not
@@ -43,8 +46,8 @@ def test_variant_trains_and_its_checkpoint_rebuilds_the_same_programs(tmp_path, 
     # The same programs built fresh and given the stored weights give the same bound, term by term.
     dataset = data.load(config.data)
     fresh_model, fresh_guide = build(config, dataset)
-    fresh_model.eps.load_state_dict(state["net"])
-    fresh_guide.load_state_dict(state["guide"])
+    fresh_model.eps.load_state_dict(state.weights["net"])
+    fresh_guide.load_state_dict(state.weights["guide"])
     x = dataset.test[:3]
     with torch.no_grad():
         a = bound_terms(model.eval(), guide, x, seed=1)
@@ -57,10 +60,12 @@ def test_the_learned_schedule_is_trained_by_the_same_svi_step_and_restored(tmp_p
     config = TrainConfig(steps=3, guide="LearnedForwardProcess", schedule="learned", **TINY)
     initial = build(config, data.load("digits"))[1].state_dict()
     state = checkpoint.load(train(config, tmp_path, progress=False))
-    moved = [k for k in initial if initial[k].is_floating_point() and not torch.equal(initial[k], state["guide"][k])]
+    stored = state.weights["guide"]
+    moved = [k for k in initial if initial[k].is_floating_point() and not torch.equal(initial[k], stored[k])]
     assert moved, f"no guide parameter changed among {list(initial)}"
     _, guide = checkpoint.build(state)
-    torch.testing.assert_close(guide.schedule.betas.detach(), state["schedule"]["betas"].to(torch.float64), rtol=0, atol=0)
+    for k, v in guide.state_dict().items():
+        torch.testing.assert_close(v, stored[k], rtol=0, atol=0)
 
 
 def test_importance_sampled_run_resumes_exactly(tmp_path):
@@ -68,10 +73,11 @@ def test_importance_sampled_run_resumes_exactly(tmp_path):
     straight = checkpoint.load(train(TrainConfig(steps=6, **cfg), tmp_path / "straight", progress=False))
     train(TrainConfig(steps=2, **cfg), tmp_path / "resumed", progress=False)
     resumed = checkpoint.load(train(TrainConfig(steps=6, **cfg), tmp_path / "resumed", progress=False, resume=True))
-    assert all(torch.equal(straight["net"][k], resumed["net"][k]) for k in straight["net"])
-    assert straight["timesteps"].keys() == resumed["timesteps"].keys()
-    assert all(torch.equal(straight["timesteps"][k], resumed["timesteps"][k]) for k in straight["timesteps"])
-    assert any(v.abs().sum() > 0 for v in straight["timesteps"].values() if v.is_floating_point())  # history was filled
+    a, b = straight.weights, resumed.weights
+    assert all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
+    assert a["timesteps"].keys() == b["timesteps"].keys()
+    assert all(torch.equal(a["timesteps"][k], b["timesteps"][k]) for k in a["timesteps"])
+    assert any(v.abs().sum() > 0 for v in a["timesteps"].values() if v.is_floating_point())  # history was filled
 
 
 def test_joint_optimizer_clips_the_global_norm():
@@ -94,15 +100,17 @@ def test_joint_optimizer_clips_the_global_norm():
 
 
 def test_bad_program_names_are_refused_before_anything_is_written(tmp_path):
-    with pytest.raises(ValueError, match="no program class 'NoSuchModel'"):
+    with pytest.raises(ValueError, match="unknown model 'NoSuchModel'; choose one of \\['ReverseProcess'"):
         train(TrainConfig(model="NoSuchModel", **TINY), tmp_path / "a", progress=False)
     with pytest.raises(ValueError, match="unknown optimizer"):
         train(TrainConfig(optimizer="Adamm", **TINY), tmp_path / "b", progress=False)
-    with pytest.raises(ValueError, match="hybrid"):
+    with pytest.raises(ValueError, match="ReverseProcess does not train on objective 'hybrid'"):
         train(TrainConfig(objective="hybrid", **TINY), tmp_path / "c", progress=False)
-    with pytest.raises(ValueError, match="not reweighted"):
-        train(TrainConfig(objective="hybrid", model="LearnedVarianceReverseProcess", variance="learned",
-                          timesteps="importance", **TINY), tmp_path / "d", progress=False)
+    with pytest.raises(ValueError, match="has no variance 'small'; it implements \\['learned'\\]"):
+        train(TrainConfig(model="LearnedVarianceReverseProcess", variance="small", **TINY), tmp_path / "d",
+              progress=False)
+    with pytest.raises(ValueError, match="unknown timestep sampler 'fancy'"):
+        train(TrainConfig(timesteps="fancy", **TINY), tmp_path / "e", progress=False)
     assert not any(tmp_path.iterdir())
 
 
@@ -111,10 +119,10 @@ def test_cli_trains_evaluates_and_samples_a_variant_with_ddim(tmp_path, capsys):
 
     run = tmp_path / "run"
     assert main(["train", "--data", "digits", "--T", "10", "--ch", "8", "--batch-size", "8", "--steps", "2",
-                 "--model", "LearnedVarianceReverseProcess", "--variance", "learned", "--objective", "elbo",
+                 "--model", "LearnedVarianceReverseProcess", "--objective", "elbo",
                  "--guide", "LearnedForwardProcess", "--schedule", "learned", "--timesteps", "importance",
                  "--optimizer", "AdamW", "--no-progress", "--out", str(run)]) == 0
-    config = checkpoint.load(run)["config"]
+    config = checkpoint.load(run).config
     assert (config["model"], config["guide"], config["optimizer"]) == ("LearnedVarianceReverseProcess", "LearnedForwardProcess", "AdamW")
     assert main(["evaluate", str(run), "--limit", "4", "--no-figures", "--no-progress"]) == 0
     assert "total" in capsys.readouterr().out

@@ -1,4 +1,8 @@
-"""Importance sampling of timesteps: a proposal p(t) in place of the uniform draw of Algorithm 1.
+"""Timestep samplers: the draw of t in Algorithm 1, uniform or from an importance proposal p(t).
+
+Every training run draws its timesteps from a sampler object (:class:`UniformSampler` is Algorithm 1's
+uniform draw); each is registered (:data:`pyro_ddpm.registry.TIMESTEPS`: ``uniform``, ``importance``),
+describes itself with ``config()`` and keeps its state in buffers.
 
 The training form (:mod:`pyro_ddpm.protocol`) scores K (image, t) pairs per image under a plate that
 scales each by T/K, and scales pair (b, k) by ``weight[t_bk]``. Drawing t_k ~ p and weighting by
@@ -27,6 +31,8 @@ import abc
 import torch
 from torch import nn
 
+from pyro_ddpm.registry import TIMESTEPS
+
 
 def _check_count(value, what: str, least: int = 1) -> int:
     if isinstance(value, bool) or int(value) != value or value < least:
@@ -35,7 +41,12 @@ def _check_count(value, what: str, least: int = 1) -> int:
 
 
 class TimestepSampler(nn.Module, abc.ABC):
-    """A proposal p_1..p_T over the timesteps 1..T, the weights 1/(T p_t) and draws from it."""
+    """A proposal p_1..p_T over the timesteps 1..T, the weights 1/(T p_t) and draws from it.
+
+    ``learns``: whether :meth:`update` changes the proposal (the trainer then feeds it each pair's loss).
+    """
+
+    learns = False
 
     def __init__(self, T: int):
         super().__init__()
@@ -107,14 +118,38 @@ class FixedProposal(TimestepSampler):
         self.register_buffer("p", p / p.sum())
 
     @classmethod
-    def uniform(cls, T: int) -> "FixedProposal":
+    def uniform(cls, T: int) -> "UniformSampler":
         """p_t = 1/T: Algorithm 1's draw, with weights 1."""
-        return cls(torch.full((_check_count(T, "T"),), 1.0 / T, dtype=torch.float64))
+        return UniformSampler(T)
+
+    def config(self) -> dict:
+        return {"probs": [float(p) for p in self.p.tolist()]}
+
+    @classmethod
+    def from_config(cls, *, probs) -> "FixedProposal":
+        return cls(probs)
 
     def probs(self) -> torch.Tensor:
         return self.p
 
 
+@TIMESTEPS.register(name="uniform")
+class UniformSampler(FixedProposal):
+    """p_t = 1/T for t = 1..T: Algorithm 1's uniform draw, every weight 1."""
+
+    def __init__(self, T: int):
+        T = _check_count(T, "T")
+        super().__init__(torch.full((T,), 1.0 / T, dtype=torch.float64))
+
+    def config(self) -> dict:
+        return {"T": self.T}
+
+    @classmethod
+    def from_config(cls, *, T: int) -> "UniformSampler":
+        return cls(T)
+
+
+@TIMESTEPS.register(name="importance")
 class LossAwareSampler(TimestepSampler):
     """p_t proportional to sqrt(mean of the last ``history`` values of L_t squared), mixed with uniform.
 
@@ -127,6 +162,8 @@ class LossAwareSampler(TimestepSampler):
         (0.001 in improved-diffusion); p_t >= uniform_fraction / T bounds every weight by 1 / uniform_fraction.
     """
 
+    learns = True
+
     def __init__(self, T: int, history: int = 10, uniform_fraction: float = 0.001):
         super().__init__(T)
         history = _check_count(history, "history")
@@ -135,6 +172,13 @@ class LossAwareSampler(TimestepSampler):
         self.uniform_fraction = float(uniform_fraction)
         self.register_buffer("history", torch.zeros(self.T, history, dtype=torch.float64))
         self.register_buffer("count", torch.zeros(self.T, dtype=torch.long))
+
+    def config(self) -> dict:
+        return {"T": self.T, "history": int(self.history.shape[1]), "uniform_fraction": self.uniform_fraction}
+
+    @classmethod
+    def from_config(cls, **config) -> "LossAwareSampler":
+        return cls(**config)
 
     def warmed_up(self) -> bool:
         """Whether every timestep has a full history."""
