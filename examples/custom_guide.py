@@ -1,34 +1,34 @@
-"""A guide of one's own: the forward process over a learned *table* of -log SNR, trained with the model.
+"""A guide of one's own: a forward process whose schedule learns only its two endpoints, trained with the model.
 
     python examples/custom_guide.py            # T = 100, 400 steps on digits: about a minute on CPU
     python examples/custom_guide.py --quick    # T = 10, a few steps: seconds
 
 The recipe: write a Pyro program that follows :mod:`pyro_ddpm.protocol`, register its class
 (``@GUIDES.register(name=...)``) and name it to the trainer, train, evaluate and sample, with no change
-to the library. Here the program is
-the forward process q(x_{1:T} | x_0) of Ho et al. (2020) (Eqs. 4, 6, 7: :class:`ForwardProcess`,
-unchanged) over a schedule with one free parameter per step. With gamma_t = -log SNR_t =
-log((1 - abar_t) / abar_t), so that abar_t = sigmoid(-gamma_t),
+to the library. Here the program is the forward process q(x_{1:T} | x_0) of Ho et al. (2020) (Eqs. 4,
+6, 7: :class:`ForwardProcess`, unchanged) over a schedule with two parameters. In continuous time the
+variational bound depends on the noise schedule only through its endpoints (Kingma et al. 2021, VDM,
+section 5.1): so keep the *shape* of a fixed schedule and learn where it starts and ends. With
+gamma_t = -log SNR_t = log((1 - abar_t) / abar_t), so that abar_t = sigmoid(-gamma_t), and s_t the
+fixed schedule's gamma rescaled to run from 0 (t = 1) to 1 (t = T),
 
-    gamma_1 = g_1,   gamma_t = gamma_{t-1} + softplus(r_t)   (t = 2..T),
+    gamma_t = g_1 + softplus(d) s_t,      s_t = (gamma^fixed_t - gamma^fixed_1) / (gamma^fixed_T - gamma^fixed_1),
 
-so gamma is strictly increasing and abar strictly decreasing by construction, whatever the T
-parameters (g_1, r_2..r_T): the first endpoint gamma_1 is a parameter, the last, gamma_T = g_1 + sum_t
-softplus(r_t), moves with every increment. A non-parametric alternative to the monotone network of
-``guides/learned_schedule.py`` (VDM, Kingma et al. 2021, section 3.4). With abar_0 = 1,
+gamma is strictly increasing whatever (g_1, d), gamma_1 = g_1 and gamma_T = g_1 + softplus(d): the two
+endpoints, both free. With abar_0 = 1,
 
     beta_t = 1 - abar_t / abar_{t-1} = -expm1(log sigmoid(-gamma_t) - log sigmoid(-gamma_{t-1})),
-    beta_1 = 1 - sigmoid(-gamma_1) = sigmoid(gamma_1),
 
 each in (0, 1), and every constant of the bound (Eqs. 4, 7, 11, 12) follows by the library's
-:func:`~pyro_ddpm.schedule.derive`, differentiably, in float64. The table starts at a named fixed
-schedule (``linear`` or ``cosine`` with T steps: g_1 = gamma_1 and r_t = softplus^{-1}(gamma_t -
-gamma_{t-1}) of that schedule), so the guide first *is* that fixed guide. The model is built around
-``guide.schedule`` by the trainer and the guide registers the table with ``pyro.module``, so one
-``SVI`` step on the true bound (objective ``elbo``: Eq. 5; L_T = KL(q(x_T | x_0) || N(0, I)) pulls
-gamma_T up, the L_{t-1} and L_0 terms shape the rest) trains network and schedule together. For any
+:func:`~pyro_ddpm.schedule.derive`, differentiably, in float64. Started at g_1 = gamma^fixed_1 and
+softplus(d) = gamma^fixed_T - gamma^fixed_1, the guide first *is* that fixed guide (``linear`` or
+``cosine`` with T steps). The model is built around ``guide.schedule`` by the trainer and the guide
+registers the two parameters with ``pyro.module``, so one ``SVI`` step on the true bound (objective
+``elbo``: Eq. 5; L_T = KL(q(x_T | x_0) || N(0, I)) pulls gamma_T up, the small-t terms pull gamma_1 to
+where the decoder and the first transitions cost least) trains network and endpoints together. For any
 parameter values the two programs are the fixed-schedule programs of those betas, so the bound stays
-a bound.
+a bound. (The library's own learned schedules: VDM's monotone network, ``guides/learned_schedule.py``,
+and a free table of increments, ``guides/learned_table.py``.)
 
 Prints the per-term bound on the digits test split (bits/dim), how the schedule moved (abar_t and
 gamma_t at a few t before and after), and writes ``samples.png``, ``schedule.png`` (gamma_t before and
@@ -63,13 +63,13 @@ from pyro_ddpm.train import TrainConfig, train
 NAME = "custom_guide"
 
 
-class TableSchedule(GammaSchedule):
-    """gamma_t = -log SNR_t = g_1 + sum_{s=2..t} softplus(r_s): a free, strictly increasing table.
+class EndpointSchedule(GammaSchedule):
+    """gamma_t = g_1 + softplus(d) s_t: a fixed schedule's shape s_t with two learned endpoints.
 
-    :class:`~pyro_ddpm.guides.learned_schedule.GammaSchedule` turns gamma_1..gamma_T into beta_t and
-    every constant of the bound (as properties, cached under ``torch.no_grad()``); only gamma is defined here.
+    :class:`~pyro_ddpm.guides.GammaSchedule` turns gamma_1..gamma_T into beta_t and every constant of the
+    bound (as properties, cached under ``torch.no_grad()``); only gamma is defined here.
 
-    :param betas: the fixed schedule beta_1..beta_T (T >= 2) the table starts at.
+    :param betas: the fixed schedule beta_1..beta_T (T >= 2) whose shape is kept and where it starts.
     """
 
     def __init__(self, betas):
@@ -78,33 +78,34 @@ class TableSchedule(GammaSchedule):
         self.T = start.T
         self.start = [float(b) for b in start.betas.tolist()]  # plain data: what config() records
         gamma = torch.log1p(-start.abar[1:]) - torch.log(start.abar[1:])  # log((1 - abar) / abar)
-        step = torch.diff(gamma)
+        span = gamma[-1] - gamma[0]
+        self.register_buffer("shape", (gamma - gamma[0]) / span)  # s_t: 0 at t = 1, 1 at t = T
         self.g_1 = nn.Parameter(gamma[0].clone())
-        self.r = nn.Parameter(step + torch.log(-torch.expm1(-step)))  # softplus^{-1}(step)
+        self.d = nn.Parameter(span + torch.log(-torch.expm1(-span)))  # softplus^{-1}(span)
 
     def gamma_t(self) -> torch.Tensor:
         """gamma_1..gamma_T (float64), strictly increasing."""
-        return self.g_1 + torch.cat([self.g_1.new_zeros(1), torch.cumsum(F.softplus(self.r), 0)])
+        return self.g_1 + F.softplus(self.d) * self.shape
 
 
 @GUIDES.register(name=NAME)
-class TableForwardProcess(ForwardProcess):
-    """:class:`ForwardProcess` (Eqs. 4, 6, 7) over a :class:`TableSchedule` (which it registers with Pyro,
+class EndpointForwardProcess(ForwardProcess):
+    """:class:`ForwardProcess` (Eqs. 4, 6, 7) over an :class:`EndpointSchedule` (which it registers with Pyro,
     as it does any schedule that has parameters). Registered as ``"custom_guide"``: a checkpoint names it
     so, and any process that imports this file can rebuild the guide from it."""
 
     def config(self) -> dict:
-        """The betas the table started at (its learned values are the guide's ``state_dict()``)."""
+        """The betas the schedule started at (its learned endpoints are the guide's ``state_dict()``)."""
         return {"start": self.schedule.start, "event_dim": self.event_dim}
 
     @classmethod
-    def from_config(cls, *, start, event_dim: int | None = None) -> "TableForwardProcess":
-        return cls(TableSchedule(start), event_dim=event_dim)
+    def from_config(cls, *, start, event_dim: int | None = None) -> "EndpointForwardProcess":
+        return cls(EndpointSchedule(start), event_dim=event_dim)
 
     @classmethod
-    def from_spec(cls, T: int, spec: str = "linear", event_dim: int | None = None) -> "TableForwardProcess":
-        """The table started at the fixed schedule ``spec`` (``linear`` or ``cosine``) with T steps."""
-        return cls(TableSchedule(Schedule.from_name(spec, T).betas), event_dim=event_dim)
+    def from_spec(cls, T: int, spec: str = "linear", event_dim: int | None = None) -> "EndpointForwardProcess":
+        """The schedule started at the fixed schedule ``spec`` (``linear`` or ``cosine``) with T steps."""
+        return cls(EndpointSchedule(Schedule.from_name(spec, T).betas), event_dim=event_dim)
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -112,7 +113,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default=f"runs/examples/{NAME}", help="output folder (default %(default)s)")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default 400; --quick: 20)")
     ap.add_argument("--T", type=int, default=None, help="diffusion steps (default 100; --quick: 10)")
-    ap.add_argument("--init", default="linear", choices=["linear", "cosine"], help="the schedule the table starts at")
+    ap.add_argument("--init", default="linear", choices=["linear", "cosine"], help="the schedule whose shape is kept and where it starts")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="tiny network, T = 10, a few steps (for tests)")
     args = ap.parse_args(argv)
@@ -134,28 +135,28 @@ def main(argv=None) -> dict:
                          T=args.T, steps=args.steps, seed=args.seed, lr=1e-3, batch_size=32 if args.quick else 64,
                          net_overrides={"ch": 8} if args.quick else {}, log_every=max(1, args.steps // 10),
                          checkpoint_every=args.steps)
-    before = TableForwardProcess.from_spec(args.T, args.init).schedule
+    before = EndpointForwardProcess.from_spec(args.T, args.init).schedule
     run = out / "run"
     ckpt = train(config, run, progress=not args.quick, resume=(run / checkpoint.FILENAME).exists())
     pyro.clear_param_store()
-    model, guide = checkpoint.build(checkpoint.load(ckpt))  # rebuilt from the checkpoint: the stored table
+    model, guide = checkpoint.build(checkpoint.load(ckpt))  # rebuilt from the checkpoint: the stored endpoints
 
     x = digits.test if not args.quick else digits.test[:16]
     summary = summarize(bound(model, guide, x))
-    print(format_summary(summary, header=f"digits test split, T = {args.T}, table schedule started at {args.init!r}, "
+    print(format_summary(summary, header=f"digits test split, T = {args.T}, endpoints learned from {args.init!r}, "
                                          f"{args.steps} steps"))
 
     with torch.no_grad():
         g0, g1 = before.gamma_t().numpy(), guide.schedule.gamma_t().numpy()
         a0, a1 = before.abar.numpy(), guide.schedule.abar.numpy()
         # L_T = KL(q(x_T | x_0) || N(0, I)) depends on the guide only: read it off the traced terms of the
-        # pair built around the initial table, as the trainer builds it (Model(net, schedule, ...)).
-        start = TableForwardProcess(before, event_dim=len(digits.shape))
+        # pair built around the initial schedule, as the trainer builds it (Model(net, schedule, ...)).
+        start = EndpointForwardProcess(before, event_dim=len(digits.shape))
         start_model = type(model)(model.eps, before, model.variance, model.likelihood, shape=model.shape)
         ones = torch.ones(len(x), 1, dtype=torch.long)
         prior = TermwiseELBO().terms(start_model.per_timestep, start.per_timestep, x, ones)[protocol.X_T]
         L_T_before = float(prior.value.sum()) / (len(x) * digits.dims * math.log(2))
-    print(f"\nL_T (test split, bits/dim): {L_T_before:.5f} at the initial table -> "
+    print(f"\nL_T (test split, bits/dim): {L_T_before:.5f} at the initial schedule -> "
           f"{summary['prior_L_T']['bits_per_dim']:.5f} at the learned one")
     at_t = sorted({1, max(1, args.T // 4), max(1, args.T // 2), max(1, 3 * args.T // 4), args.T})
     print("\nthe schedule, before -> after training:")
@@ -170,7 +171,7 @@ def main(argv=None) -> dict:
     t = np.arange(1, args.T + 1)
     ax.plot(t, g0, label=f"start ({args.init})")
     ax.plot(t, g1, label=f"after {args.steps} steps")
-    ax.set(xlabel="t", ylabel="gamma_t = -log SNR_t", title="learned table schedule")
+    ax.set(xlabel="t", ylabel="gamma_t = -log SNR_t", title="learned endpoints")
     ax.legend()
     save_figure(fig, out / "schedule.png")
 

@@ -3,6 +3,7 @@
 from .cosine import CosineForwardProcess
 from .forward_process import ForwardProcess
 from .learned_schedule import GammaSchedule, LearnedForwardProcess, LearnedSchedule
+from .learned_table import LearnedTableForwardProcess, TableSchedule
 from .linear import LinearForwardProcess
 from .user_betas import UserBetasForwardProcess
 
@@ -14,4 +15,6 @@ __all__ = [
     "GammaSchedule",
     "LearnedSchedule",
     "LearnedForwardProcess",
+    "TableSchedule",
+    "LearnedTableForwardProcess",
 ]

@@ -1,7 +1,9 @@
 """Pyro models: reverse processes p_theta(x_{0:T}). Installed as ``pyro_ddpm.models``."""
 
 from .ddim import DDIM
+from .grid_posterior import GridPosteriorReverseProcess
 from .learned_variance import HybridReverseProcess, LearnedVarianceReverseProcess
+from .moment_matched import MomentMatchedGridReverseProcess
 from .reverse_process import ReverseProcess
 from .v_prediction import VPredictionReverseProcess
 from .x0_prediction import X0PredictionReverseProcess
@@ -12,5 +14,7 @@ __all__ = [
     "VPredictionReverseProcess",
     "LearnedVarianceReverseProcess",
     "HybridReverseProcess",
+    "GridPosteriorReverseProcess",
+    "MomentMatchedGridReverseProcess",
     "DDIM",
 ]

@@ -64,6 +64,8 @@ class ReverseProcess(nn.Module):
         if shape is None:
             raise ValueError(f"{type(self).__name__}: give the data shape (the network has no .shape attribute)")
         self.shape = tuple(int(s) for s in shape)
+        # the data this model describes, fixed at construction (a training surrogate may swap the decoder)
+        self.data = DataSpec(self.shape, int(getattr(self.likelihood, "levels", 0) or 0))
         self.clip_denoised = bool(clip_denoised)
         self.autocast = None  # e.g. torch.bfloat16: the network (only) runs under torch.autocast
 
@@ -93,11 +95,6 @@ class ReverseProcess(nn.Module):
         """Raise ValueError unless ``variance`` is one of :attr:`variances`."""
         if variance not in cls.variances:
             raise ValueError(f"{cls.__name__}: unknown variance {variance!r}; it implements {list(cls.variances)}")
-
-    @property
-    def data(self) -> DataSpec:
-        """The data this model describes: its shape and its decoder's levels (0: continuous)."""
-        return DataSpec(self.shape, int(getattr(self.likelihood, "levels", 0) or 0))
 
     @property
     def T(self) -> int:

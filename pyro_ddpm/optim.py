@@ -30,15 +30,19 @@ class JointOptimizer(PyroOptim):
     :param clip_norm: clip the global gradient norm to this value before each step (None: no clipping).
     :param lr_lambda: the learning rate at optimizer step n is ``lr * lr_lambda(n)`` (``LambdaLR``);
         e.g. a linear warm-up.
+    :param lr_scale: ``lr_scale(param) -> factor``: parameters with a factor other than 1 get their own
+        group at ``lr * factor`` (e.g. a learned schedule beside the network); default 1 for all.
     """
 
     def __init__(self, optimizer=torch.optim.Adam, optim_args: dict | None = None,
-                 clip_norm: float | None = None, lr_lambda: Callable[[int], float] | None = None):
+                 clip_norm: float | None = None, lr_lambda: Callable[[int], float] | None = None,
+                 lr_scale: Callable[[torch.Tensor], float] | None = None):
         super().__init__(optimizer, dict(optim_args or {}))
         if clip_norm is not None and not clip_norm > 0:
             raise ValueError(f"clip_norm must be positive, got {clip_norm}")
         self.clip_norm = clip_norm
         self.lr_lambda = lr_lambda
+        self.lr_scale = lr_scale
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None
         self.names: list[str] = []
@@ -46,22 +50,32 @@ class JointOptimizer(PyroOptim):
         self._known: set = set()
         self._pending: dict | None = None
 
+    def _groups(self, params: list[torch.Tensor]) -> list[dict]:
+        """Parameter groups by learning-rate factor (one group when every factor is 1)."""
+        lr = self.pt_optim_args.get("lr")
+        factors: dict[float, list] = {}
+        for p in params:
+            factors.setdefault(1.0 if self.lr_scale is None else float(self.lr_scale(p)), []).append(p)
+        return [{"params": ps} if f == 1.0 or lr is None else {"params": ps, "lr": lr * f} for f, ps in factors.items()]
+
     def _add(self, params: list[torch.Tensor]) -> None:
         store = pyro.get_param_store()
         params = sorted(params, key=store.param_name)
+        groups = self._groups(params)
+        params = [p for g in groups for p in g["params"]]  # in group order: get_state's names follow it
         names = [store.param_name(p) for p in params]
         if self.optimizer is None:
-            self.optimizer = self.pt_optim_constructor(params, **self.pt_optim_args)
+            self.optimizer = self.pt_optim_constructor(groups, **self.pt_optim_args)
             if self.lr_lambda is not None:
                 self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_lambda)
-        else:  # parameters first seen after the first step join as a new group at the current rate
-            defaults = self.optimizer.defaults
-            group = {"params": params}
-            if self.scheduler is not None:
-                group.update(initial_lr=defaults["lr"], lr=defaults["lr"] * self.lr_lambda(self.scheduler.last_epoch))
-                self.scheduler.base_lrs.append(defaults["lr"])
-                self.scheduler.lr_lambdas.append(self.lr_lambda)
-            self.optimizer.add_param_group(group)
+        else:  # parameters first seen after the first step join as new groups at the current rate
+            for group in groups:
+                base = group.get("lr", self.optimizer.defaults["lr"])
+                if self.scheduler is not None:
+                    group.update(initial_lr=base, lr=base * self.lr_lambda(self.scheduler.last_epoch))
+                    self.scheduler.base_lrs.append(base)
+                    self.scheduler.lr_lambdas.append(self.lr_lambda)
+                self.optimizer.add_param_group(group)
         self.names += names
         self.params += params
         self._known.update(params)

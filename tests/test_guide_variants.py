@@ -25,6 +25,7 @@ from pyro_ddpm.guides import (
     ForwardProcess,
     LearnedForwardProcess,
     LearnedSchedule,
+    LearnedTableForwardProcess,
     LinearForwardProcess,
     UserBetasForwardProcess,
 )
@@ -100,7 +101,29 @@ GUIDES = {
     "learned": (lambda: LearnedForwardProcess(random_learned()), lambda ref, g: ref_learned_betas(g.schedule)),
     "learned-config": (lambda: LearnedForwardProcess.from_spec(5, "learned", 1),
                        lambda ref, g: ref_learned_betas(g.schedule)),
+    # the table starts exactly at the schedule it is built from; moved, its betas follow its parameters
+    "table-start": (lambda: LearnedTableForwardProcess.from_spec(6, "cosine", 1), lambda ref, g: ref.cosine_betas(6)),
+    "table-moved": (lambda: moved_table(), lambda ref, g: ref_table_betas(g.schedule)),
 }
+
+
+def moved_table(seed=3):
+    guide = LearnedTableForwardProcess.from_spec(6, "linear", 1)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        guide.schedule.g_1.add_(0.5)
+        guide.schedule.r.add_(torch.randn(guide.schedule.r.shape, generator=g, dtype=torch.float64))
+    return guide
+
+
+def ref_table_betas(sched) -> np.ndarray:
+    """beta_t of gamma_t = g_1 + sum softplus(r), abar = 1/(1 + e^gamma), in plain Python floats."""
+    g_1, r = float(sched.g_1), [float(v) for v in sched.r.detach()]
+    gamma = [g_1]
+    for v in r:
+        gamma.append(gamma[-1] + math.log1p(math.exp(v)))
+    abar = [1.0] + [1.0 / (1.0 + math.exp(gm)) for gm in gamma]
+    return np.array([1.0 - abar[t] / abar[t - 1] for t in range(1, len(abar))])
 
 
 def make_net(seed=0):
@@ -260,12 +283,12 @@ def test_bad_input_raises(name):
     "cls,schedule",
     [(ForwardProcess, "linear"), (ForwardProcess, "cosine"), (LinearForwardProcess, "linear"),
      (CosineForwardProcess, "cosine"), (UserBetasForwardProcess, "0.1,0.2,0.3,0.4"),
-     (LearnedForwardProcess, "learned")],
+     (LearnedForwardProcess, "learned"), (LearnedTableForwardProcess, "linear")],
 )
 def test_from_spec_and_state_dict_round_trip(cls, schedule):
     guide = cls.from_spec(4, schedule, 2)
     assert guide.T == 4 and guide.event_dim == 2
-    if isinstance(guide.schedule, LearnedSchedule):
+    if next(guide.schedule.parameters(), None) is not None:
         with torch.no_grad():
             for p in guide.schedule.parameters():
                 p.add_(0.1 * torch.randn(p.shape, dtype=p.dtype))
@@ -282,6 +305,7 @@ def test_from_spec_and_state_dict_round_trip(cls, schedule):
     "cls,schedule,match",
     [(ForwardProcess, "quadratic", "unknown schedule"), (LinearForwardProcess, "cosine", "linear"),
      (CosineForwardProcess, "linear", "cosine"), (LearnedForwardProcess, "linear", "learned"),
+     (LearnedTableForwardProcess, "quadratic", "unknown schedule"),
      (UserBetasForwardProcess, "0.1,0.2,0.3", "T = 4"), (UserBetasForwardProcess, "0.1,zero,0.3,0.4", "cannot read"),
      (UserBetasForwardProcess, "0.1,0.2,1.3,0.4", "0 < beta_t < 1")],
 )

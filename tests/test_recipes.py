@@ -4,7 +4,7 @@ Each example runs once as a script with ``--quick`` (a subprocess: its classes l
 as for a user), and its outputs are checked. Numbers are checked against independent float64
 references: the discretized logistic against ``scipy.special.expit`` differences and 400-digit
 ``mpmath`` values (its masses sum to 1 over the grid; sampling frequencies by a chi-square test); the
-table schedule against numpy (gamma = g_1 + cumsum(log(1 + e^r)), abar = expit(-gamma)) and conftest's
+endpoint schedule against numpy (gamma = g_1 + log(1 + e^d) s_t, abar = expit(-gamma)) and conftest's
 ``ref.constants`` for every constant derived from its betas.
 """
 
@@ -236,35 +236,44 @@ def test_custom_likelihood_example_trains_evaluates_and_samples(lik, lik_run):
     assert type(model.likelihood) is lik.DiscretizedLogisticLikelihood and model.likelihood.levels == 17
 
 
-# --------------------------------------------------------------------------- the table schedule
-def np_table(g_1: float, r: np.ndarray) -> dict:
-    """gamma, abar (t = 0..T) and beta (t = 1..T) of the table, in numpy float64."""
-    gamma = g_1 + np.concatenate([[0.0], np.cumsum(np.logaddexp(0.0, r))])
+# --------------------------------------------------------------------------- the endpoint schedule
+def np_gamma(betas: np.ndarray) -> np.ndarray:
+    """gamma_t = log((1 - abar_t) / abar_t), t = 1..T, of a fixed schedule (numpy float64)."""
+    abar = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
+    return np.log1p(-abar) - np.log(abar)
+
+
+def np_endpoints(start: np.ndarray, g_1: float, d: float) -> dict:
+    """gamma, abar (t = 0..T) and beta (t = 1..T) of the endpoint schedule, in numpy float64."""
+    base = np_gamma(start)
+    gamma = g_1 + np.logaddexp(0.0, d) * (base - base[0]) / (base[-1] - base[0])
     abar = np.concatenate([[1.0], expit(-gamma)])
     return {"gamma": gamma, "abar": abar, "beta": 1.0 - abar[1:] / abar[:-1]}
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine"])
-def test_table_starts_at_the_named_fixed_schedule(tab, ref, name):
+def test_endpoint_schedule_starts_at_the_named_fixed_schedule(tab, ref, name):
     T = 12
     betas = ref.linear_betas(T, 1e-4, 0.02) if name == "linear" else ref.cosine_betas(T)
-    guide = tab.TableForwardProcess.from_spec(T, name, 3)
+    guide = tab.EndpointForwardProcess.from_spec(T, name, 3)
     assert guide.T == T and guide.event_dim == 3
     with torch.no_grad():
         np.testing.assert_allclose(guide.schedule.betas.numpy(), betas, rtol=1e-9)
+        np.testing.assert_allclose(guide.schedule.gamma_t().numpy()[[0, -1]], np_gamma(betas)[[0, -1]], rtol=1e-12)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_table_is_monotone_and_its_constants_follow_from_its_parameters(tab, ref, seed):
+def test_endpoint_schedule_is_monotone_and_its_constants_follow_from_its_parameters(tab, ref, seed):
     T = 15
-    schedule = tab.TableSchedule(Schedule.linear(T).betas)
+    start = ref.linear_betas(T, 1e-4, 0.02)
+    schedule = tab.EndpointSchedule(Schedule.linear(T).betas)
     rng = np.random.default_rng(seed)
-    g_1, r = rng.uniform(-12.0, 2.0), rng.normal(0.0, 4.0, T - 1)
+    g_1, d = rng.uniform(-12.0, 2.0), rng.normal(2.0, 1.5)
     with torch.no_grad():
         schedule.g_1.fill_(g_1)
-        schedule.r.copy_(torch.tensor(r))
+        schedule.d.fill_(d)
         c = {name: getattr(schedule, name).numpy() for name in CONSTANTS}
-    expected = np_table(g_1, r)
+    expected = np_endpoints(start, g_1, d)
     assert np.all(np.diff(expected["gamma"]) > 0)
     assert np.all(np.diff(c["abar"]) < 0) and np.all((c["beta"][1:] > 0) & (c["beta"][1:] < 1))
     np.testing.assert_allclose(c["abar"], expected["abar"], rtol=1e-10)
@@ -275,24 +284,24 @@ def test_table_is_monotone_and_its_constants_follow_from_its_parameters(tab, ref
         np.testing.assert_allclose(c[name][t], want[name][t], rtol=1e-9, err_msg=name)
 
 
-def test_table_no_grad_constants_follow_parameter_changes(tab):
-    schedule = tab.TableSchedule(Schedule.linear(6).betas)
+def test_endpoint_no_grad_constants_follow_parameter_changes(tab, ref):
+    schedule = tab.EndpointSchedule(Schedule.linear(6).betas)
     with torch.no_grad():
         before = schedule.abar.clone()
         assert schedule.abar is schedule.abar  # reused while the parameters stay the same
-        schedule.r.add_(1.0)
+        schedule.d.add_(1.0)
         after = schedule.abar
-    expected = np_table(schedule.g_1.item(), schedule.r.detach().numpy())["abar"]
+    expected = np_endpoints(ref.linear_betas(6, 1e-4, 0.02), schedule.g_1.item(), schedule.d.item())["abar"]
     np.testing.assert_allclose(after.numpy(), expected, rtol=1e-12)
     assert not torch.equal(before, after)
 
 
-def test_table_guide_at_its_start_is_the_fixed_guide(tab):
+def test_endpoint_guide_at_its_start_is_the_fixed_guide(tab):
     T = 8
     net = build_network(dict(PRESETS["digits"], ch=8))
     x = data.load("digits").test[:3]
     fixed = Schedule.linear(T)
-    table = tab.TableForwardProcess.from_spec(T, "linear", 3)
+    table = tab.EndpointForwardProcess.from_spec(T, "linear", 3)
     a = bound_terms(ReverseProcess(net, fixed, "large", DiscretizedGaussianLikelihood(17)).eval(),
                     ForwardProcess(fixed, 3), x, seed=3)
     b = bound_terms(ReverseProcess(net, table.schedule, "large", DiscretizedGaussianLikelihood(17)).eval(),
@@ -300,17 +309,17 @@ def test_table_guide_at_its_start_is_the_fixed_guide(tab):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_table_guide_registers_its_parameters_with_pyro(tab):
-    guide = tab.TableForwardProcess.from_spec(5, "cosine", 3)
+def test_endpoint_guide_registers_its_parameters_with_pyro(tab):
+    guide = tab.EndpointForwardProcess.from_spec(5, "cosine", 3)
     x = data.load("digits").test[:2]
     poutine.trace(guide.per_timestep).get_trace(x, torch.tensor([[1], [4]]))
-    assert {"schedule$$$g_1", "schedule$$$r"} <= set(pyro.get_param_store().keys())
+    assert {"schedule$$$g_1", "schedule$$$d"} <= set(pyro.get_param_store().keys())
 
 
 @pytest.mark.parametrize("T,name,match", [(5, "quadratic", "unknown schedule"), (1, "linear", "T >= 2")])
-def test_table_guide_bad_input(tab, T, name, match):
+def test_endpoint_guide_bad_input(tab, T, name, match):
     with pytest.raises(ValueError, match=match):
-        tab.TableForwardProcess.from_spec(T, name, 3)
+        tab.EndpointForwardProcess.from_spec(T, name, 3)
 
 
 @pytest.fixture(scope="module")
@@ -332,15 +341,16 @@ def test_custom_guide_example_learns_a_monotone_schedule_that_round_trips(tab, g
     # the schedule before training is the named one; training moved it; it is still monotone
     np.testing.assert_allclose(np.asarray(r["abar_before"])[1:], np.cumprod(1.0 - ref.linear_betas(T, 1e-4, 0.02)),
                                rtol=1e-9)
-    after = np_table(state.weights["guide"]["schedule.g_1"].item(), state.weights["guide"]["schedule.r"].numpy())
+    after = np_endpoints(np.asarray(state.programs["guide"]["config"]["start"]), state.weights["guide"]["schedule.g_1"].item(),
+                         state.weights["guide"]["schedule.d"].item())
     np.testing.assert_allclose(r["gamma_after"], after["gamma"], rtol=1e-12)
     np.testing.assert_allclose(r["abar_after"], after["abar"], rtol=1e-12)
     assert np.all(np.diff(after["gamma"]) > 0) and np.all(np.diff(after["abar"]) < 0)
     assert np.abs(np.asarray(r["gamma_after"]) - np.asarray(r["gamma_before"])).max() > 1e-4
     # the stored state rebuilds the same guide in any process that imported the example
     model, guide = checkpoint.build(state)
-    assert GUIDES.resolve("custom_guide") is tab.TableForwardProcess
-    assert model.schedule is guide.schedule and isinstance(guide.schedule, tab.TableSchedule)
+    assert GUIDES.resolve("custom_guide") is tab.EndpointForwardProcess
+    assert model.schedule is guide.schedule and isinstance(guide.schedule, tab.EndpointSchedule)
     with torch.no_grad():
         np.testing.assert_array_equal(guide.schedule.abar.numpy(), np.asarray(r["abar_after"]))
         np.testing.assert_allclose(guide.schedule.start, state.programs["guide"]["config"]["start"], rtol=0)
