@@ -35,11 +35,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from pyro_ddpm.guides import ForwardProcess
-from pyro_ddpm.likelihoods import DiscretizedGaussianLikelihood, GaussianLikelihood, check_images
+from pyro_ddpm import evaluate
+from pyro_ddpm.likelihoods import check_images, default_likelihood
 from pyro_ddpm.models import LearnedVarianceReverseProcess, ReverseProcess
+from pyro_ddpm.nets import EpsNetwork
 from pyro_ddpm.schedule import Schedule
 
 VARIANCES = ("large", "small", "learned")
@@ -56,77 +57,9 @@ DIFFUSERS_VARIANCES = {
 DIFFUSERS_HINT = 'diffusers is not installed: pip install -e ".[diffusers]"'
 
 
-class EpsNetwork(nn.Module):
-    """``eps(x_t, t)`` in the library's convention around any network or plain callable.
-
-    An ``nn.Module`` even when the callable has no parameters, so that ``pyro.module`` (which needs
-    an object with ``.parameters()``) registers it; a callable that is itself an ``nn.Module`` is a
-    submodule (its parameters are registered, ``.to(device)`` moves it).
-
-    :param fn: ``fn(x, t)`` returning a tensor shaped like ``x`` (eps), (B, 2C, ...) (eps and v), an
-        object with ``.sample`` or a tuple whose first entry is that tensor.
-    :param zero_based: call ``fn(x, t - 1)`` (improved-diffusion, guided-diffusion, diffusers).
-    :param time_scale: multiply the network's timestep by this (improved-diffusion's
-        ``rescale_timesteps``: 1000 / T); 1 leaves it an integer.
-    :param dtype: the dtype the network is run in; default the dtype of its first floating-point
-        parameter, float32 without one.
-    :param shape: the shape of one datum (read by ``ReverseProcess`` as ``eps.shape``).
-
-    ``t`` may be a float tensor (the probability-flow ODE calls the network between the integers):
-    it is shifted and scaled the same way and passed on as a float.
-    """
-
-    def __init__(self, fn, zero_based: bool = False, time_scale: float = 1.0, dtype: torch.dtype | None = None,
-                 shape=None):
-        super().__init__()
-        if not callable(fn):
-            raise ValueError(f"EpsNetwork: the network must be callable as fn(x_t, t), got {type(fn).__name__}")  # noqa: TRY004 - the library's one error type for bad input
-        self.fn = fn  # an nn.Module becomes a registered submodule; a plain function is a plain attribute
-        self.zero_based = bool(zero_based)
-        self.time_scale = float(time_scale)
-        self._dtype = dtype
-        if shape is not None:
-            self.shape = tuple(int(s) for s in shape)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype the network is run in."""
-        if self._dtype is not None:
-            return self._dtype
-        for p in self.parameters():
-            if p.dtype.is_floating_point:
-                return p.dtype
-        return torch.float32
-
-    def network_time(self, t: torch.Tensor) -> torch.Tensor:
-        """The wrapped network's timestep for the library's t: (t - 1 if zero-based) * time_scale."""
-        t = t - 1 if self.zero_based else t
-        return t * self.time_scale if self.time_scale != 1.0 else t
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        dtype = self.dtype
-        tn = self.network_time(t)
-        if tn.dtype.is_floating_point:
-            tn = tn.to(dtype)
-        out = self.fn(x.to(dtype), tn)
-        if hasattr(out, "sample") and torch.is_tensor(out.sample):
-            out = out.sample
-        elif isinstance(out, (tuple, list)):
-            out = out[0]
-        if not torch.is_tensor(out):
-            raise ValueError(f"EpsNetwork: the network returned {type(out).__name__}, expected a tensor "
-                             f"(or an object with .sample)")
-        return out.to(x.dtype)
-
-
 def likelihood_for(levels):
-    """The decoder for data with ``levels`` values per dimension: K >= 2 the discretized Gaussian (Eq. 13),
-    0 or None the Gaussian density (continuous data)."""
-    if levels is None or (not isinstance(levels, bool) and isinstance(levels, (int, np.integer)) and int(levels) == 0):
-        return GaussianLikelihood()
-    if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)) or int(levels) < 2:
-        raise ValueError(f"levels must be an integer K >= 2 (a K-level grid) or 0 (continuous data), got {levels!r}")
-    return DiscretizedGaussianLikelihood(int(levels))
+    """The decoder for data with ``levels`` values per dimension (:func:`pyro_ddpm.likelihoods.default_likelihood`)."""
+    return default_likelihood(levels)
 
 
 def _as_schedule(betas) -> Schedule:
@@ -316,8 +249,6 @@ def bound_of(source, images, levels: int = 256, draws: int = 1, max_batch: int =
     pipeline folder. ``images`` are integer levels (uint8) or floats on the grid (:func:`to_grid`);
     ``kwargs`` go to :func:`pyro_ddpm.evaluate.bound`.
     """
-    from pyro_ddpm import evaluate
-
     if isinstance(source, (str, Path)):
         model, guide = from_diffusers_pipeline(source, levels=levels)
     else:

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from pyro import poutine
 
+from pyro_ddpm.adapters import to_grid
+
 
 def log_weights(model, guide, x0: torch.Tensor) -> torch.Tensor:
     """log w of Eq. (1) for one chain per row of ``x0`` (B, *shape): a (B,) tensor, from traced log-probs.
@@ -66,7 +68,6 @@ def importance_weighted(model, guide, x0: torch.Tensor, particles: int = 16, max
     """
     start = time.perf_counter()
     if not x0.dtype.is_floating_point and hasattr(model.likelihood, "levels"):
-        from pyro_ddpm.adapters import to_grid
 
         x0 = to_grid(x0, int(model.likelihood.levels)).to(model.schedule.beta.device)
     if int(particles) < 1 or int(max_chains) < 1:

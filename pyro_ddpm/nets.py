@@ -216,6 +216,69 @@ class MLP(nn.Module):
         return self.out(h)
 
 
+class EpsNetwork(nn.Module):
+    """``eps(x_t, t)`` in the library's convention around any network or plain callable.
+
+    An ``nn.Module`` even when the callable has no parameters, so that ``pyro.module`` (which needs
+    an object with ``.parameters()``) registers it; a callable that is itself an ``nn.Module`` is a
+    submodule (its parameters are registered, ``.to(device)`` moves it).
+
+    :param fn: ``fn(x, t)`` returning a tensor shaped like ``x`` (eps), (B, 2C, ...) (eps and v), an
+        object with ``.sample`` or a tuple whose first entry is that tensor.
+    :param zero_based: call ``fn(x, t - 1)`` (improved-diffusion, guided-diffusion, diffusers).
+    :param time_scale: multiply the network's timestep by this (improved-diffusion's
+        ``rescale_timesteps``: 1000 / T); 1 leaves it an integer.
+    :param dtype: the dtype the network is run in; default the dtype of its first floating-point
+        parameter, float32 without one.
+    :param shape: the shape of one datum (read by ``ReverseProcess`` as ``eps.shape``).
+
+    ``t`` may be a float tensor (the probability-flow ODE calls the network between the integers):
+    it is shifted and scaled the same way and passed on as a float.
+    """
+
+    def __init__(self, fn, zero_based: bool = False, time_scale: float = 1.0, dtype: torch.dtype | None = None,
+                 shape=None):
+        super().__init__()
+        if not callable(fn):
+            raise ValueError(f"EpsNetwork: the network must be callable as fn(x_t, t), got {type(fn).__name__}")
+        self.fn = fn  # an nn.Module becomes a registered submodule; a plain function is a plain attribute
+        self.zero_based = bool(zero_based)
+        self.time_scale = float(time_scale)
+        self._dtype = dtype
+        if shape is not None:
+            self.shape = tuple(int(s) for s in shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the network is run in."""
+        if self._dtype is not None:
+            return self._dtype
+        for p in self.parameters():
+            if p.dtype.is_floating_point:
+                return p.dtype
+        return torch.float32
+
+    def network_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The wrapped network's timestep for the library's t: (t - 1 if zero-based) * time_scale."""
+        t = t - 1 if self.zero_based else t
+        return t * self.time_scale if self.time_scale != 1.0 else t
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        dtype = self.dtype
+        tn = self.network_time(t)
+        if tn.dtype.is_floating_point:
+            tn = tn.to(dtype)
+        out = self.fn(x.to(dtype), tn)
+        if hasattr(out, "sample") and torch.is_tensor(out.sample):
+            out = out.sample
+        elif isinstance(out, (tuple, list)):
+            out = out[0]
+        if not torch.is_tensor(out):
+            raise ValueError(f"EpsNetwork: the network returned {type(out).__name__}, expected a tensor "
+                             f"(or an object with .sample)")
+        return out.to(x.dtype)
+
+
 def build_network(config: dict) -> nn.Module:
     """A network from a preset-style config: ``{"kind": NAME, **constructor arguments}``, NAME registered in
     :data:`pyro_ddpm.registry.NETWORKS` (``unet``, ``mlp``, or a class of one's own)."""

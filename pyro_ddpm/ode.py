@@ -55,7 +55,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from pyro_ddpm.adapters import EpsNetwork, to_grid
 from pyro_ddpm.likelihoods import check_images
+from pyro_ddpm.models import LearnedVarianceReverseProcess, ReverseProcess
 
 DIVERGENCES = ("auto", "exact", "rademacher", "gaussian")
 EXACT_MAX_DIMS = 16  # divergence="auto": exact up to this many dimensions, Rademacher beyond
@@ -91,13 +93,11 @@ class ContinuousSchedule:
 
 def _network(eps_or_model, schedule):
     """(eps function, schedule, data shape or None) for a model or a bare network."""
-    from pyro_ddpm.models import LearnedVarianceReverseProcess, ReverseProcess
-
     if isinstance(eps_or_model, ReverseProcess):
         model = eps_or_model
         # The network's output is eps (then v) only if the class reads it as its base classes do.
         base = LearnedVarianceReverseProcess if isinstance(model, LearnedVarianceReverseProcess) else ReverseProcess
-        for name in ("transition", "predict_x0", "predict_eps", "mean_from_eps", "split"):
+        for name in ("transition", "predict_x0", "eps_hat", "mean", "split"):
             if getattr(type(model), name, None) is not getattr(base, name, None):
                 raise ValueError(f"ode: {type(model).__name__} reads its network differently from {base.__name__} "
                                  f"(its {name}() is its own: it may predict x_0 or v); the ODE needs an eps network: "
@@ -113,8 +113,6 @@ def _network(eps_or_model, schedule):
 
 
 def _net_dtype(net, default: torch.dtype) -> torch.dtype:
-    from pyro_ddpm.adapters import EpsNetwork
-
     if isinstance(net, nn.Module) and not isinstance(net, EpsNetwork):  # an EpsNetwork casts by itself
         for p in net.parameters():
             if p.dtype.is_floating_point:
@@ -286,7 +284,6 @@ def ode_likelihood(eps_or_model, x0: torch.Tensor, schedule=None, levels="auto",
         raise ValueError(f"ode: x0 has shape {tuple(x0.shape)}, but the model's data shape is (N, {', '.join(map(str, shape))})")
     discrete = levels is not None and int(levels) != 0
     if discrete and not x0.dtype.is_floating_point:
-        from pyro_ddpm.adapters import to_grid
 
         x0 = to_grid(x0, int(levels))
     check_images(x0, int(levels) if discrete else None)
