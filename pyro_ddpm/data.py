@@ -32,11 +32,14 @@ File-based sets, read from a local path (``load(PATH)``, ``load("mnist:PATH")``,
 - CIFAR-10, python version: the tarball ``cifar-10-python.tar.gz`` (read in place, never extracted)
   or the extracted folder ``cifar-10-batches-py/`` with ``data_batch_1..5`` and ``test_batch``;
   official split 50000 / 10000, shape (3, 32, 32), K = 256, preset ``cifar10``, ``flip=True``
-  (random horizontal flips apply in training, see :func:`random_flip`). The batches are pickles:
-  read only files you trust.
+  (random horizontal flips apply in training, see :func:`random_flip`). The batches are pickles; they
+  are read with a restricted unpickler (:class:`PlainDataUnpickler`) that admits only what a CIFAR-10
+  batch holds (numpy arrays, lists, dicts, bytes, str, numbers) and refuses any other class or
+  function a file names, so a crafted batch cannot run code.
 
 Each loader is deterministic for a given ``seed`` (the file-based sets ignore it: their split is the
-official one) and :func:`load` checks every split with :func:`pyro_ddpm.likelihoods.check_images`.
+official one) and :func:`load` checks every split with :func:`pyro_ddpm.likelihoods.check_images`
+(and refuses an empty split, e.g. an IDX file of 0 images).
 A file-based set records ``name`` ("mnist" or "cifar10") and ``source``, the absolute path it was
 read from; ``load(f"{d.name}:{d.source}")`` reads it again.
 """
@@ -275,6 +278,8 @@ def mnist(path: str) -> Dataset:
     splits = {}
     for split, file in files.items():
         images = read_idx_images(file)
+        if images.shape[0] == 0:
+            raise ValueError(f"MNIST IDX file {file} holds 0 images: the {split} split would be empty")
         if images.shape[1:] != (28, 28):
             raise ValueError(f"MNIST IDX file {file} holds {images.shape[1]}x{images.shape[2]} images; MNIST's are 28x28")
         splits[split] = _from_bytes(images, (1, 28, 28))
@@ -282,6 +287,50 @@ def mnist(path: str) -> Dataset:
 
 
 # --------------------------------------------------------------------------- CIFAR-10 (python version)
+def _numpy_globals() -> dict[tuple[str, str], object]:
+    """The only globals a pickled numpy array names (numpy 1 and 2 module paths, pickle protocols 2-5)."""
+    try:
+        from numpy._core import multiarray, numeric
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray, numeric
+    import _codecs
+
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _codecs.encode}
+    for package in ("numpy.core", "numpy._core"):
+        allowed[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        if hasattr(numeric, "_frombuffer"):
+            allowed[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer
+    return allowed
+
+
+class PlainDataUnpickler(pickle.Unpickler):
+    """An unpickler that builds plain data only: numpy arrays, lists, dicts, tuples, bytes, str, numbers.
+
+    Pickle runs whatever callable a file names; this one resolves only the few numpy functions that
+    rebuild an array (:func:`_numpy_globals`) and refuses every other name with
+    :class:`pickle.UnpicklingError`, so loading a crafted file imports and calls nothing.
+    """
+
+    _allowed = None
+
+    def find_class(self, module: str, name: str):
+        if PlainDataUnpickler._allowed is None:
+            PlainDataUnpickler._allowed = _numpy_globals()
+        try:
+            return PlainDataUnpickler._allowed[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which is not plain data (numpy arrays, lists, "
+                                         "dicts, bytes, str): refused, nothing was run") from None
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("it holds a persistent reference, which is not plain data: refused")
+
+
+def load_plain_pickle(f):
+    """``pickle.load(f, encoding="bytes")`` through :class:`PlainDataUnpickler`."""
+    return PlainDataUnpickler(f, encoding="bytes").load()
+
+
 _CIFAR_TAR = "cifar-10-python.tar.gz"
 _CIFAR_DIR = "cifar-10-batches-py"
 _CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -292,7 +341,11 @@ _CIFAR_WANTED = f"{_CIFAR_TAR} or {_CIFAR_DIR}/{{data_batch_1..5,test_batch}}"
 def _cifar_batch(f, where: str) -> np.ndarray:
     """The uint8 rows (N, 3072) of one pickled CIFAR-10 batch read from the file object ``f``."""
     try:
-        batch = pickle.load(f, encoding="bytes")
+        batch = load_plain_pickle(f)
+    except pickle.UnpicklingError as e:
+        if "not plain data" in str(e):
+            raise ValueError(f"CIFAR-10 batch {where} is not a plain-data pickle: {e}") from None
+        raise ValueError(f"CIFAR-10 batch {where} is not a readable pickle (UnpicklingError: {e})") from None
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt batch
         raise ValueError(f"CIFAR-10 batch {where} is not a readable pickle ({type(e).__name__}: {e})") from None
     data = batch.get(b"data", batch.get("data")) if isinstance(batch, dict) else None
@@ -383,8 +436,10 @@ def _check(data: Dataset, label: str) -> None:
     """check_images on every split, in blocks of rows (its float64 buffers stay small for CIFAR-10)."""
     for split in ("train", "test"):
         x = getattr(data, split)
+        if len(x) == 0:
+            raise ValueError(f"{label}: the {split} split has no images")
         rows = max(1, (1 << 22) // max(1, int(np.prod(x.shape[1:]))))
-        for block in torch.split(x, rows) if len(x) else (x,):
+        for block in torch.split(x, rows):
             check_images(block, data.levels, name=f"{label} {split} split")
 
 
