@@ -37,17 +37,28 @@ def output_error(path: str | os.PathLike, error: OSError) -> ValueError:
     return ValueError(f"cannot write {path}: {reason}")
 
 
-def check_directory(directory: str | os.PathLike, what: str = "output folder") -> Path:
-    """Create ``directory`` if needed and check that files can be written there; one ValueError otherwise.
+def check_directory(directory: str | os.PathLike, what: str = "output folder", create: bool = True) -> Path:
+    """Check that files can be written in ``directory`` (created if needed); one ValueError otherwise.
 
     Called before any work whose results would be lost on a failed write (evaluation, sampling).
+
+    :param create: create the folder now; with False a missing folder is not created: its nearest
+        existing parent must be a folder where files can be written (the folder is made when the
+        first file is written), so a refused command leaves nothing behind.
     """
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"the {what} {directory} is a file, not a folder")
+    probe_in = directory
+    if not create:
+        while not probe_in.exists() and probe_in != probe_in.parent:
+            probe_in = probe_in.parent
+        if not probe_in.is_dir():
+            raise ValueError(f"cannot write {directory}: a file stands where a folder is needed ({probe_in})")
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=directory)
+        if create:
+            directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=probe_in)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
@@ -55,12 +66,12 @@ def check_directory(directory: str | os.PathLike, what: str = "output folder") -
     return directory
 
 
-def check_output_file(path: str | os.PathLike, what: str = "output file") -> Path:
+def check_output_file(path: str | os.PathLike, what: str = "output file", create: bool = True) -> Path:
     """Check that ``path`` can be written as a file (its folder writable, not itself a folder)."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"the {what} {path} is a folder; give a file name")
-    check_directory(path.parent if str(path.parent) else ".", f"folder of the {what}")
+    check_directory(path.parent if str(path.parent) else ".", f"folder of the {what}", create=create)
     return path
 
 
@@ -108,7 +119,8 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
 
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
-    """Remove what interrupted atomic writes left in ``directory`` (``.NAME.XXXXXX.tmp``); return them.
+    """Remove what interrupted atomic writes left in ``directory`` and its sub-folders one level down
+    (``samples/``): files named ``.NAME.XXXXXX.tmp``; return them.
 
     Call it only while holding the directory's :class:`RunLock`: no other writer is then mid-save.
     """
@@ -116,10 +128,11 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         return removed
-    for p in directory.iterdir():
-        if p.is_file() and TEMPORARY.match(p.name):
-            p.unlink(missing_ok=True)
-            removed.append(p)
+    for folder in [directory] + [p for p in directory.iterdir() if p.is_dir()]:
+        for p in folder.iterdir():
+            if p.is_file() and TEMPORARY.match(p.name):
+                p.unlink(missing_ok=True)
+                removed.append(p)
     return removed
 
 
@@ -136,9 +149,12 @@ class RunLock:
         self.path = self.directory / LOCK_NAME
         self._fd: int | None = None
 
-    def acquire(self) -> "RunLock":
-        check_directory(self.directory, "run directory")
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    def _lock(self) -> int:
+        """An open descriptor of the lock file holding the lock; ValueError naming the holder's PID if held."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise output_error(self.path, e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -146,10 +162,26 @@ class RunLock:
             os.close(fd)
             raise ValueError(f"the run directory {self.directory} is in use by another pyro-ddpm process "
                              f"(PID {holder}); wait for it to finish or choose another --out") from None
+        return fd
+
+    def acquire(self) -> "RunLock":
+        check_directory(self.directory, "run directory")
+        fd = self._lock()
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
         return self
+
+    @classmethod
+    def check_free(cls, directory: str | os.PathLike) -> None:
+        """Raise the in-use ValueError if a live process holds ``directory``'s lock (nothing is created
+        where there is no lock file yet; a lock file a dead process left is free)."""
+        lock = cls(directory)
+        if not lock.path.is_file():
+            return
+        fd = lock._lock()
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
     def release(self) -> None:
         if self._fd is not None:
