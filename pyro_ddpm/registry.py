@@ -107,6 +107,15 @@ class Registry:
             raise ValueError(f"{spec!r}{where} is not a class")
         return obj
 
+    @staticmethod
+    def _check_program_class(cls: type, spec, origin: str) -> None:
+        """Raise ValueError unless ``cls`` describes itself (``from_config`` and ``config``); checked before
+        anything is built, so a trusted import of some other class calls nothing of it."""
+        if not callable(getattr(cls, "from_config", None)) or not callable(getattr(cls, "config", None)):
+            where = f" (named by {origin})" if origin else ""
+            raise ValueError(f"{spec!r}{where} is not a pyro-ddpm program class: it has no from_config/config "
+                             "(see pyro_ddpm.registry)")
+
     def build(self, entry, *, trust_code: bool = False, origin: str = "", **objects):
         """``Class.from_config(**objects, **config)`` for a stored ``{"class": NAME, "config": {...}}``.
 
@@ -117,11 +126,14 @@ class Registry:
             raise ValueError(f"a stored {self.kind}{' in ' + origin if origin else ''} must be "
                              f"{{'class': NAME, 'config': {{...}}}}, got {_short(entry)}")
         cls = self.resolve(entry["class"], trust_code=trust_code, origin=origin)
-        config = check_config(cls, entry["config"], reserved=objects, what=f"{self.kind} {entry['class']!r}")
+        self._check_program_class(cls, entry["class"], origin)
+        what = f"{self.kind} {entry['class']!r}" + (f" of {origin}" if origin else "")
+        config = check_config(cls, entry["config"], reserved=objects, what=what)
         try:
             return cls.from_config(**objects, **config)
-        except TypeError as e:
-            raise ValueError(f"cannot build the {self.kind} {entry['class']!r} from its config: {e}") from None
+        except (TypeError, ValueError) as e:
+            message = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"cannot build the {what} from its config: {message}") from None
 
     def describe(self, obj) -> dict:
         """``{"class": name_of(type(obj)), "config": obj.config()}``: what a checkpoint stores."""
