@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,9 +59,16 @@ class TrainState:
     path: Path | None = None  # where it was read from (not stored)
 
     # ----------------------------------------------------------------- files
-    def save(self, path: str | os.PathLike) -> Path:
+    def to_bytes(self) -> bytes:
+        """The checkpoint file's contents: a snapshot of the state now (later changes to the tensors do not
+        reach it), to be written with :func:`write_bytes`, possibly later."""
         payload = {"format": FORMAT, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "path"}}
-        return atomic_write(path, lambda f: torch.save(payload, f))
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        return buffer.getvalue()
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return write_bytes(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location="cpu") -> "TrainState":
@@ -78,7 +86,17 @@ class TrainState:
         missing = sorted(_KEYS - set(raw))
         if missing:
             raise ValueError(f"{path} is a damaged pyro-ddpm checkpoint: it lacks {', '.join(repr(k) for k in missing)}")
-        lacking = sorted(set(PROGRAMS) - set(raw["programs"])) if isinstance(raw["programs"], dict) else ["programs"]
+        for key in ("config", "programs", "data", "weights", "training"):
+            if not isinstance(raw[key], dict):
+                raise ValueError(f"{path} is a damaged pyro-ddpm checkpoint: its {key!r} is a {type(raw[key]).__name__}, "
+                                 "not a dict")
+        if isinstance(raw["step"], bool) or not isinstance(raw["step"], int) or raw["step"] < 0:
+            raise ValueError(f"{path} is a damaged pyro-ddpm checkpoint: its step is {raw['step']!r}")
+        for key, needed in (("data", ("name", "shape", "levels")), ("config", ("steps", "objective", "data"))):
+            absent = [k for k in needed if k not in raw[key]]
+            if absent:
+                raise ValueError(f"{path} is a damaged pyro-ddpm checkpoint: its {key!r} lacks {absent}")
+        lacking = sorted(set(PROGRAMS) - set(raw["programs"]))
         if lacking:
             raise ValueError(f"{path} is a damaged pyro-ddpm checkpoint: its programs lack {lacking}")
         for key in ("net", "ema", "guide"):
@@ -109,14 +127,23 @@ class TrainState:
     def resume_config(self, asked: dict, resumable) -> dict:
         """The config a resumed run uses: the stored one, with the ``resumable`` fields the user set again.
 
-        Every other field the user set (a value other than None) must equal the stored one; the error
-        names each differing setting with its stored and its asked value.
+        Every other field the user set (a value other than None) must equal the stored one (for a dict
+        field such as ``net_overrides``, each key the user set); the error names each differing setting
+        with its stored and its asked value.
         """
         stored = dict(self.config)
-        differ = [k for k, v in asked.items() if k not in resumable and v is not None and k in stored and stored[k] != v]
+        differ = []
+        for k, v in asked.items():
+            if k in resumable or v is None or k not in stored:
+                continue
+            if isinstance(v, dict) and isinstance(stored[k], dict):  # e.g. net_overrides: the keys set again
+                differ += [(f"{k}.{key}", stored[k].get(key), value) for key, value in v.items()
+                           if stored[k].get(key) != value]
+            elif stored[k] != v:
+                differ.append((k, stored[k], v))
         if differ:
             raise ValueError("cannot resume: the run was trained with different settings: "
-                             + ", ".join(f"{k} = {stored[k]!r} (asked {asked[k]!r})" for k in differ)
+                             + ", ".join(f"{k} = {old!r} (asked {new!r})" for k, old, new in differ)
                              + "; only " + ", ".join(resumable) + " may change")
         config = dict(stored, **{k: v for k, v in asked.items() if k in resumable and v is not None})
         if config["steps"] < self.step:
@@ -179,6 +206,9 @@ def _load_weights(module: torch.nn.Module, state: dict, what: str, origin: str) 
     module.load_state_dict(state)
 
 
+load_weights = _load_weights  # public name: the trainer loads a resumed run's weights with the same checks
+
+
 def resolve(path: str | os.PathLike) -> Path:
     """A checkpoint file, or the run directory holding ``checkpoint.pt``."""
     path = Path(path)
@@ -187,6 +217,11 @@ def resolve(path: str | os.PathLike) -> Path:
     if not path.is_file():
         raise ValueError(f"no checkpoint at {path} (expected a file or a run directory holding {FILENAME})")
     return path
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write checkpoint contents (:meth:`TrainState.to_bytes`) over ``path`` atomically."""
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def load(path: str | os.PathLike, map_location="cpu") -> TrainState:
