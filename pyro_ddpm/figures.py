@@ -2,7 +2,8 @@
 
 - :func:`plot_terms`: the terms L_t against t in bits/dim, with a band of +-2 standard errors over images.
 - :func:`plot_rate_distortion`: progressive coding as in the paper's Figure 5: distortion (RMSE on the
-  0..255 scale) and rate (bits/dim L_T + ... + L_t) against the reverse step t, and distortion against rate.
+  0..255 scale, log axis) and rate (bits/dim L_T + ... + L_t) against the reverse step t, and distortion
+  against rate.
 - :func:`plot_strip`: the x_0 predictions of the first image along the reverse process (Figure 6).
 
 Each accepts one ``InferenceData`` or a dict of labelled ones (e.g. ``{"elbo": a, "simple": b}``),
@@ -100,6 +101,13 @@ def plot_terms(idata, path) -> Path:
 
 def plot_rate_distortion(idata, path) -> Path:
     """Figure 5: distortion and rate against the reverse step t (T on the left), and distortion against rate."""
+    return save_figure(rate_distortion_figure(idata), path)
+
+
+def rate_distortion_figure(idata):
+    """The figure of :func:`plot_rate_distortion`. The distortion axes are logarithmic: the unclipped x_0
+    prediction near t = T divides by sqrt(abar_T), so its RMSE reaches thousands while the RMSE that
+    matters (t near 1) is a few units."""
     fig, ((ax_d, ax_r, ax_rd),) = new_figure(1, 3, size=(14.0, 4.0))
     for k, (label, ds) in enumerate(_runs(idata).items()):
         steps, rate, rmse = progressive_coding_curve(ds)
@@ -110,12 +118,13 @@ def plot_rate_distortion(idata, path) -> Path:
     for ax in (ax_d, ax_r):
         ax.set_xlabel("reverse step t")
         ax.invert_xaxis()
-    ax_d.set(ylabel="distortion (RMSE, 0..255)", title="distortion")
+    ax_d.set(ylabel="distortion (RMSE, 0..255, log scale)", title="distortion", yscale="log")
     ax_r.set(ylabel="rate L_T + ... + L_t (bits/dim)", title="rate")
-    ax_rd.set(xlabel="rate (bits/dim)", ylabel="distortion (RMSE, 0..255)", title="rate-distortion")
+    ax_rd.set(xlabel="rate (bits/dim)", ylabel="distortion (RMSE, 0..255, log scale)", title="rate-distortion",
+              yscale="log")
     if isinstance(idata, dict):
         ax_rd.legend(fontsize=8)
-    return save_figure(fig, path)
+    return fig
 
 
 def plot_strip(idata, path) -> Path:
