@@ -34,6 +34,7 @@ correlated chains, computed exactly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import warnings
@@ -48,6 +49,7 @@ from pyro_ddpm.elbo import TermwiseELBO
 from pyro_ddpm.files import atomic_path, atomic_write
 from pyro_ddpm.guides import ForwardProcess
 from pyro_ddpm.models import ReverseProcess
+from pyro_ddpm.sample import finite_network_outputs
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)  # arviz announces its 1.0 refactor on import
@@ -103,6 +105,8 @@ def bound(model, guide, x0: torch.Tensor, draws: int = 1, max_batch: int = 4096,
     model.eval()
     bar = tqdm(total=draws * N * T, desc="bound (image x t)", unit="term",
                disable=not progress, dynamic_ncols=True)
+    guard = contextlib.ExitStack()  # a non-finite network output: one ValueError saying so
+    guard.enter_context(finite_network_outputs(model))
     try:
         for d in range(draws):
             for i in range(0, N, images_per_call):
@@ -134,6 +138,7 @@ def bound(model, guide, x0: torch.Tensor, draws: int = 1, max_batch: int = 4096,
                                 strip[j] = x0_hat[0, step - t0].cpu()
                     bar.update(t.numel())
     finally:
+        guard.close()
         bar.close()
         model.train(was_training)
     dims = int(np.prod(shape))
@@ -156,6 +161,9 @@ def bound(model, guide, x0: torch.Tensor, draws: int = 1, max_batch: int = 4096,
 
 def bound_of_network(eps, schedule, likelihood, x0: torch.Tensor, variance: str = "large", **kwargs):
     """:func:`bound` for a bare eps network: the DDPM reverse process around it and the forward process."""
+    protocol.check_batch(x0, x0.shape[1:] if torch.is_tensor(x0) else ())
+    if getattr(eps, "shape", None) is not None:  # the network's data shape: one clear error, not its own failure
+        protocol.check_batch(x0, eps.shape)
     model = ReverseProcess(eps, schedule, variance, likelihood, shape=x0.shape[1:])
     return bound(model, ForwardProcess(schedule, event_dim=x0.dim() - 1), x0, **kwargs)
 
