@@ -52,7 +52,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from pyro_ddpm import data as datasets, likelihoods, presets, protocol
-from pyro_ddpm.checkpoint import FILENAME, TrainState, fingerprint
+from pyro_ddpm.checkpoint import FILENAME, TrainState, fingerprint, load_weights, write_bytes
 from pyro_ddpm.elbo import TermwiseELBO, objective
 from pyro_ddpm.files import RunLock, atomic_write, remove_stale_temporaries
 from pyro_ddpm.nets import build_network, network_config
@@ -98,7 +98,7 @@ class TrainConfig:
     sample_every: int = 0  # write a grid of EMA samples every N steps (0: never)
     checkpoint_every: int = 1000
     validate: bool = False  # pyro.enable_validation during training (slower)
-    threads: int | None = None  # torch threads; default: torch's choice (1 under pytest-xdist)
+    threads: int | None = None  # torch threads; default: $OMP_NUM_THREADS, 1 under pytest-xdist, else torch's
 
     def model_class(self, trust_code: bool = True) -> type:
         return MODELS.resolve(self.model, trust_code=trust_code)
@@ -379,18 +379,38 @@ class MetricsLog:
 
 
 class Interrupted(Exception):
-    """Training stopped by SIGINT or SIGTERM after saving a checkpoint; the message says how to resume."""
+    """Training stopped by SIGINT or SIGTERM after saving a checkpoint; the message says how to resume.
+
+    Attributes: ``signal`` (its name), ``step``, ``steps`` (the run's total), ``checkpoint`` and ``out``.
+    """
+
+    def __init__(self, signal_name: str, step: int, steps: int, checkpoint: Path, out: Path,
+                 resume_hint: str | None = None):
+        self.signal, self.step, self.steps, self.checkpoint, self.out = signal_name, step, steps, checkpoint, out
+        hint = resume_hint or f"pyro-ddpm train --out {out} --resume"
+        super().__init__(f"{signal_name} received: stopped at step {step} of {steps}; checkpoint saved to {checkpoint}; "
+                         f"resume with: {hint}")
+
+    def with_hint(self, resume_hint: str) -> "Interrupted":
+        """The same stop with another resume instruction (e.g. re-running a comparison)."""
+        return Interrupted(self.signal, self.step, self.steps, self.checkpoint, self.out, resume_hint)
 
 
 @contextlib.contextmanager
 def stop_on_signals():
-    """Turn SIGINT/SIGTERM into a request to stop after the current step (a list: ``[signal name]`` or ``[]``)."""
+    """Turn SIGINT/SIGTERM into a request to stop after the current step (a list: ``[signal name]`` or ``[]``).
+
+    A second signal while the first is being honoured raises KeyboardInterrupt (stop now: an atomic
+    write under way leaves the old file).
+    """
     requested: list[str] = []
     if threading.current_thread() is not threading.main_thread():
         yield requested
         return
 
     def handler(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
         requested.append(signal.Signals(signum).name)
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -401,11 +421,24 @@ def stop_on_signals():
             signal.signal(s, h)
 
 
+def default_threads() -> int | None:
+    """The torch thread count a run uses when none is given: ``$OMP_NUM_THREADS`` when set, 1 under
+    pytest-xdist (its workers share the cores), else None (torch's own choice)."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return 1
+    return None
+
+
 @contextlib.contextmanager
 def torch_threads(threads: int | None):
-    """``torch.set_num_threads(threads)`` inside, restored after; None: 1 under pytest-xdist, else torch's own."""
-    if threads is None and os.environ.get("PYTEST_XDIST_WORKER"):
-        threads = 1
+    """``torch.set_num_threads(threads)`` inside, restored after; None: :func:`default_threads`."""
+    if threads is None:
+        threads = default_threads()
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))
@@ -438,28 +471,56 @@ def _cpu(state: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- the loop
+# The config fields that name program classes, and where each is resolved.
+CLASS_FIELDS = {"model": MODELS, "guide": GUIDES, "likelihood": LIKELIHOODS, "timesteps": TIMESTEPS}
+
+
+def _check_stored_classes(config: TrainConfig, asked: dict, trust_code: bool | None, origin: str) -> None:
+    """On resume: a class name that only the checkpoint supplies (the caller did not name it) must be
+    registered, unless ``trust_code`` is True; importing it would run code the checkpoint chose."""
+    for field, registry in CLASS_FIELDS.items():
+        name = getattr(config, field)
+        if name is None or trust_code is True or asked.get(field) == name:
+            continue
+        registry.resolve(name, trust_code=False, origin=origin)
+
+
 def train(config: TrainConfig, out: str | Path, progress: bool = True, resume: bool = False,
-          trust_code: bool = True) -> Path:
+          trust_code: bool | None = None) -> Path:
     """Train; write ``out/metrics.jsonl``, checkpoints ``out/checkpoint.pt`` and sample grids; return the checkpoint.
 
     With ``resume=True`` the run continues from ``out/checkpoint.pt``: the stored settings, with the
-    fields of :data:`RESUMABLE` taken from ``config``; any other field of ``config`` that is set and
-    differs is refused. On CPU a resumed run reproduces the uninterrupted one exactly.
+    fields of :data:`RESUMABLE` taken from ``config``; any other field of ``config`` that is set (not
+    None) and differs is refused. On CPU a resumed run reproduces the uninterrupted one exactly.
 
-    :param trust_code: allow importing a ``"module:Class"`` that is not registered. The classes named in
-        ``config`` are the caller's choice (default True); on resume they must equal the stored ones.
+    Nothing is written before the settings and the data have been checked; the run directory is then
+    locked (:class:`~pyro_ddpm.files.RunLock`: a second writer is refused, naming the holder's PID) and
+    the temporaries of interrupted saves are removed.
+
+    :param trust_code: whether a ``"module:Class"`` that is not registered may be imported (which runs its
+        code). None (default): the classes ``config`` names may be, as they are the caller's choice, but
+        on resume not those only the checkpoint names; True: those too; False: none.
     """
     out = Path(out)
     ckpt_path = out / FILENAME
     if out.exists() and not out.is_dir():
         raise ValueError(f"the output {out} is a file, not a run directory")
-    state = None
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if rank0 and out.is_dir():
+        RunLock.check_free(out)  # a live writer is named before anything else is looked at
+    state, stamp = None, None
     if resume:
+        stamp = _stamp(ckpt_path)
         state = TrainState.load(ckpt_path)
-        config = TrainConfig(**state.resume_config(dataclasses.asdict(config), RESUMABLE))
+        asked = dataclasses.asdict(config)
+        unknown = sorted(set(state.config) - set(asked))
+        if unknown:
+            raise ValueError(f"{state.origin} holds settings this version does not know: {unknown}")
+        config = TrainConfig(**state.resume_config(asked, RESUMABLE))
+        _check_stored_classes(config, asked, trust_code, state.origin)
     elif ckpt_path.exists():
         raise ValueError(f"{out} already holds a checkpoint: resume it (--resume) or choose another output directory")
-    config.check(trust_code=trust_code)
+    config.check(trust_code=trust_code is not False)
     dataset = datasets.load(config.data, seed=0)
     if state is not None:
         state.check_fingerprint(dataset.train)
@@ -470,10 +531,23 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True, resume: b
         with (RunLock(out) if processes.rank == 0 else contextlib.nullcontext()), \
                 pyro.validation_enabled(config.validate), torch_threads(config.threads):
             if processes.rank == 0:
+                if state is None and ckpt_path.exists() or state is not None and _stamp(ckpt_path) != stamp:
+                    raise ValueError(f"{ckpt_path} was written by another process while this run was starting; "
+                                     "run the command again")
                 remove_stale_temporaries(out)
-            return _train(config, dataset, out, state, processes, progress, trust_code)
+            trust = trust_code is not False
+            return _train(config, dataset, out, state, processes, progress, trust)
     finally:
         processes.close()
+
+
+def _stamp(path: Path):
+    """(size, mtime) of ``path``, or None: whether a file was replaced between two looks."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def _train(config, dataset, out: Path, state, processes: Processes, progress: bool, trust_code: bool) -> Path:
@@ -491,9 +565,12 @@ def _train(config, dataset, out: Path, state, processes: Processes, progress: bo
     generator = torch.Generator().manual_seed(config.seed)
     start, order, losses = 0, None, []
     if state is not None:
-        net.load_state_dict(state.weights["net"])
-        guide.load_state_dict(state.weights["guide"])
-        sampler = state.timestep_sampler(trust_code=trust_code)
+        load_weights(net, state.weights["net"], "network", state.origin)
+        load_weights(guide, state.weights["guide"], "guide", state.origin)
+        # the stored sampler's class may be imported only if it is the one the (checked) config names
+        stored_sampler = state.programs["timesteps"]
+        sampler = state.timestep_sampler(trust_code=trust_code and isinstance(stored_sampler, dict)
+                                         and stored_sampler.get("class") == config.timesteps)
     ema = AveragedModel(net, multi_avg_fn=_ema_avg(config.ema_decay), use_buffers=True)  # a copy, before compiling
     if config.compile:
         net.compile()
@@ -504,7 +581,7 @@ def _train(config, dataset, out: Path, state, processes: Processes, progress: bo
     if state is not None:
         training = state.training
         optim.set_state(dict(training["optim"], names=[k.replace("$$$", prefix, 1) for k in training["optim"]["names"]]))
-        ema.module.load_state_dict(state.weights["ema"])
+        load_weights(ema.module, state.weights["ema"], "network (EMA)", state.origin)
         ema.n_averaged.fill_(int(training["ema_updates"]))
         generator.set_state(training["rng"]["generator"])
         torch.set_rng_state(training["rng"]["torch"])
@@ -525,11 +602,16 @@ def _train(config, dataset, out: Path, state, processes: Processes, progress: bo
     data_record = {"name": dataset.name, "shape": list(dataset.shape), "levels": dataset.levels,
                    "source": dataset.source, "fingerprint": fingerprint(dataset.train)}
 
-    def save(step: int) -> None:
+    def snapshot(step: int) -> bytes | None:
+        """The checkpoint of this step as bytes (rank 0; None elsewhere), refused if any weight is not finite."""
         processes.check_in_sync(net, step)
         if not writes:
-            return
-        TrainState(
+            return None
+        for what, module in (("network", net), ("EMA", ema.module), ("guide", guide)):
+            if not all(bool(torch.isfinite(v).all()) for v in module.state_dict().values() if v.is_floating_point()):
+                raise FloatingPointError(f"training stopped: the {what} weights became non-finite at step {step}; "
+                                         f"{_kept(saved_at, ckpt_path)}")
+        return TrainState(
             step=step, config=dataclasses.asdict(config), programs=programs, data=data_record,
             weights={"net": _cpu(net.state_dict()), "ema": _cpu(ema.module.state_dict()),
                      "guide": _cpu(guide.state_dict()), "timesteps": _cpu(sampler.state_dict())},
@@ -539,14 +621,17 @@ def _train(config, dataset, out: Path, state, processes: Processes, progress: bo
                               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                       "world_size": processes.world},
             finished=step >= config.steps,
-        ).save(ckpt_path)
+        ).to_bytes()
 
     x_train = dataset.train
     N, D = len(x_train), dataset.dims
     per_epoch = max(1, N // B)
     bound_stride = max(1, config.log_every // 8)  # steps whose batch gives a bound estimate, other objectives
     net.train()
-    saved_at = start
+    # A checkpoint is written once the next step's loss has passed the checks: the parameters it holds
+    # have then been seen to give a finite, non-diverging loss (the final one and one on a signal are
+    # written at once). ``pending`` is the (step, contents) waiting for that.
+    saved_at, pending = start, None
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"train {config.objective}",
                disable=not progress or not writes, dynamic_ncols=True)
     with stop_on_signals() as stop:
@@ -572,6 +657,9 @@ def _train(config, dataset, out: Path, state, processes: Processes, progress: bo
             done = step + 1
             per_image = loss / x0.shape[0] / processes.world
             _check_loss(per_image, done, losses, saved_at, ckpt_path)
+            if pending is not None:  # its parameters gave this step's loss, which passed
+                saved_at = _commit(pending, ckpt_path)
+                pending = None
             losses = (losses + [per_image])[-LOSS_HISTORY:]
             bound = None
             if program is model:  # the terms are the bound's own
@@ -584,23 +672,39 @@ def _train(config, dataset, out: Path, state, processes: Processes, progress: bo
                 bar.set_postfix(loss=f"{record['loss_per_image']:.4g}", img_s=f"{record['images_per_s']:.0f}")
             if config.sample_every and done % config.sample_every == 0 and writes:
                 _sample_grid(sample_model, dataset, out / "samples" / f"step_{done:07d}.png")
-            if done % config.checkpoint_every == 0 or done == config.steps or stop:
-                save(done)
-                saved_at = done
+            if done == config.steps or stop:
+                saved_at = _commit((done, snapshot(done)), ckpt_path)
+            elif done % config.checkpoint_every == 0:
+                pending = (done, snapshot(done))
             if stop:
                 bar.close()
-                raise Interrupted(f"{stop[0]} received: stopped at step {done} of {config.steps}; checkpoint saved to "
-                                  f"{ckpt_path}; resume with: pyro-ddpm train --out {out} --resume")
+                raise Interrupted(stop[0], done, config.steps, ckpt_path, out)
     return ckpt_path
+
+
+def _commit(pending: tuple[int, bytes | None], ckpt_path: Path) -> int:
+    """Write a snapshot (rank 0 only holds one) and return its step."""
+    step, contents = pending
+    if contents is not None:
+        write_bytes(ckpt_path, contents)
+    return step
+
+
+def _kept(saved_at: int, ckpt_path: Path) -> str:
+    return (f"the last good checkpoint (step {saved_at}) is kept at {ckpt_path}" if saved_at
+            else "no checkpoint was written")
+
+
+# The divergence check starts once this many losses are known (one: the first step's loss is the reference).
+DIVERGENCE_MIN_HISTORY = 1
 
 
 def _check_loss(per_image: float, step: int, history: list[float], saved_at: int, ckpt_path: Path) -> None:
     """Stop on a non-finite loss, or one further from the running median than :data:`DIVERGENCE_FACTOR` allows."""
-    kept = (f"the last good checkpoint (step {saved_at}) is kept at {ckpt_path}" if saved_at
-            else "no checkpoint was written")
+    kept = _kept(saved_at, ckpt_path)
     if not math.isfinite(per_image):
         raise FloatingPointError(f"training stopped: the loss became {per_image} at step {step}; {kept}")
-    if len(history) >= 20:
+    if len(history) >= DIVERGENCE_MIN_HISTORY:
         median = statistics.median(history)
         if abs(per_image - median) > DIVERGENCE_FACTOR * max(abs(median), 1.0):
             raise FloatingPointError(f"training stopped: the loss diverged at step {step} ({per_image:.4g} per image, "
