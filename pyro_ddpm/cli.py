@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
 
-from pyro_ddpm import data as datasets, presets
-from pyro_ddpm.checkpoint import FILENAME, TrainState, resolve
+from pyro_ddpm import data as datasets
+from pyro_ddpm import presets
+from pyro_ddpm.checkpoint import TrainState, resolve
 from pyro_ddpm.compare import compare, compare_config
 from pyro_ddpm.elbo import unwrap
 from pyro_ddpm.evaluate import bound, format_summary, save, summarize
@@ -28,6 +31,8 @@ from pyro_ddpm.schedule import Schedule
 from pyro_ddpm.train import RESUMABLE, Interrupted, TrainConfig, check_device, torch_threads, train
 
 DEFAULTS = TrainConfig()
+THREADS_HELP = ("torch threads (default: $OMP_NUM_THREADS when set, 1 under pytest-xdist, else torch's choice); "
+                "two jobs side by side on N cores: --threads N/2 each")
 
 
 def _declared(attribute: str) -> list[str]:
@@ -46,14 +51,28 @@ def _names(registry) -> str:
 
 # Flags that set TrainConfig fields: (flags, field, argparse keywords). Their default is "not given"
 # (argparse.SUPPRESS), so a resumed run can tell the settings the user set again from the stored ones.
+def _compare_defaults() -> tuple[TrainConfig, set, tuple]:
+    """The settings ``compare`` uses on its default data set, which of them its preset sets, its default arms."""
+    config, _, default_arms = compare_config({})
+    preset = set(presets.settings(config.data).get("compare", {}).get("train", {}))
+    return config, preset, default_arms
+
+
 def _train_flags(compare_mode: bool):
-    d = DEFAULTS
-    compare_note = " (compare: the data set's, see pyro_ddpm.presets)" if compare_mode else ""
+    d, preset = (_compare_defaults()[:2]) if compare_mode else (DEFAULTS, set())
+
+    def note(field: str) -> str:
+        """' (default V)', saying where V comes from when it is the comparison preset's."""
+        if field in preset:
+            return (f" (default {getattr(d, field)}: the {d.data} preset of pyro_ddpm.presets; "
+                    "other data sets have their own)")
+        return f" (default {getattr(d, field)})"
+
     return [
         (("--data",), "data", dict(help=f"a data set ({', '.join(datasets.NAMES)}) or a path (MNIST IDX files, "
                                          f"CIFAR-10 python tarball or folder); default {d.data}")),
-        (("--steps",), "steps", dict(type=int, help=f"total training steps (default {d.steps}{compare_note})")),
-        (("--batch-size",), "batch_size", dict(type=int, help=f"global batch (default {d.batch_size}{compare_note})")),
+        (("--steps",), "steps", dict(type=int, help=f"total training steps{note('steps')}")),
+        (("--batch-size",), "batch_size", dict(type=int, help=f"global batch{note('batch_size')}")),
         (("--timesteps-per-image", "-K"), "timesteps_per_image",
          dict(type=int, help=f"K timesteps per image per step (default {d.timesteps_per_image})")),
         (("--T",), "T", dict(type=int, help=f"number of diffusion steps (default {d.T})")),
@@ -76,7 +95,7 @@ def _train_flags(compare_mode: bool):
                                                   f"(unbiased); default {d.timesteps}")),
         (("--optimizer",), "optimizer", dict(help=f"a torch.optim class (default {d.optimizer})")),
         (("--net",), "net", dict(choices=sorted(presets.NETWORKS), help="network preset (default: the data set's)")),
-        (("--lr",), "lr", dict(type=float, help=f"learning rate (default {d.lr}{compare_note})")),
+        (("--lr",), "lr", dict(type=float, help=f"learning rate{note('lr')}")),
         (("--warmup",), "warmup", dict(type=int, help="warm-up steps (default min(5000, steps/10) of the first run)")),
         (("--grad-clip",), "grad_clip", dict(type=float, help=f"global gradient-norm clip (default {d.grad_clip})")),
         (("--ema-decay",), "ema_decay", dict(type=float, help=f"EMA decay (default {d.ema_decay})")),
@@ -88,16 +107,21 @@ def _train_flags(compare_mode: bool):
         (("--log-every",), "log_every", dict(type=int, help=f"default {d.log_every}")),
         (("--sample-every",), "sample_every", dict(type=int, help="sample grid every N steps (0: never; default 0)")),
         (("--checkpoint-every",), "checkpoint_every", dict(type=int, help=f"default {d.checkpoint_every}")),
-        (("--threads",), "threads", dict(type=int, help="torch threads (default: torch's; set 1 per job when running "
-                                                       "jobs side by side)")),
+        (("--threads",), "threads", dict(type=int, help=THREADS_HELP)),
     ]
 
 
 def _add_train_args(p: argparse.ArgumentParser, compare_mode: bool = False) -> None:
     for flags, dest, kwargs in _train_flags(compare_mode):
         p.add_argument(*flags, dest=dest, default=argparse.SUPPRESS, **kwargs)
-    p.add_argument("--ch", type=int, default=argparse.SUPPRESS, help="override the preset's base channel count")
-    p.add_argument("--dropout", type=float, default=argparse.SUPPRESS, help="override the preset's dropout")
+    d = _compare_defaults()[0] if compare_mode else DEFAULTS
+    name = d.net or d.data  # the registered image sets share their network preset's name
+    network = dict(presets.NETWORKS.get(name, {}), **d.net_overrides)
+    where = f"the {d.data} network: " if compare_mode else f"e.g. the {name} network: "
+    p.add_argument("--ch", type=int, default=argparse.SUPPRESS,
+                   help=f"override the preset's base channel count ({where}{network.get('ch')})")
+    p.add_argument("--dropout", type=float, default=argparse.SUPPRESS,
+                   help=f"override the preset's dropout ({where}{network.get('dropout')})")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -131,12 +155,14 @@ def _given(args) -> dict:
 def cmd_train(args) -> int:
     given = _given(args)
     if args.resume:
-        # Continue the run in --out with its stored settings; flags set again must agree, except RESUMABLE ones.
-        state = TrainState.load(Path(args.out) / FILENAME)
-        config = TrainConfig(**state.resume_config(given, RESUMABLE))
+        # Continue the run in --out with its stored settings: every field not set on this command line is
+        # None ("not given"), so train() keeps the stored value, refuses a changed one, and imports no class
+        # that only the checkpoint names (unless --trust-code).
+        config = TrainConfig(**{**{f.name: None for f in dataclasses.fields(TrainConfig)}, **given})
     else:
         config = TrainConfig(**given)
-    path = train(config, args.out, progress=not args.no_progress, resume=args.resume, trust_code=True)
+    path = train(config, args.out, progress=not args.no_progress, resume=args.resume,
+                 trust_code=True if args.trust_code else None)
     print(f"checkpoint written to {path}")
     return 0
 
@@ -150,12 +176,19 @@ def _load_run(args) -> tuple[TrainState, Path]:
     return state, run_dir
 
 
+def _positive(name: str, value, what: str = "a positive integer") -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{name} must be {what}, got {value}")
+
+
 def cmd_evaluate(args) -> int:
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be a positive number of images, got {args.limit}")
+    _positive("--limit", args.limit, "a positive number of images")
+    _positive("--max-batch", args.max_batch)
+    _positive("--draws", args.draws)
     check_device(args.device)
     state, run_dir = _load_run(args)
-    out = check_directory(args.out or run_dir, "evaluation output folder")  # before computing anything
+    # before computing anything; a missing --out folder is made only when the results are written
+    out = check_directory(args.out or run_dir, "evaluation output folder", create=False)
     stored = state.data
     dataset = datasets.load(args.data or (f"{stored['name']}:{stored['source']}" if stored.get("source") else stored["name"]))
     state.check_data(dataset.shape, dataset.levels, what=f"data set {dataset.name!r}")
@@ -184,9 +217,11 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_sample(args) -> int:
+    _positive("--n", args.n)
+    _positive("--steps", args.steps)
     check_device(args.device)
     state, run_dir = _load_run(args)
-    out = check_output_file(Path(args.out) if args.out else run_dir / "samples.png", "sample grid")
+    out = check_output_file(Path(args.out) if args.out else run_dir / "samples.png", "sample grid", create=False)
     model, _ = state.build(device=args.device, trust_code=args.trust_code)
     torch.manual_seed(args.seed)
     x = sample(model, args.n, sampler=args.sampler, steps=args.steps, eta=args.eta, progress=not args.no_progress)
@@ -204,16 +239,23 @@ def cmd_compare(args) -> int:
     unknown = [a for a in chosen if a not in arms]
     if unknown:
         raise ValueError(f"unknown arms {unknown}; the arms of {config.data} are {sorted(arms)}")
-    result = compare(config, args.out, arms={a: arms[a] for a in chosen}, seeds=args.seeds,
-                     num_samples=args.samples, draws=args.draws, max_batch=args.max_batch, limit=args.limit,
-                     progress=not args.no_progress, vae=not args.no_vae)
+    try:
+        result = compare(config, args.out, arms={a: arms[a] for a in chosen}, seeds=args.seeds,
+                         num_samples=args.samples, draws=args.draws, max_batch=args.max_batch, limit=args.limit,
+                         progress=not args.no_progress, vae=not args.no_vae)
+    except Interrupted as e:  # an arm's training stopped with its checkpoint: running the comparison again resumes it
+        raise e.with_hint("the same pyro-ddpm compare command (finished arms are kept, unfinished ones resume)") from None
+    runs = [Path(args.out) / (a if len(args.seeds) == 1 else f"{a}-seed{s}") for a in chosen for s in args.seeds]
     print("written: " + ", ".join(str(p) for p in result["paths"].values()))
+    print("runs (checkpoint.pt, metrics.jsonl, bound_test.nc/.json, samples.pt in each): "
+          + ", ".join(str(r) for r in runs))
     return 0
 
 
 def _eval_args(p: argparse.ArgumentParser, standalone: bool = True) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of the split")
-    p.add_argument("--max-batch", type=int, default=4096, help="(image, timestep) pairs per network call")
+    p.add_argument("--max-batch", type=int, default=4096,
+                   help="(image, timestep) pairs per network call (default %(default)s)")
     p.add_argument("--draws", type=int, default=1, help="noise draws per term (default %(default)s)")
     if standalone:
         p.add_argument("--clip-denoised", action="store_true",
@@ -239,7 +281,7 @@ def _trust_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _threads_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -253,7 +295,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory (checkpoint.pt, metrics.jsonl, samples/)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out with its stored settings; only "
-                        + ", ".join(f"--{k.replace('_', '-')}" for k in RESUMABLE) + " may change")
+                        + ", ".join(f"--{k.replace('_', '-')}" for k in RESUMABLE if k != "validate") + " may change")
+    _trust_arg(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="per-term bits/dim of a trained model on a data split")
@@ -281,30 +324,46 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="train each arm and compare bounds, their split, sample scores and baselines")
     _add_train_args(p, compare_mode=True)
     _eval_args(p, standalone=False)
+    base, _, default_arms = _compare_defaults()
     p.add_argument("--arms", nargs="+", default=None,
-                   help="the arms to run (default: the data set's default arms; see pyro_ddpm.presets)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds per arm")
-    p.add_argument("--samples", type=int, default=256, help="samples per model for the sample scores")
+                   help=f"the arms to run (default for {base.data}: {' '.join(default_arms)}; each data set's "
+                        "default arms and all arms: pyro_ddpm.presets)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds per arm (default 0)")
+    p.add_argument("--samples", type=int, default=256, help="samples per model for the sample scores (default %(default)s)")
     p.add_argument("--no-vae", action="store_true", help="skip the Pyro VAE rows")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_compare)
     return ap
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside a training loop (which handles it itself): stop as Ctrl-C does."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
     try:
         with torch_threads(getattr(args, "threads", None)):
             return args.func(args)
     except Interrupted as e:
         print(f"pyro-ddpm: {e}", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:
-        print("pyro-ddpm: interrupted; nothing was written by the interrupted step", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+        print(f"pyro-ddpm: {name} received: stopped; files are written atomically, so none was left half-written",
+              file=sys.stderr)
         return 130
     except (ValueError, TypeError, FloatingPointError, OSError) as e:
         print(f"pyro-ddpm: error: {unwrap(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
