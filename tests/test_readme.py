@@ -37,13 +37,14 @@ def test_main_job_as_written_in_the_readme(tmp_path):
         assert (tmp_path / name).exists()
 
 
-def test_quickstart_example_runs(capsys):
+def test_quickstart_example_runs(capsys, tmp_path):
     import runpy
 
-    argv, sys.argv = sys.argv, ["quickstart.py", "--steps", "2", "--T", "10"]
+    argv, sys.argv = sys.argv, ["quickstart.py", "--steps", "2", "--T", "10", "--out", str(tmp_path)]
     try:
         runpy.run_path(str(ROOT / "examples" / "quickstart.py"), run_name="__main__")
     finally:
         sys.argv = argv
     out = capsys.readouterr().out
     assert "total" in out and "chain form:" in out and "samples (16, 1, 8, 8)" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["quickstart.json", "samples.png"]
