@@ -686,6 +686,21 @@ def test_sigint_and_sigterm_save_a_checkpoint_say_how_to_resume_and_resume(tmp_p
         assert state.step == step + 2 and state.finished
 
 
+def test_sigterm_outside_training_stops_with_one_line_and_writes_nothing(run, capsys, monkeypatch):
+    import pyro_ddpm.cli
+
+    def bound(*args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)  # arrives while evaluating (it used to end the process silently)
+        pytest.fail("SIGTERM did not stop the evaluation")
+
+    monkeypatch.setattr(pyro_ddpm.cli, "bound", bound)
+    before, handler = tree(run), signal.getsignal(signal.SIGTERM)
+    rc, out, err = cli(capsys, "evaluate", run, "--no-progress")
+    assert rc == 130 and out == "" and err == ("pyro-ddpm: SIGTERM received: stopped; files are written atomically, "
+                                               "so none was left half-written\n")
+    assert tree(run) == before and signal.getsignal(signal.SIGTERM) is handler
+
+
 def test_an_interrupted_compare_resumes_its_unfinished_arm_when_run_again(tmp_path, capsys, monkeypatch):
     argv = ["compare", "--data", "swiss_roll-continuous", "--T", "10", "--steps", "4", "--batch-size", "16",
             "--log-every", "1", "--samples", "8", "--limit", "8", "--arms", "eps-elbo", "--no-progress", "--out", tmp_path]
