@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import signal
 import sys
 import threading
@@ -18,16 +19,18 @@ import torch
 
 from pyro_ddpm import data as datasets
 from pyro_ddpm import presets
+from pyro_ddpm.adapters import from_diffusers_pipeline
 from pyro_ddpm.checkpoint import TrainState, resolve
 from pyro_ddpm.compare import compare, compare_config
 from pyro_ddpm.elbo import unwrap
 from pyro_ddpm.evaluate import bound, format_summary, save, summarize
 from pyro_ddpm.figures import save_all
-from pyro_ddpm.files import check_directory, check_output_file
+from pyro_ddpm.files import atomic_write, check_directory, check_output_file
+from pyro_ddpm.importance_weighted import importance_weighted
 from pyro_ddpm.likelihoods import TanhDiscretizedGaussianLikelihood
 from pyro_ddpm.registry import GUIDES, LIKELIHOODS, MODELS, TIMESTEPS
+from pyro_ddpm.ode import ode_likelihood
 from pyro_ddpm.sample import SAMPLERS, sample, save_png
-from pyro_ddpm.schedule import Schedule
 from pyro_ddpm.train import RESUMABLE, Interrupted, TrainConfig, check_device, torch_threads, train
 
 DEFAULTS = TrainConfig()
@@ -181,37 +184,92 @@ def _positive(name: str, value, what: str = "a positive integer") -> None:
         raise ValueError(f"{name} must be {what}, got {value}")
 
 
+def _json_ready(result: dict) -> dict:
+    """A result dict of the ODE or importance-weighted estimator with its arrays as lists (for JSON)."""
+    return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in result.items()}
+
+
+def _estimator_line(name: str, result: dict) -> str:
+    unit = result.get("unit", "bits_per_dim")
+    label = "bits/dim" if unit == "bits_per_dim" else "nats/dim"
+    return f"{name:<28} {result[unit]:>10.5f} {result['se']:>9.5f} {label}  ({result['seconds']:.1f} s)"
+
+
 def cmd_evaluate(args) -> int:
     _positive("--limit", args.limit, "a positive number of images")
     _positive("--max-batch", args.max_batch)
     _positive("--draws", args.draws)
+    _positive("--particles", args.particles)
+    _positive("--ode-steps", args.ode_steps)
+    _positive("--probes", args.probes)
     check_device(args.device)
-    state, run_dir = _load_run(args)
-    # before computing anything; a missing --out folder is made only when the results are written
-    out = check_directory(args.out or run_dir, "evaluation output folder", create=False)
-    stored = state.data
-    dataset = datasets.load(args.data or (f"{stored['name']}:{stored['source']}" if stored.get("source") else stored["name"]))
-    state.check_data(dataset.shape, dataset.levels, what=f"data set {dataset.name!r}")
-    expected = Schedule.from_name(args.schedule, args.T) if args.T is not None else None
-    model, guide = state.build(schedule=expected, device=args.device, trust_code=args.trust_code,
-                               clip_denoised=args.clip_denoised,
-                               likelihood=TanhDiscretizedGaussianLikelihood(dataset.levels) if args.cdf == "tanh" else None)
+    if (args.run is None) == (args.diffusers is None):
+        raise ValueError("evaluate: give a run directory (or checkpoint) or --diffusers DIR, not both")
+    if args.diffusers is not None:
+        if args.data is None:
+            raise ValueError("evaluate --diffusers: name the data to score with --data (a data set or a path)")
+        out = check_directory(args.out or args.diffusers, "evaluation output folder", create=False)
+        dataset = datasets.load(args.data)
+        model, guide = from_diffusers_pipeline(args.diffusers, levels=dataset.levels)
+        model, guide = model.to(args.device), guide.to(args.device)
+        if args.clip_denoised:
+            model = model.with_clipping()
+        if args.cdf == "tanh":
+            model = model.with_likelihood(TanhDiscretizedGaussianLikelihood(dataset.levels))
+        source = {"model": f"diffusers pipeline {args.diffusers}", "objective": "elsewhere", "step": None,
+                  "checkpoint": str(args.diffusers)}
+    else:
+        state, run_dir = _load_run(args)
+        # before computing anything; a missing --out folder is made only when the results are written
+        out = check_directory(args.out or run_dir, "evaluation output folder", create=False)
+        stored = state.data
+        dataset = datasets.load(args.data or (f"{stored['name']}:{stored['source']}" if stored.get("source")
+                                              else stored["name"]))
+        state.check_data(dataset.shape, dataset.levels, what=f"data set {dataset.name!r}")
+        if args.T is not None and args.T != int(state.config["T"]):
+            raise ValueError(f"schedule mismatch: the checkpoint has T = {state.config['T']}, --T asked {args.T}")
+        model, guide = state.build(device=args.device, trust_code=args.trust_code, clip_denoised=args.clip_denoised,
+                                   likelihood=TanhDiscretizedGaussianLikelihood(dataset.levels) if args.cdf == "tanh"
+                                   else None)
+        source = {"model": state.programs["model"]["class"], "objective": state.config["objective"],
+                  "step": state.step, "checkpoint": str(resolve(args.run))}
     x = getattr(dataset, args.split)[:args.limit].to(args.device)
     idata = bound(model, guide, x, draws=args.draws, max_batch=args.max_batch, seed=args.seed,
                   progress=not args.no_progress)
     idata.bound.attrs.update(split=args.split, data=dataset.name, clip_denoised=int(args.clip_denoised), cdf=args.cdf,
-                             checkpoint=str(resolve(args.run)), step=state.step, objective=state.config["objective"])
+                             checkpoint=source["checkpoint"], step=-1 if source["step"] is None else source["step"],
+                             objective=source["objective"])
     summary = summarize(idata)
-    summary.update(split=args.split, data=dataset.name, objective=state.config["objective"], step=state.step,
-                   clip_denoised=args.clip_denoised, cdf=args.cdf, model=state.programs["model"]["class"])
+    summary.update(split=args.split, data=dataset.name, clip_denoised=args.clip_denoised, cdf=args.cdf,
+                   **{k: source[k] for k in ("objective", "step", "model")})
     stem = f"bound_{args.split}"
+    estimates = {}
+    if args.ode:
+        estimates["probability-flow ODE"] = ode_likelihood(
+            model, x, method=args.ode_method, steps=args.ode_steps, divergence=args.divergence, probes=args.probes,
+            seed=args.seed)
+    if args.particles is not None:
+        estimates[f"importance-weighted, K = {args.particles}"] = importance_weighted(
+            model, guide, x, particles=args.particles, seed=args.seed)
     paths = save(idata, summary, out, stem)
+    for name, result in estimates.items():
+        kind = "ode" if name.startswith("probability") else "iw"
+        paths[kind] = atomic_write(out / f"{kind}_{args.split}.json",
+                                   lambda f, r=result: f.write(json.dumps(_json_ready(r), indent=2).encode()))
     if not args.no_figures:
         paths.update(save_all(idata, out, stem))
     header = (f"{summary['data']} {summary['split']} split, {summary['model']}, objective {summary['objective']}, "
               f"step {summary['step']}; {'exact log-CDF' if args.cdf == 'exact' else 'tanh-approximated CDF'}, "
               f"clip_denoised={args.clip_denoised}")
     print(format_summary(summary, header))
+    if estimates:
+        print("\nother estimators on the same images (mean, s.e. over images):")
+        for name, result in estimates.items():
+            print(_estimator_line(name, result))
+        if "probability-flow ODE" in estimates:
+            st = estimates["probability-flow ODE"]["settings"]
+            print(f"  ODE: {st['method']} {st['steps'] or ''} steps, divergence {st['divergence']}, dequantized "
+                  f"{st['dequantize']} (an upper bound on the discrete NLL)")
     print("written: " + ", ".join(str(p) for p in paths.values()))
     return 0
 
@@ -266,9 +324,19 @@ def _eval_args(p: argparse.ArgumentParser, standalone: bool = True) -> None:
         p.add_argument("--split", default="test", choices=["train", "test"])
         p.add_argument("--data", default=None, help="data set (default: the checkpoint's)")
         p.add_argument("--seed", type=int, default=0, help="seed of the evaluation noise")
-        p.add_argument("--schedule", default="linear", choices=["linear", "cosine"],
-                       help="with --T: the schedule the checkpoint must have")
         p.add_argument("--T", type=int, default=None, help="the T the checkpoint must have")
+        p.add_argument("--diffusers", default=None, metavar="DIR",
+                       help="evaluate a diffusers pipeline saved with save_pretrained (local files only) instead of "
+                            "a run; needs --data")
+        p.add_argument("--ode", action="store_true",
+                       help="also the probability-flow ODE likelihood (dequantized: an upper bound on the NLL)")
+        p.add_argument("--ode-method", default="rk4", help="ODE solver: rk4 (fixed grid) or a torchdiffeq method")
+        p.add_argument("--ode-steps", type=int, default=100, help="solver steps for rk4 (default %(default)s)")
+        p.add_argument("--divergence", default="auto", choices=["auto", "exact", "rademacher", "gaussian"],
+                       help="the ODE's divergence: exact for small D, Hutchinson otherwise (default %(default)s)")
+        p.add_argument("--probes", type=int, default=1, help="Hutchinson probes per image (default %(default)s)")
+        p.add_argument("--particles", type=int, default=None,
+                       help="also the importance-weighted bound over K full chains")
         p.add_argument("--device", default="cpu")
         p.add_argument("--out", default=None, help="folder for the netCDF, JSON and figures (default: the run's)")
         p.add_argument("--no-progress", action="store_true")
@@ -300,7 +368,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="per-term bits/dim of a trained model on a data split")
-    p.add_argument("run", help="run directory or checkpoint file")
+    p.add_argument("run", nargs="?", default=None, help="run directory or checkpoint file (or --diffusers DIR)")
     _eval_args(p)
     _trust_arg(p)
     _threads_arg(p)

@@ -49,6 +49,7 @@ from pyro_ddpm.elbo import TermwiseELBO
 from pyro_ddpm.files import atomic_path, atomic_write
 from pyro_ddpm.guides import ForwardProcess
 from pyro_ddpm.models import ReverseProcess
+from pyro_ddpm.nets import EpsNetwork
 from pyro_ddpm.sample import finite_network_outputs
 
 with warnings.catch_warnings():
@@ -159,11 +160,15 @@ def bound(model, guide, x0: torch.Tensor, draws: int = 1, max_batch: int = 4096,
     return az.InferenceData(bound=ds)
 
 
-def bound_of_network(eps, schedule, likelihood, x0: torch.Tensor, variance: str = "large", **kwargs):
-    """:func:`bound` for a bare eps network: the DDPM reverse process around it and the forward process."""
+def bound_of_network(eps, schedule, likelihood, x0: torch.Tensor, variance: str = "large", zero_based: bool = False,
+                     **kwargs):
+    """:func:`bound` for a bare eps network -- an ``nn.Module`` or any callable ``eps(x_t, t)`` (t in 1..T, or
+    0..T-1 with ``zero_based``): the DDPM reverse process around it and the forward process."""
     protocol.check_batch(x0, x0.shape[1:] if torch.is_tensor(x0) else ())
     if getattr(eps, "shape", None) is not None:  # the network's data shape: one clear error, not its own failure
         protocol.check_batch(x0, eps.shape)
+    if not isinstance(eps, torch.nn.Module) or zero_based:
+        eps = EpsNetwork(eps, zero_based=zero_based)
     model = ReverseProcess(eps, schedule, variance, likelihood, shape=x0.shape[1:])
     return bound(model, ForwardProcess(schedule, event_dim=x0.dim() - 1), x0, **kwargs)
 
