@@ -118,7 +118,7 @@ def moved_table(seed=3):
 
 def ref_table_betas(sched) -> np.ndarray:
     """beta_t of gamma_t = g_1 + sum softplus(r), abar = 1/(1 + e^gamma), in plain Python floats."""
-    g_1, r = float(sched.g_1), [float(v) for v in sched.r.detach()]
+    g_1, r = float(sched.g_1.detach()), [float(v) for v in sched.r.detach()]
     gamma = [g_1]
     for v in r:
         gamma.append(gamma[-1] + math.log1p(math.exp(v)))
