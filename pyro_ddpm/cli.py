@@ -31,7 +31,7 @@ from pyro_ddpm.likelihoods import TanhDiscretizedGaussianLikelihood
 from pyro_ddpm.registry import GUIDES, LIKELIHOODS, MODELS, TIMESTEPS
 from pyro_ddpm.ode import ode_likelihood
 from pyro_ddpm.sample import SAMPLERS, sample, save_png
-from pyro_ddpm.train import RESUMABLE, Interrupted, TrainConfig, check_device, torch_threads, train
+from pyro_ddpm.train import LR_DECAYS, RESUMABLE, Interrupted, TrainConfig, check_device, torch_threads, train
 
 DEFAULTS = TrainConfig()
 THREADS_HELP = ("torch threads (default: $OMP_NUM_THREADS when set, 1 under pytest-xdist, else torch's choice); "
@@ -79,9 +79,9 @@ def _train_flags(compare_mode: bool):
         (("--timesteps-per-image", "-K"), "timesteps_per_image",
          dict(type=int, help=f"K timesteps per image per step (default {d.timesteps_per_image})")),
         (("--T",), "T", dict(type=int, help=f"number of diffusion steps (default {d.T})")),
-        (("--schedule",), "schedule", dict(help="what the guide reads as its schedule: linear, cosine (ForwardProcess), "
-                                                 "learned (LearnedForwardProcess), betas as a comma list or .npy/text file "
-                                                 f"(UserBetasForwardProcess); default {d.schedule}")),
+        (("--schedule",), "schedule", dict(help="what the guide class reads as its schedule (its from_spec: a schedule "
+                                                 "name, or betas as a comma list or .npy/text file for a guide over "
+                                                 f"given betas){note('schedule')}")),
         (("--variance",), "variance", dict(choices=_declared("variances"),
                                            help="sigma_t^2 rule; each model implements some (default: the model's first)")),
         (("--model",), "model", dict(help=f"the reverse-process program: {_names(MODELS)}, or 'module:Class' "
@@ -100,6 +100,13 @@ def _train_flags(compare_mode: bool):
         (("--net",), "net", dict(choices=sorted(presets.NETWORKS), help="network preset (default: the data set's)")),
         (("--lr",), "lr", dict(type=float, help=f"learning rate{note('lr')}")),
         (("--warmup",), "warmup", dict(type=int, help="warm-up steps (default min(5000, steps/10) of the first run)")),
+        (("--lr-decay",), "lr_decay", dict(choices=list(LR_DECAYS),
+                                           help=f"after the warm-up: constant, or cosine decay to 0{note('lr_decay')}")),
+        (("--lr-decay-steps",), "lr_decay_steps", dict(type=int, help="length of the cosine decay (default: the "
+                                                                      "first run's steps)")),
+        (("--guide-lr-scale",), "guide_lr_scale", dict(type=float, help="learning-rate factor of the guide's "
+                                                                        "parameters, e.g. a learned schedule "
+                                                                        f"(default {d.guide_lr_scale})")),
         (("--grad-clip",), "grad_clip", dict(type=float, help=f"global gradient-norm clip (default {d.grad_clip})")),
         (("--ema-decay",), "ema_decay", dict(type=float, help=f"EMA decay (default {d.ema_decay})")),
         (("--seed",), "seed", dict(type=int, help=f"default {d.seed}")),

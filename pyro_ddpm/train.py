@@ -61,6 +61,7 @@ from pyro_ddpm.registry import GUIDES, LIKELIHOODS, MODELS, NETWORKS, TIMESTEPS
 from pyro_ddpm.sample import sample, save_png
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+LR_DECAYS = ("constant", "cosine")
 # Fields that may change when a run is resumed; every other field must match the checkpoint.
 RESUMABLE = ("steps", "device", "log_every", "sample_every", "checkpoint_every", "validate", "threads")
 # A loss per image further than this factor times max(|median|, 1) from the running median is divergence.
@@ -88,6 +89,9 @@ class TrainConfig:
     optimizer: str = "Adam"  # a torch.optim class
     lr: float = 2e-4
     warmup: int | None = None  # default min(5000, steps // 10) of the first run, stored: resuming keeps it
+    lr_decay: str = "constant"  # after the warm-up: "constant", or "cosine" (to 0 over lr_decay_steps)
+    lr_decay_steps: int | None = None  # default: the first run's steps, stored: resuming keeps it
+    guide_lr_scale: float = 1.0  # the guide's parameters (a learned schedule) train at lr * guide_lr_scale
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     seed: int = 0
@@ -132,6 +136,12 @@ class TrainConfig:
             raise ValueError(f"sample_every must be 0 (never) or positive, got {self.sample_every}")
         if self.warmup is not None and self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"unknown lr_decay {self.lr_decay!r}; choose one of {list(LR_DECAYS)}")
+        if self.lr_decay_steps is not None and self.lr_decay_steps < 1:
+            raise ValueError(f"lr_decay_steps must be positive, got {self.lr_decay_steps}")
+        if not (math.isfinite(self.guide_lr_scale) and self.guide_lr_scale >= 0):
+            raise ValueError(f"guide_lr_scale must be a number >= 0, got {self.guide_lr_scale}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be positive, got {self.threads}")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -151,6 +161,8 @@ class TrainConfig:
         model_class = self.model_class()
         likelihood = self.likelihood or LIKELIHOODS.name_of(type(likelihoods.default_for(dataset)))
         return dataclasses.replace(self, variance=self.variance or model_class.variances[0], warmup=self.warmup_steps,
+                                   lr_decay_steps=(self.lr_decay_steps or self.steps) if self.lr_decay != "constant"
+                                   else self.lr_decay_steps,
                                    likelihood=likelihood, net=self.net or dataset.preset)
 
 
@@ -196,11 +208,28 @@ def build(config: TrainConfig, dataset: datasets.Dataset, trust_code: bool = Tru
     return model, guide
 
 
-def make_optimizer(config: TrainConfig) -> JointOptimizer:
-    """``config.optimizer`` over all parameters, global-norm clipping, linear warm-up over ``config.warmup_steps``."""
+def lr_factor(config: TrainConfig):
+    """The learning rate at optimizer step n as a factor of ``config.lr``: a linear warm-up over
+    ``config.warmup_steps``, then constant or a cosine decay to 0 at ``lr_decay_steps`` (0 after it)."""
     warmup = max(config.warmup_steps, 1)
+    decay = config.lr_decay_steps or config.steps
+
+    def factor(step: int) -> float:
+        rise = min(1.0, (step + 1) / warmup)
+        if config.lr_decay == "constant":
+            return rise
+        return rise * 0.5 * (1.0 + math.cos(math.pi * min(step, decay) / decay))
+
+    return factor
+
+
+def make_optimizer(config: TrainConfig, guide=None) -> JointOptimizer:
+    """``config.optimizer`` over all parameters, global-norm clipping, the learning rate of :func:`lr_factor`;
+    the guide's parameters (if any) at ``lr * config.guide_lr_scale``."""
+    scaled = {id(p) for p in guide.parameters()} if guide is not None and config.guide_lr_scale != 1.0 else set()
     return JointOptimizer(getattr(torch.optim, config.optimizer), {"lr": config.lr}, clip_norm=config.grad_clip,
-                          lr_lambda=lambda step: min(1.0, (step + 1) / warmup))
+                          lr_lambda=lr_factor(config),
+                          lr_scale=(lambda p: config.guide_lr_scale if id(p) in scaled else 1.0) if scaled else None)
 
 
 class Processes:
@@ -288,7 +317,7 @@ def make_svi(config: TrainConfig, program, guide, processes: Processes | None = 
             guide.per_timestep(x0, t, weight)
 
     elbo = TermwiseELBO()
-    svi = SVI(svi_model, svi_guide, make_optimizer(config), loss=elbo)
+    svi = SVI(svi_model, svi_guide, make_optimizer(config, guide), loss=elbo)
     svi.elbo = elbo  # its last_terms: each pair's term of the last step
     return svi
 

@@ -131,3 +131,33 @@ def test_cli_trains_evaluates_and_samples_a_variant_with_ddim(tmp_path, capsys):
     assert (tmp_path / "ddim.png").stat().st_size > 100
     assert main(["sample", str(run), "--n", "4", "--sampler", "ddim", "--steps", "50"]) == 2  # S > T
     assert "steps" in capsys.readouterr().err
+
+
+def test_cosine_decay_and_the_guide_learning_rate_scale():
+    """lr_factor: a linear warm-up, then 0.5 (1 + cos(pi n / N)); the guide's parameters get lr * guide_lr_scale."""
+    import math
+
+    from pyro_ddpm.train import lr_factor, make_optimizer
+
+    config = TrainConfig(steps=10, warmup=2, lr_decay="cosine", lr_decay_steps=10, lr=1.0)
+    f = lr_factor(config)
+    assert [f(0), f(1)] == pytest.approx([0.5 * 0.5 * (1 + math.cos(0.0)), 0.5 * (1 + math.cos(math.pi / 10))])
+    assert f(5) == pytest.approx(0.5) and f(10) == pytest.approx(0.0) and f(20) == pytest.approx(0.0)
+    assert lr_factor(TrainConfig(steps=10, warmup=2))(7) == 1.0  # constant after the warm-up
+    config = TrainConfig(data="digits", T=6, guide="LearnedTableForwardProcess", guide_lr_scale=0.1, lr=1e-2, warmup=2,
+                         net_overrides={"ch": 8})
+    config.check()
+    model, guide = build(config, data.load("digits"))
+    opt = make_optimizer(config, guide)
+    import pyro
+
+    pyro.clear_param_store()
+    pyro.module("eps", model.eps)
+    pyro.module("schedule", guide.schedule)
+    params = {v.unconstrained() for v in pyro.get_param_store().values()}
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt(params)
+    rates = {id(p): g["lr"] for g in opt.optimizer.param_groups for p in g["params"]}
+    assert [rates[id(p)] for p in guide.schedule.parameters()] == pytest.approx([1e-3 * 0.5] * 2)  # warm-up 1/2
+    assert set(rates[id(p)] for p in model.eps.parameters()) == {1e-2 * 0.5}
