@@ -26,8 +26,10 @@ def cpu_name() -> str:
 def machine(device: str) -> str:
     """The CPU (and GPU), torch version and thread count, in one line."""
     gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.startswith("cuda") else ""
-    return (f"{cpu_name()} ({platform.machine()}){gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"device {device}")
+    return (
+        f"{cpu_name()} ({platform.machine()}){gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"device {device}"
+    )
 
 
 def sync(device: str) -> None:

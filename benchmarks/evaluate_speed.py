@@ -29,8 +29,17 @@ import pyro
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (fresh_process_peak, machine, markdown_table, memory_cells, peak_mib, random_model,  # noqa: E402
-                    reset_peak, timed, write_markdown)
+from common import (
+    fresh_process_peak,
+    machine,
+    markdown_table,
+    memory_cells,
+    peak_mib,
+    random_model,  # noqa: E402
+    reset_peak,
+    timed,
+    write_markdown,
+)
 
 from pyro_ddpm import data  # noqa: E402
 from pyro_ddpm.evaluate import bound  # noqa: E402
@@ -59,7 +68,7 @@ def baseline(model, x0: torch.Tensor, max_batch: int) -> None:
     s, T = model.schedule, model.T
     images_per_call, steps_per_call = max(1, max_batch // T), min(T, max_batch)
     for i in range(0, x0.shape[0], images_per_call):
-        x = x0[i:i + images_per_call]
+        x = x0[i : i + images_per_call]
         for t0 in range(1, T + 1, steps_per_call):
             steps = torch.arange(t0, min(t0 + steps_per_call, T + 1), device=x.device)
             t = steps.repeat(x.shape[0])
@@ -110,28 +119,56 @@ def main(argv=None) -> dict:
     for _ in range(args.repeats):
         for name, run in runs.items():
             reset_peak(args.device)
-            times[name].append(timed(lambda: run(x), args.device))
+            times[name].append(timed(lambda run=run: run(x), args.device))
             peaks[name] = max(peaks.get(name, 0.0), peak_mib(args.device))
     median = {name: statistics.median(v) for name, v in times.items()}
     ratio = median["bound"] / median["baseline"]
-    memory_kind, memory = memory_cells(runs, peaks, args.device, args.no_memory, lambda name: fresh_process_peak(__file__, [
-        "--preset", args.preset, "--T", str(T), "--images", str(N), "--max-batch", str(args.max_batch),
-        "--device", args.device, "--seed", str(args.seed), "--only", name]))
+    memory_kind, memory = memory_cells(
+        runs,
+        peaks,
+        args.device,
+        args.no_memory,
+        lambda name: fresh_process_peak(
+            __file__,
+            [
+                "--preset",
+                args.preset,
+                "--T",
+                str(T),
+                "--images",
+                str(N),
+                "--max-batch",
+                str(args.max_batch),
+                "--device",
+                args.device,
+                "--seed",
+                str(args.seed),
+                "--only",
+                name,
+            ],
+        ),
+    )
 
-    title = (f"Evaluation, preset {args.preset} {tuple(model.shape)} ({sum(p.numel() for p in model.eps.parameters())} "
-             f"parameters), T {T}, {N} images, max batch {args.max_batch} ({calls} calls, {N * T} pairs), float32, "
-             f"pyro validation {'on' if pyro.infer.util.is_validation_enabled() else 'off'}, median of {args.repeats}; "
-             f"{machine(args.device)}")
+    title = (
+        f"Evaluation, preset {args.preset} {tuple(model.shape)} ({sum(p.numel() for p in model.eps.parameters())} "
+        f"parameters), T {T}, {N} images, max batch {args.max_batch} ({calls} calls, {N * T} pairs), float32, "
+        f"pyro validation {'on' if pyro.infer.util.is_validation_enabled() else 'off'}, median of {args.repeats}; "
+        f"{machine(args.device)}"
+    )
     print(title)
     rows = []
     for name in runs:
-        print(f"{name:<10}: median {median[name]:.3f} s ({N * T / median[name]:.0f} pairs/s) over "
-              f"[{', '.join(f'{t:.3f}' for t in times[name])}], {memory_kind} {memory[name]}")
+        print(
+            f"{name:<10}: median {median[name]:.3f} s ({N * T / median[name]:.0f} pairs/s) over "
+            f"[{', '.join(f'{t:.3f}' for t in times[name])}], {memory_kind} {memory[name]}"
+        )
         rows.append([name, f"{median[name]:.3f}", f"{N * T / median[name]:.0f}", memory[name]])
     print(f"ratio     : bound / baseline = {ratio:.3f} (target <= 1.10)")
     if args.markdown:
         table = markdown_table(["phase", "median s", "pairs/s", memory_kind], rows)
-        table += "\n" + markdown_table(["time ratio", "value", "target"], [["bound / baseline", f"{ratio:.3f}", "<= 1.10"]])
+        table += "\n" + markdown_table(
+            ["time ratio", "value", "target"], [["bound / baseline", f"{ratio:.3f}", "<= 1.10"]]
+        )
         write_markdown(args.markdown, title, table, argv if argv is not None else sys.argv[1:], __file__)
     return {"median_s": median, "ratio": ratio, "peak_mib": peaks}
 

@@ -73,33 +73,92 @@ INJECTIONS = ("bad-setting", "resume", "bound", "sample")
 # The sizes of the two modes. "device": the GPU check (T = 1000, the presets' full networks, few steps and
 # small CIFAR-10 batches: about 4 minutes on one H200, estimated); "small": the CI mode (seconds on one CPU core).
 SIZES = {
-    "device": dict(T=1000, steps=50, warmup=10, lr=2e-4, batch={"digits": 128, "cifar10": 16}, net_overrides={},
-                   cifar_per_batch=64, bound_images=16, bound_cpu_images={"digits": 16, "cifar10": 1},
-                   bound_max_batch=4096, bound_cpu_max_batch=250, bound_fp64={"digits"}, samples=16, ddim_steps=50,
-                   sample_plan={("digits", "elbo"): ("ancestral", "ddim"), ("digits", "hybrid"): ("ancestral", "ddim"),
-                                ("cifar10", "elbo"): ("ancestral", "ddim"), ("cifar10", "hybrid"): ("ddim",)},
-                   bench=[
-                       ("train_digits", "train_speed.py", ["--preset", "digits", "--batch", "128", "--repeats", "20",
-                                                           "--fixed-cost"]),
-                       ("train_cifar10", "train_speed.py", ["--preset", "cifar10", "--batch", "64", "--repeats", "10"]),
-                       ("evaluate_digits", "evaluate_speed.py", ["--preset", "digits", "--T", "1000", "--images", "64",
-                                                                 "--repeats", "3"]),
-                       ("sample_digits", "sample_speed.py", ["--preset", "digits", "--T", "1000", "--images", "64",
-                                                             "--ddim-steps", "50", "--repeats", "2"]),
-                   ]),
-    "small": dict(T=10, steps=4, warmup=2, lr=1e-3, batch={"digits": 4, "cifar10": 4}, net_overrides={"ch": 8},
-                  cifar_per_batch=2, bound_images=4, bound_cpu_images={"digits": 4, "cifar10": 4},
-                  bound_max_batch=4096, bound_cpu_max_batch=7, bound_fp64={"digits", "cifar10"}, samples=4,
-                  ddim_steps=5,
-                  sample_plan={(p, o): ("ancestral", "ddim") for p in PRESETS for o in ("elbo", "hybrid")},
-                  bench=[
-                      ("train_digits", "train_speed.py", ["--preset", "digits", "--batch", "4", "--T", "10",
-                                                          "--repeats", "2", "--fixed-cost", "--no-memory"]),
-                      ("evaluate_digits", "evaluate_speed.py", ["--preset", "digits", "--T", "5", "--images", "2",
-                                                                "--repeats", "1", "--no-memory"]),
-                      ("sample_digits", "sample_speed.py", ["--preset", "digits", "--T", "10", "--images", "2",
-                                                            "--ddim-steps", "4", "--repeats", "1", "--no-memory"]),
-                  ]),
+    "device": dict(
+        T=1000,
+        steps=50,
+        warmup=10,
+        lr=2e-4,
+        batch={"digits": 128, "cifar10": 16},
+        net_overrides={},
+        cifar_per_batch=64,
+        bound_images=16,
+        bound_cpu_images={"digits": 16, "cifar10": 1},
+        bound_max_batch=4096,
+        bound_cpu_max_batch=250,
+        bound_fp64={"digits"},
+        samples=16,
+        ddim_steps=50,
+        sample_plan={
+            ("digits", "elbo"): ("ancestral", "ddim"),
+            ("digits", "hybrid"): ("ancestral", "ddim"),
+            ("cifar10", "elbo"): ("ancestral", "ddim"),
+            ("cifar10", "hybrid"): ("ddim",),
+        },
+        bench=[
+            (
+                "train_digits",
+                "train_speed.py",
+                ["--preset", "digits", "--batch", "128", "--repeats", "20", "--fixed-cost"],
+            ),
+            ("train_cifar10", "train_speed.py", ["--preset", "cifar10", "--batch", "64", "--repeats", "10"]),
+            (
+                "evaluate_digits",
+                "evaluate_speed.py",
+                ["--preset", "digits", "--T", "1000", "--images", "64", "--repeats", "3"],
+            ),
+            (
+                "sample_digits",
+                "sample_speed.py",
+                ["--preset", "digits", "--T", "1000", "--images", "64", "--ddim-steps", "50", "--repeats", "2"],
+            ),
+        ],
+    ),
+    "small": dict(
+        T=10,
+        steps=4,
+        warmup=2,
+        lr=1e-3,
+        batch={"digits": 4, "cifar10": 4},
+        net_overrides={"ch": 8},
+        cifar_per_batch=2,
+        bound_images=4,
+        bound_cpu_images={"digits": 4, "cifar10": 4},
+        bound_max_batch=4096,
+        bound_cpu_max_batch=7,
+        bound_fp64={"digits", "cifar10"},
+        samples=4,
+        ddim_steps=5,
+        sample_plan={(p, o): ("ancestral", "ddim") for p in PRESETS for o in ("elbo", "hybrid")},
+        bench=[
+            (
+                "train_digits",
+                "train_speed.py",
+                ["--preset", "digits", "--batch", "4", "--T", "10", "--repeats", "2", "--fixed-cost", "--no-memory"],
+            ),
+            (
+                "evaluate_digits",
+                "evaluate_speed.py",
+                ["--preset", "digits", "--T", "5", "--images", "2", "--repeats", "1", "--no-memory"],
+            ),
+            (
+                "sample_digits",
+                "sample_speed.py",
+                [
+                    "--preset",
+                    "digits",
+                    "--T",
+                    "10",
+                    "--images",
+                    "2",
+                    "--ddim-steps",
+                    "4",
+                    "--repeats",
+                    "1",
+                    "--no-memory",
+                ],
+            ),
+        ],
+    ),
 }
 TARGET_SECONDS = 240  # the issue's budget for the device mode
 
@@ -149,20 +208,40 @@ class Report:
         return time.perf_counter() - self.start
 
     def summary_table(self) -> str:
-        rows = [[r["check"], "ok" if r["ok"] else "FAILED", r["detail"],
-                 "" if r["seconds"] is None else f"{r['seconds']:.1f}"] for r in self.rows]
+        rows = [
+            [
+                r["check"],
+                "ok" if r["ok"] else "FAILED",
+                r["detail"],
+                "" if r["seconds"] is None else f"{r['seconds']:.1f}",
+            ]
+            for r in self.rows
+        ]
         return markdown_table(["check", "result", "detail", "s"], rows)
 
     def write(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        status = (f"FAILED at {self.failed['check']}: {self.failed['why']}" if self.failed
-                  else "passed so far" if not self.data.get("finished") else "all checks passed")
-        lines = [f"# gpu_check: {status}", "", f"`{self.command}`", "",
-                 f"{self.data.get('machine', '')}; {self.data.get('versions', '')}", "",
-                 f"Mode {self.data['mode']}, {self.elapsed:.0f} s so far" if not self.data.get("finished") else
-                 f"Mode {self.data['mode']}, {self.elapsed:.0f} s in all"
-                 + (f" (target {TARGET_SECONDS} s)" if self.data["mode"] == "device" else ""), "",
-                 self.summary_table()]
+        status = (
+            f"FAILED at {self.failed['check']}: {self.failed['why']}"
+            if self.failed
+            else "passed so far"
+            if not self.data.get("finished")
+            else "all checks passed"
+        )
+        lines = [
+            f"# gpu_check: {status}",
+            "",
+            f"`{self.command}`",
+            "",
+            f"{self.data.get('machine', '')}; {self.data.get('versions', '')}",
+            "",
+            f"Mode {self.data['mode']}, {self.elapsed:.0f} s so far"
+            if not self.data.get("finished")
+            else f"Mode {self.data['mode']}, {self.elapsed:.0f} s in all"
+            + (f" (target {TARGET_SECONDS} s)" if self.data["mode"] == "device" else ""),
+            "",
+            self.summary_table(),
+        ]
         for name, (headers, rows) in self.tables.items():
             lines += [f"## {name}", "", markdown_table(headers, rows)]
         for name, text in self.bench.items():
@@ -171,8 +250,13 @@ class Report:
         if notes:
             lines += ["## notes", ""] + [f"- {n}" for n in notes] + [""]
         (self.out / "gpu_check.md").write_text("\n".join(lines))
-        payload = dict(self.data, checks=self.rows, failed=self.failed, seconds=round(self.elapsed, 1),
-                       tables={k: {"headers": h, "rows": r} for k, (h, r) in self.tables.items()})
+        payload = dict(
+            self.data,
+            checks=self.rows,
+            failed=self.failed,
+            seconds=round(self.elapsed, 1),
+            tables={k: {"headers": h, "rows": r} for k, (h, r) in self.tables.items()},
+        )
         (self.out / "gpu_check.json").write_text(json.dumps(payload, indent=2, default=str))
 
     def note(self, text: str) -> None:
@@ -237,8 +321,11 @@ def deterministic(device: str, seen: list[str]):
     if not device.startswith("cuda"):
         yield
         return
-    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-              torch.backends.cudnn.benchmark)
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+    )
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
     try:
@@ -266,8 +353,12 @@ def write_fake_cifar(folder: Path, per_batch: int, test: int, seed: int = 0) -> 
         # smooth colour gradients plus noise: image-like, every level reachable
         base = rng.uniform(0, 255, size=(n, 3, 1, 1)) + rng.uniform(-4, 4, size=(n, 3, 1, 1)) * (yy + xx)
         images = np.clip(base + rng.normal(0, 20, size=(n, 3, 32, 32)), 0, 255).astype(np.uint8)
-        batch = {b"batch_label": b"synthetic", b"labels": [0] * n, b"data": images.reshape(n, 3072),
-                 b"filenames": [b"synthetic_%d.png" % i for i in range(n)]}
+        batch = {
+            b"batch_label": b"synthetic",
+            b"labels": [0] * n,
+            b"data": images.reshape(n, 3072),
+            b"filenames": [b"synthetic_%d.png" % i for i in range(n)],
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f)
     return folder
@@ -286,11 +377,14 @@ def check_environment(report: Report, args) -> None:
             raise Failed("environment", str(e)) from None
         try:
             import diffusers
+
             diffusers_version = diffusers.__version__
         except ImportError:
             diffusers_version = "not installed"
-        versions = (f"Python {platform.python_version()}, torch {torch.__version__}, pyro {pyro.__version__}, "
-                    f"diffusers {diffusers_version}")
+        versions = (
+            f"Python {platform.python_version()}, torch {torch.__version__}, pyro {pyro.__version__}, "
+            f"diffusers {diffusers_version}"
+        )
         if args.device.startswith("cuda"):
             versions += f", CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
         report.data.update(machine=machine(args.device), versions=versions)
@@ -309,11 +403,22 @@ def train_and_resume(report: Report, args, sizes: dict, work: Path, data_for: di
         for objective in args.objectives:
             for precision in args.precisions:
                 key = f"{preset}/{objective}/{precision}"
-                config = TrainConfig(data=data_for[preset], **OBJECTIVES[objective], T=sizes["T"], steps=N,
-                                     batch_size=sizes["batch"][preset], net=preset,
-                                     net_overrides=dict(sizes["net_overrides"]), warmup=sizes["warmup"],
-                                     lr=sizes["lr"], log_every=N, checkpoint_every=N, device=args.device,
-                                     precision=precision, seed=0)
+                config = TrainConfig(
+                    data=data_for[preset],
+                    **OBJECTIVES[objective],
+                    T=sizes["T"],
+                    steps=N,
+                    batch_size=sizes["batch"][preset],
+                    net=preset,
+                    net_overrides=dict(sizes["net_overrides"]),
+                    warmup=sizes["warmup"],
+                    lr=sizes["lr"],
+                    log_every=N,
+                    checkpoint_every=N,
+                    device=args.device,
+                    precision=precision,
+                    seed=0,
+                )
                 if args.inject == "bad-setting" and first:
                     config.lr = float("nan")  # an injected bad setting: the trainer must refuse it
                 first = False
@@ -323,21 +428,43 @@ def train_and_resume(report: Report, args, sizes: dict, work: Path, data_for: di
                     half = dataclasses.replace(config, steps=N // 2)
                     _, seconds_half = timed_call(args.device, train, half, where / "resumed", progress=False)
                     at_half = checkpoint.load(where / "resumed")
-                    _, seconds_resume = timed_call(args.device, train, config, where / "resumed", progress=False,
-                                                   resume=True)
+                    _, seconds_resume = timed_call(
+                        args.device, train, config, where / "resumed", progress=False, resume=True
+                    )
                 records = [json.loads(line) for line in (where / "straight" / "metrics.jsonl").read_text().splitlines()]
                 # the trainer's own figure (its logging window: all N steps), else the wall time of the whole call
                 images_per_s = (records[-1].get("images_per_s") if records else None) or N * config.batch_size / seconds
-                report.add(f"train {key}", f"{N} steps, {images_per_s:.0f} images/s", seconds,
-                           images_per_s=images_per_s)
+                report.add(
+                    f"train {key}", f"{N} steps, {images_per_s:.0f} images/s", seconds, images_per_s=images_per_s
+                )
                 with step(f"resume {key}"):
                     detail, data = compare_resume(args, where, at_half, key)
                 report.add(f"resume {key}", detail, seconds_half + seconds_resume, **data)
-                report.table("train and resume", ["preset", "objective", "precision", "steps", "batch", "images/s",
-                                                  "train s", "resume: net", "resume: EMA"],
-                             [preset, objective, precision, N, config.batch_size, f"{images_per_s:.0f}",
-                              f"{seconds:.1f}",
-                              data["net"]["text"], data["ema"]["text"]])
+                report.table(
+                    "train and resume",
+                    [
+                        "preset",
+                        "objective",
+                        "precision",
+                        "steps",
+                        "batch",
+                        "images/s",
+                        "train s",
+                        "resume: net",
+                        "resume: EMA",
+                    ],
+                    [
+                        preset,
+                        objective,
+                        precision,
+                        N,
+                        config.batch_size,
+                        f"{images_per_s:.0f}",
+                        f"{seconds:.1f}",
+                        data["net"]["text"],
+                        data["ema"]["text"],
+                    ],
+                )
                 runs[key] = where / "straight"
                 if not (precision == "fp32" and objective in ("elbo", "hybrid")):
                     shutil.rmtree(where, ignore_errors=True)  # only the fp32 elbo/hybrid runs are used again
@@ -345,8 +472,10 @@ def train_and_resume(report: Report, args, sizes: dict, work: Path, data_for: di
                     shutil.rmtree(where / "resumed", ignore_errors=True)
     if seen:
         report.data["nondeterministic_ops"] = seen
-        report.note("ops without a deterministic CUDA implementation during training (warn_only): "
-                    + " | ".join(s[:160] for s in seen))
+        report.note(
+            "ops without a deterministic CUDA implementation during training (warn_only): "
+            + " | ".join(s[:160] for s in seen)
+        )
     return runs
 
 
@@ -355,8 +484,11 @@ def compare_resume(args, where: Path, at_half, key: str) -> tuple[str, dict]:
 
     straight, resumed = checkpoint.load(where / "straight"), checkpoint.load(where / "resumed")
     if straight.step != resumed.step or not resumed.finished:
-        raise Failed(f"resume {key}", f"the resumed run is at step {resumed.step} (finished {resumed.finished}), "
-                                      f"the uninterrupted one at {straight.step}")
+        raise Failed(
+            f"resume {key}",
+            f"the resumed run is at step {resumed.step} (finished {resumed.finished}), "
+            f"the uninterrupted one at {straight.step}",
+        )
     if args.inject == "resume":
         name = next(iter(resumed.weights["net"]))
         resumed.weights["net"][name] = resumed.weights["net"][name] + 1e-3  # an injected resume error
@@ -376,12 +508,18 @@ def compare_resume(args, where: Path, at_half, key: str) -> tuple[str, dict]:
         out[part] = {"identical": equal, "max_abs_diff": max_abs, "rel_diff": rel, "text": text}
         texts.append(f"{part} {text}")
         if exact and not equal:
-            raise Failed(f"resume {key}", f"the resumed run's {part} weights differ from the uninterrupted run's "
-                                          f"(max abs diff {max_abs:.3e}); on CPU they must be identical")
+            raise Failed(
+                f"resume {key}",
+                f"the resumed run's {part} weights differ from the uninterrupted run's "
+                f"(max abs diff {max_abs:.3e}); on CPU they must be identical",
+            )
         if not exact and rel > args.resume_rtol:
-            raise Failed(f"resume {key}", f"the resumed run's {part} weights differ from the uninterrupted run's by "
-                                          f"{rel:.3e} of the update after the resume (max abs {max_abs:.3e}; "
-                                          f"tolerance {args.resume_rtol:g})")
+            raise Failed(
+                f"resume {key}",
+                f"the resumed run's {part} weights differ from the uninterrupted run's by "
+                f"{rel:.3e} of the update after the resume (max abs {max_abs:.3e}; "
+                f"tolerance {args.resume_rtol:g})",
+            )
     rule = "identical (CPU)" if exact else f"rel <= {args.resume_rtol:g}"
     return "; ".join(texts) + f" [{rule}]", {"net": out["net"], "ema": out["ema"]}
 
@@ -405,25 +543,33 @@ def check_bound(report: Report, args, sizes: dict, runs: dict, data_for: dict) -
         what = f"bound {preset}"
         with step(what):
             state = checkpoint.load(runs[key])
-            x = data.load(data_for[preset]).test[:sizes["bound_images"]].float()
+            x = data.load(data_for[preset]).test[: sizes["bound_images"]].float()
             n_cpu = min(sizes["bound_cpu_images"][preset], len(x))
             model, guide = state.build(device=args.device)
             with tf32(False, args.device):
-                on_device, seconds_device, dims = per_image_totals(model, guide, x.to(args.device),
-                                                                   sizes["bound_max_batch"], args.device)
+                on_device, seconds_device, dims = per_image_totals(
+                    model, guide, x.to(args.device), sizes["bound_max_batch"], args.device
+                )
             tf32_rel = None
             if cuda:  # torch's default settings (TF32 convolutions): reported, not checked
                 with tf32(True, args.device):
-                    with_tf32, _, _ = per_image_totals(model, guide, x.to(args.device), sizes["bound_max_batch"],
-                                                       args.device)
+                    with_tf32, _, _ = per_image_totals(
+                        model, guide, x.to(args.device), sizes["bound_max_batch"], args.device
+                    )
                 tf32_rel = float(np.max(np.abs(with_tf32 - on_device) / np.abs(on_device)))
             cpu_model, cpu_guide = state.build(device="cpu")
-            on_cpu, seconds_cpu, _ = per_image_totals(cpu_model, cpu_guide, x[:n_cpu], sizes["bound_cpu_max_batch"],
-                                                      "cpu")
+            on_cpu, seconds_cpu, _ = per_image_totals(
+                cpu_model, cpu_guide, x[:n_cpu], sizes["bound_cpu_max_batch"], "cpu"
+            )
             fp64_rel = None
             if preset in sizes["bound_fp64"]:  # the float32 rounding floor: the same cpu evaluation in float64
-                on_fp64, _, _ = per_image_totals(copy.deepcopy(cpu_model).double(), cpu_guide, x[:n_cpu].double(),
-                                                 sizes["bound_cpu_max_batch"], "cpu")
+                on_fp64, _, _ = per_image_totals(
+                    copy.deepcopy(cpu_model).double(),
+                    cpu_guide,
+                    x[:n_cpu].double(),
+                    sizes["bound_cpu_max_batch"],
+                    "cpu",
+                )
                 fp64_rel = float(np.max(np.abs(on_cpu - on_fp64) / np.abs(on_fp64)))
             if args.inject == "bound":
                 on_device = on_device * (1 + 10 * args.bound_rtol)  # an injected disagreement
@@ -433,28 +579,60 @@ def check_bound(report: Report, args, sizes: dict, runs: dict, data_for: dict) -
             if not (np.isfinite(on_device).all() and np.isfinite(on_cpu).all()):
                 raise Failed(what, "the bound is not finite")
             if worst > args.bound_rtol:
-                raise Failed(what, f"per-image totals on {args.device} and cpu differ by {worst:.3e} relative at worst "
-                                   f"(tolerance {args.bound_rtol:g}; image {int(rel.argmax())}: "
-                                   f"{on_device[int(rel.argmax())]:.6f} vs {on_cpu[int(rel.argmax())]:.6f} nats)")
-        detail = (f"{len(x)} images on {args.device} (max batch {sizes['bound_max_batch']}; "
-                  f"{float(on_device.mean()) * to_bpd:.4f} bits/dim), {n_cpu} on cpu (max batch "
-                  f"{sizes['bound_cpu_max_batch']}); max rel diff {worst:.2e} <= {args.bound_rtol:g}"
-                  + (f"; cpu fp32 vs fp64 {fp64_rel:.2e}" if fp64_rel is not None else "")
-                  + (f"; with TF32 {tf32_rel:.2e} (not checked)" if tf32_rel is not None else ""))
-        report.add(what, detail, seconds_device + seconds_cpu, max_rel_diff=worst, tf32_max_rel_diff=tf32_rel,
-                   fp64_max_rel_diff=fp64_rel,
-                   bits_per_dim_device=float(on_device.mean()) * to_bpd,
-                   bits_per_dim_cpu=float(on_cpu.mean()) * to_bpd, seconds_device=seconds_device,
-                   seconds_cpu=seconds_cpu)
-        report.table("bound: device against cpu", ["preset", "T", "images device / cpu", "bits/dim device",
-                                                   "bits/dim cpu (same images)", "max rel diff, per-image total",
-                                                   "tolerance", "cpu fp32 vs fp64 (rounding)",
-                                                   "TF32 max rel diff (info)",
-                                                   "s device", "s cpu"],
-                     [preset, state.config["T"], f"{len(x)} / {n_cpu}", f"{float(on_device.mean()) * to_bpd:.5f}",
-                      f"{float(on_cpu.mean()) * to_bpd:.5f}", f"{worst:.2e}", f"{args.bound_rtol:g}",
-                      "-" if fp64_rel is None else f"{fp64_rel:.2e}",
-                      "-" if tf32_rel is None else f"{tf32_rel:.2e}", f"{seconds_device:.2f}", f"{seconds_cpu:.2f}"])
+                raise Failed(
+                    what,
+                    f"per-image totals on {args.device} and cpu differ by {worst:.3e} relative at worst "
+                    f"(tolerance {args.bound_rtol:g}; image {int(rel.argmax())}: "
+                    f"{on_device[int(rel.argmax())]:.6f} vs {on_cpu[int(rel.argmax())]:.6f} nats)",
+                )
+        detail = (
+            f"{len(x)} images on {args.device} (max batch {sizes['bound_max_batch']}; "
+            f"{float(on_device.mean()) * to_bpd:.4f} bits/dim), {n_cpu} on cpu (max batch "
+            f"{sizes['bound_cpu_max_batch']}); max rel diff {worst:.2e} <= {args.bound_rtol:g}"
+            + (f"; cpu fp32 vs fp64 {fp64_rel:.2e}" if fp64_rel is not None else "")
+            + (f"; with TF32 {tf32_rel:.2e} (not checked)" if tf32_rel is not None else "")
+        )
+        report.add(
+            what,
+            detail,
+            seconds_device + seconds_cpu,
+            max_rel_diff=worst,
+            tf32_max_rel_diff=tf32_rel,
+            fp64_max_rel_diff=fp64_rel,
+            bits_per_dim_device=float(on_device.mean()) * to_bpd,
+            bits_per_dim_cpu=float(on_cpu.mean()) * to_bpd,
+            seconds_device=seconds_device,
+            seconds_cpu=seconds_cpu,
+        )
+        report.table(
+            "bound: device against cpu",
+            [
+                "preset",
+                "T",
+                "images device / cpu",
+                "bits/dim device",
+                "bits/dim cpu (same images)",
+                "max rel diff, per-image total",
+                "tolerance",
+                "cpu fp32 vs fp64 (rounding)",
+                "TF32 max rel diff (info)",
+                "s device",
+                "s cpu",
+            ],
+            [
+                preset,
+                state.config["T"],
+                f"{len(x)} / {n_cpu}",
+                f"{float(on_device.mean()) * to_bpd:.5f}",
+                f"{float(on_cpu.mean()) * to_bpd:.5f}",
+                f"{worst:.2e}",
+                f"{args.bound_rtol:g}",
+                "-" if fp64_rel is None else f"{fp64_rel:.2e}",
+                "-" if tf32_rel is None else f"{tf32_rel:.2e}",
+                f"{seconds_device:.2f}",
+                f"{seconds_cpu:.2f}",
+            ],
+        )
 
 
 def check_samples(report: Report, args, sizes: dict, runs: dict) -> None:
@@ -488,15 +666,32 @@ def check_samples(report: Report, args, sizes: dict, runs: dict) -> None:
                     k = (x.double() + 1.0) * (levels - 1) / 2.0
                     off = float((k - k.round()).abs().max())
                     if float(k.min()) < -1e-3 or float(k.max()) > levels - 1 + 1e-3 or off > 1e-3:
-                        raise Failed(what, f"samples leave the {levels}-level grid of [-1, 1] (range "
-                                           f"[{float(x.min()):.4f}, {float(x.max()):.4f}], off-grid by {off:.2e})")
+                        raise Failed(
+                            what,
+                            f"samples leave the {levels}-level grid of [-1, 1] (range "
+                            f"[{float(x.min()):.4f}, {float(x.max()):.4f}], off-grid by {off:.2e})",
+                        )
                 calls = T if steps is None else steps
-                report.add(what, f"{n} x {shape}, {calls} steps, range [{float(x.min()):.3f}, {float(x.max()):.3f}]"
-                                 f" on the {levels}-level grid", seconds)
-                report.table("sampling", ["preset", "objective", "sampler", "network calls", "images", "s",
-                                          "ms per call", "range"],
-                             [preset, objective, sampler, calls, n, f"{seconds:.2f}", f"{1000 * seconds / calls:.2f}",
-                              f"[{float(x.min()):.3f}, {float(x.max()):.3f}]"])
+                report.add(
+                    what,
+                    f"{n} x {shape}, {calls} steps, range [{float(x.min()):.3f}, {float(x.max()):.3f}]"
+                    f" on the {levels}-level grid",
+                    seconds,
+                )
+                report.table(
+                    "sampling",
+                    ["preset", "objective", "sampler", "network calls", "images", "s", "ms per call", "range"],
+                    [
+                        preset,
+                        objective,
+                        sampler,
+                        calls,
+                        n,
+                        f"{seconds:.2f}",
+                        f"{1000 * seconds / calls:.2f}",
+                        f"[{float(x.min()):.3f}, {float(x.max()):.3f}]",
+                    ],
+                )
 
 
 def run_benchmarks(report: Report, args, sizes: dict) -> None:
@@ -509,8 +704,9 @@ def run_benchmarks(report: Report, args, sizes: dict) -> None:
         print(f"  run {shlex.join(command)}", flush=True)
         start = time.perf_counter()
         try:
-            done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.bench_timeout,
-                                  cwd=md.parent)
+            done = subprocess.run(
+                command, capture_output=True, text=True, env=env, timeout=args.bench_timeout, cwd=md.parent
+            )
         except subprocess.TimeoutExpired:
             raise Failed(what, f"{script} ran past {args.bench_timeout} s") from None
         seconds = time.perf_counter() - start
@@ -530,25 +726,39 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda", help="the device under test (default cuda)")
     p.add_argument("--small", action="store_true", help="tiny sizes (the CI mode; T = 10, tiny networks)")
-    p.add_argument("--out", default=os.environ.get("OUT") or "runs/gpu_check",
-                   help="folder for gpu_check.md, gpu_check.json and the benchmark tables "
-                        "(default $OUT or runs/gpu_check)")
+    p.add_argument(
+        "--out",
+        default=os.environ.get("OUT") or "runs/gpu_check",
+        help="folder for gpu_check.md, gpu_check.json and the benchmark tables (default $OUT or runs/gpu_check)",
+    )
     p.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
     p.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
     p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
     p.add_argument("--steps", type=int, default=None, help="training steps per run (even; default: the mode's)")
-    p.add_argument("--bound-rtol", type=float, default=1e-4,
-                   help="tolerance on the relative difference of per-image bound totals, device vs cpu (default 1e-4)")
-    p.add_argument("--resume-rtol", type=float, default=1e-2,
-                   help="CUDA only: tolerance on ||w_resumed - w_straight|| / ||w_straight - w_half|| (default 1e-2); "
-                        "on CPU the weights must be identical")
+    p.add_argument(
+        "--bound-rtol",
+        type=float,
+        default=1e-4,
+        help="tolerance on the relative difference of per-image bound totals, device vs cpu (default 1e-4)",
+    )
+    p.add_argument(
+        "--resume-rtol",
+        type=float,
+        default=1e-2,
+        help="CUDA only: tolerance on ||w_resumed - w_straight|| / ||w_straight - w_half|| (default 1e-2); "
+        "on CPU the weights must be identical",
+    )
     p.add_argument("--no-bench", action="store_true", help="skip the benchmark scripts")
     p.add_argument("--bench-timeout", type=int, default=300, help="seconds per benchmark script (default 300)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--work", default=None, help="folder for the runs (default: a temporary folder, removed after)")
-    p.add_argument("--inject", choices=INJECTIONS, default=None,
-                   help="force a failure to test the check itself: a bad training setting (lr = nan), a changed "
-                        "resumed weight, a device bound off by 10x the tolerance, a sample off the grid")
+    p.add_argument(
+        "--inject",
+        choices=INJECTIONS,
+        default=None,
+        help="force a failure to test the check itself: a bad training setting (lr = nan), a changed "
+        "resumed weight, a device bound off by 10x the tolerance, a sample off the grid",
+    )
     return p
 
 
@@ -564,16 +774,20 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     report = Report(args, argv)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    print(f"gpu_check: {report.data['mode']} mode on {args.device}; runs under {work}; reports in {args.out}",
-          flush=True)
+    print(
+        f"gpu_check: {report.data['mode']} mode on {args.device}; runs under {work}; reports in {args.out}", flush=True
+    )
     try:
         check_environment(report, args)
         data_for = {"digits": "digits"}
         if "cifar10" in args.presets:
-            data_for["cifar10"] = str(write_fake_cifar(work / "data", sizes["cifar_per_batch"],
-                                                       max(sizes["bound_images"], sizes["samples"])))
-            report.note("CIFAR-10 here is synthetic: 8-bit images (colour gradients plus noise) written as a "
-                        f"cifar-10-batches-py folder, {5 * sizes['cifar_per_batch']} training images")
+            data_for["cifar10"] = str(
+                write_fake_cifar(work / "data", sizes["cifar_per_batch"], max(sizes["bound_images"], sizes["samples"]))
+            )
+            report.note(
+                "CIFAR-10 here is synthetic: 8-bit images (colour gradients plus noise) written as a "
+                f"cifar-10-batches-py folder, {5 * sizes['cifar_per_batch']} training images"
+            )
         print("[1/4] train and resume", flush=True)
         runs = train_and_resume(report, args, sizes, work, data_for)
         print("[2/4] bound on the device against the cpu", flush=True)
@@ -596,8 +810,10 @@ def main(argv=None) -> int:
         report.note(f"the check took {report.elapsed:.0f} s, over its {TARGET_SECONDS} s target")
     report.write()
     print(report.summary_table(), flush=True)
-    print(f"gpu_check: OK, {len(report.rows)} checks passed in {report.elapsed:.0f} s; "
-          f"{Path(args.out) / 'gpu_check.md'}", flush=True)
+    print(
+        f"gpu_check: OK, {len(report.rows)} checks passed in {report.elapsed:.0f} s; {Path(args.out) / 'gpu_check.md'}",
+        flush=True,
+    )
     return 0
 
 

@@ -32,8 +32,17 @@ import pyro
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (fresh_process_peak, machine, markdown_table, memory_cells, peak_mib, random_model,  # noqa: E402
-                    reset_peak, timed, write_markdown)
+from common import (
+    fresh_process_peak,
+    machine,
+    markdown_table,
+    memory_cells,
+    peak_mib,
+    random_model,  # noqa: E402
+    reset_peak,
+    timed,
+    write_markdown,
+)
 
 from pyro_ddpm.models import ReverseProcess  # noqa: E402
 from pyro_ddpm.presets import NETWORKS as PRESETS  # noqa: E402
@@ -101,7 +110,7 @@ def main(argv=None) -> dict:
     model = make_model(args.preset, args.T, args.device, args.seed)
     runs = phases(model, args.images, args.ddim_steps)
     peaks = {}
-    for name, warm_up in phases(model, args.images, args.ddim_steps, warm=True).items():
+    for warm_up in phases(model, args.images, args.ddim_steps, warm=True).values():
         warm_up()
     times = {name: [] for name in runs}
     for _ in range(args.repeats):
@@ -110,31 +119,60 @@ def main(argv=None) -> dict:
             times[name].append(timed(run, args.device))
             peaks[name] = max(peaks.get(name, 0.0), peak_mib(args.device))
     median = {name: statistics.median(v) for name, v in times.items()}
-    memory_kind, memory = memory_cells(runs, peaks, args.device, args.no_memory, lambda name: fresh_process_peak(__file__, [
-        "--preset", args.preset, "--T", str(args.T), "--images", str(args.images), "--ddim-steps",
-        str(args.ddim_steps), "--device", args.device, "--seed", str(args.seed), "--only", name]))
+    memory_kind, memory = memory_cells(
+        runs,
+        peaks,
+        args.device,
+        args.no_memory,
+        lambda name: fresh_process_peak(
+            __file__,
+            [
+                "--preset",
+                args.preset,
+                "--T",
+                str(args.T),
+                "--images",
+                str(args.images),
+                "--ddim-steps",
+                str(args.ddim_steps),
+                "--device",
+                args.device,
+                "--seed",
+                str(args.seed),
+                "--only",
+                name,
+            ],
+        ),
+    )
 
     T, N, S = args.T, args.images, args.ddim_steps
     calls = {"forward": T, "ancestral": T, "ddim": S}
     params = sum(p.numel() for p in model.eps.parameters())
-    title = (f"Sampling, preset {args.preset} {model.shape} ({params} parameters), {N} images, T {T}, DDIM {S} steps, "
-             f"float32, pyro validation {'on' if pyro.infer.util.is_validation_enabled() else 'off'}, "
-             f"median of {args.repeats}; {machine(args.device)}")
+    title = (
+        f"Sampling, preset {args.preset} {model.shape} ({params} parameters), {N} images, T {T}, DDIM {S} steps, "
+        f"float32, pyro validation {'on' if pyro.infer.util.is_validation_enabled() else 'off'}, "
+        f"median of {args.repeats}; {machine(args.device)}"
+    )
     print(title)
     rows = []
     for name in runs:
         per_call = 1000 * median[name] / calls[name]
-        print(f"{name:<10} {calls[name]:>5} network calls  median {median[name]:8.3f} s  ({per_call:.2f} ms/call) over "
-              f"[{', '.join(f'{t:.3f}' for t in times[name])}]  {memory_kind} {memory[name]}")
+        print(
+            f"{name:<10} {calls[name]:>5} network calls  median {median[name]:8.3f} s  ({per_call:.2f} ms/call) over "
+            f"[{', '.join(f'{t:.3f}' for t in times[name])}]  {memory_kind} {memory[name]}"
+        )
         rows.append([name, str(calls[name]), f"{median[name]:.3f}", f"{per_call:.2f}", memory[name]])
-    figures = {"ancestral / forward": median["ancestral"] / median["forward"],
-               "ancestral / ddim": median["ancestral"] / median["ddim"]}
+    figures = {
+        "ancestral / forward": median["ancestral"] / median["forward"],
+        "ancestral / ddim": median["ancestral"] / median["ddim"],
+    }
     targets = {"ancestral / forward": "<= 1.10", "ancestral / ddim": ">= 15 (T 1000, S 50)"}
     for name, value in figures.items():
         print(f"ratio {name:<20} {value:.3f} (target {targets[name]})")
     table = markdown_table(["phase", "network calls", "median s", "ms per call", memory_kind], rows)
-    table += "\n" + markdown_table(["time ratio", "value", "target"],
-                                   [[name, f"{value:.3f}", targets[name]] for name, value in figures.items()])
+    table += "\n" + markdown_table(
+        ["time ratio", "value", "target"], [[name, f"{value:.3f}", targets[name]] for name, value in figures.items()]
+    )
     if args.markdown:
         write_markdown(args.markdown, title, table, argv if argv is not None else sys.argv[1:], __file__)
     return {"median_s": median, "ratios": figures, "peak_mib": peaks}

@@ -86,12 +86,20 @@ def diffusers_unet(preset: str):
     resolutions = [c["resolution"] // 2**i for i in range(len(c["ch_mult"]))]
     attn = set(c["attn_resolutions"])
     return UNet2DModel(
-        sample_size=c["resolution"], in_channels=c["in_channels"], out_channels=c["in_channels"],
-        block_out_channels=tuple(c["ch"] * m for m in c["ch_mult"]), layers_per_block=c["num_res_blocks"],
+        sample_size=c["resolution"],
+        in_channels=c["in_channels"],
+        out_channels=c["in_channels"],
+        block_out_channels=tuple(c["ch"] * m for m in c["ch_mult"]),
+        layers_per_block=c["num_res_blocks"],
         down_block_types=tuple("AttnDownBlock2D" if r in attn else "DownBlock2D" for r in resolutions),
         up_block_types=tuple("AttnUpBlock2D" if r in attn else "UpBlock2D" for r in reversed(resolutions)),
-        norm_num_groups=math.gcd(32, c["ch"]), attention_head_dim=None, dropout=c["dropout"], norm_eps=1e-6,
-        flip_sin_to_cos=False, freq_shift=1)
+        norm_num_groups=math.gcd(32, c["ch"]),
+        attention_head_dim=None,
+        dropout=c["dropout"],
+        norm_eps=1e-6,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+    )
 
 
 class OneParameter(torch.nn.Module):
@@ -150,8 +158,9 @@ def make_steps(args, names) -> dict:
     def svi_step_of(net, name):
         model = ReverseProcess(net, schedule, "large", DiscretizedGaussianLikelihood(levels))
         program, weight = objective(name, model)
-        svi = make_svi(TrainConfig(objective=name, T=args.T, warmup=1), program,
-                       ForwardProcess(schedule, event_dim=len(shape)))
+        svi = make_svi(
+            TrainConfig(objective=name, T=args.T, warmup=1), program, ForwardProcess(schedule, event_dim=len(shape))
+        )
 
         def svi_step():
             t = protocol.draw_timesteps(args.batch, 1, args.T, device=args.device)
@@ -190,8 +199,10 @@ def make_steps(args, names) -> dict:
         elif name == FIXED[0]:
             steps[name] = (torch_step_of(fresh_net(one_parameter=True)), None)
         elif name in FIXED:
-            steps[name] = (svi_step_of(fresh_net(one_parameter=True), name.split()[1].rstrip(",")),
-                           {"params": {}, "constraints": {}})
+            steps[name] = (
+                svi_step_of(fresh_net(one_parameter=True), name.split()[1].rstrip(",")),
+                {"params": {}, "constraints": {}},
+            )
         else:
             raise ValueError(f"unknown variant {name!r}")
     return steps
@@ -224,10 +235,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--T", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--no-diffusers", dest="diffusers", action="store_false",
-                    help="skip the diffusers loop (skipped anyway when diffusers is not installed)")
-    ap.add_argument("--fixed-cost", action="store_true",
-                    help="also time the plain and SVI steps with a one-parameter network (Pyro's fixed per-step cost)")
+    ap.add_argument(
+        "--no-diffusers",
+        dest="diffusers",
+        action="store_false",
+        help="skip the diffusers loop (skipped anyway when diffusers is not installed)",
+    )
+    ap.add_argument(
+        "--fixed-cost",
+        action="store_true",
+        help="also time the plain and SVI steps with a one-parameter network (Pyro's fixed per-step cost)",
+    )
     ap.add_argument("--no-memory", action="store_true", help="skip the per-variant memory runs on CPU")
     ap.add_argument("--only", choices=VARIANTS, help=argparse.SUPPRESS)  # one variant (memory runs)
     ap.add_argument("--markdown", type=Path, help="also write the table as Markdown here")
@@ -242,31 +260,54 @@ def main(argv=None) -> dict:
     names = wanted(args)
     result = run(args, names)
     main_names = [n for n in MAIN if n in result]
-    memory_kind, memory = memory_cells(main_names, {name: result[name][1] for name in main_names}, args.device,
-                                       args.no_memory, lambda name: fresh_process_peak(__file__, [
-                                           "--preset", args.preset, "--batch", str(args.batch), "--T", str(args.T),
-                                           "--repeats", "2", "--device", args.device, "--only", name]))
+    memory_kind, memory = memory_cells(
+        main_names,
+        {name: result[name][1] for name in main_names},
+        args.device,
+        args.no_memory,
+        lambda name: fresh_process_peak(
+            __file__,
+            [
+                "--preset",
+                args.preset,
+                "--batch",
+                str(args.batch),
+                "--T",
+                str(args.T),
+                "--repeats",
+                "2",
+                "--device",
+                args.device,
+                "--only",
+                name,
+            ],
+        ),
+    )
     base = result[BASELINE][0]
     params = sum(p.numel() for p in build_network(PRESETS[args.preset]).parameters())
-    diffusers_params = (sum(p.numel() for p in diffusers_unet(args.preset).parameters())
-                        if DIFFUSERS in result else None)
+    diffusers_params = sum(p.numel() for p in diffusers_unet(args.preset).parameters()) if DIFFUSERS in result else None
     if not args.diffusers:
         diffusers_note = "diffusers loop not run (--no-diffusers)"
     elif DIFFUSERS not in result:
         diffusers_note = "diffusers loop skipped: diffusers is not installed (pip install diffusers)"
     else:
         diffusers_note = None
-    networks = f"{params} parameters" + (f"; diffusers UNet2DModel {diffusers_params} parameters"
-                                         if diffusers_params is not None else "")
+    networks = f"{params} parameters" + (
+        f"; diffusers UNet2DModel {diffusers_params} parameters" if diffusers_params is not None else ""
+    )
     print(f"machine  : {machine(args.device)}, pyro {pyro.__version__}")
-    print(f"settings : preset {args.preset} {SHAPES[args.preset][0]} ({networks}), batch {args.batch}, "
-          f"T {args.T}, K 1, float32, median of {args.repeats}")
+    print(
+        f"settings : preset {args.preset} {SHAPES[args.preset][0]} ({networks}), batch {args.batch}, "
+        f"T {args.T}, K 1, float32, median of {args.repeats}"
+    )
     rows, out = [], {}
     width = max(len(name) for name in result)
     for name in main_names:
         med, peak = result[name]
-        print(f"{name:<{width}} {1000 * med:8.2f} ms/step {args.batch / med:9.1f} images/s   ratio {med / base:5.3f}   "
-              f"{memory_kind} {memory[name]}")
+        print(
+            f"{name:<{width}} {1000 * med:8.2f} ms/step {args.batch / med:9.1f} images/s   ratio {med / base:5.3f}   "
+            f"{memory_kind} {memory[name]}"
+        )
         rows.append([name, f"{1000 * med:.2f}", f"{args.batch / med:.1f}", f"{med / base:.3f}", memory[name]])
         out[name] = {"seconds": med, "images_per_s": args.batch / med, "ratio": med / base, "peak_mib": peak}
     if diffusers_note:
@@ -285,11 +326,14 @@ def main(argv=None) -> dict:
             print(f"{name:<{width}} {1000 * med:8.2f} ms/step" + (f"   fixed cost {extra} ms/step" if extra else ""))
             fixed_rows.append([name, f"{1000 * med:.2f}", extra])
             out[name] = {"seconds": med, "fixed_cost_s": None if name == FIXED[0] else med - plain}
-        table += ("\nThe fixed per-step cost of tracing the two programs (eps = w x_t, one parameter):\n\n"
-                  + markdown_table(["step, 1-parameter network", "ms/step", "SVI - plain torch, ms/step"], fixed_rows))
+        table += (
+            "\nThe fixed per-step cost of tracing the two programs (eps = w x_t, one parameter):\n\n"
+            + markdown_table(["step, 1-parameter network", "ms/step", "SVI - plain torch, ms/step"], fixed_rows)
+        )
     if args.markdown:
-        title = (f"Training step, preset {args.preset} ({networks}), batch {args.batch}, T {args.T}, "
-                 f"{machine(args.device)}")
+        title = (
+            f"Training step, preset {args.preset} ({networks}), batch {args.batch}, T {args.T}, {machine(args.device)}"
+        )
         write_markdown(args.markdown, title, table, argv if argv is not None else sys.argv[1:], __file__)
     out["parameters"] = {"pyro_ddpm": params, "diffusers": diffusers_params}
     return out

@@ -39,10 +39,10 @@ import torch
 from pyro.infer import TraceMeanField_ELBO
 
 from pyro_ddpm import checkpoint, data, protocol
-from pyro_ddpm.files import atomic_write
 from pyro_ddpm.elbo import objective
 from pyro_ddpm.evaluate import bound, summarize
 from pyro_ddpm.figures import new_figure, save_figure
+from pyro_ddpm.files import atomic_write
 from pyro_ddpm.schedule import at
 from pyro_ddpm.train import TrainConfig, train
 
@@ -74,10 +74,18 @@ def parse(argv=None) -> argparse.Namespace:
 def trained_model(args, out: Path):
     """Train (or reuse the finished run in ``out/run``) on digits with the true bound; model and guide in float64."""
     overrides = {"ch": 8, "dropout": 0.0} if args.quick else {}
-    config = TrainConfig(data="digits", objective="elbo", steps=args.steps, T=args.T, seed=args.seed,
-                         batch_size=32 if args.quick else 128, net_overrides=overrides,
-                         lr=1e-3 if args.quick else 2e-4, log_every=max(1, args.steps // 4),
-                         checkpoint_every=args.steps)
+    config = TrainConfig(
+        data="digits",
+        objective="elbo",
+        steps=args.steps,
+        T=args.T,
+        seed=args.seed,
+        batch_size=32 if args.quick else 128,
+        net_overrides=overrides,
+        lr=1e-3 if args.quick else 2e-4,
+        log_every=max(1, args.steps // 4),
+        checkpoint_every=args.steps,
+    )
     run = out / "run"
     ckpt = train(config, run, progress=not args.quick, resume=(run / checkpoint.FILENAME).exists())
     pyro.clear_param_store()  # the trainer's parameters; the rebuilt EMA network registers its own
@@ -129,7 +137,8 @@ def gradients(model, guide, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor
 
     g_elbo, g_simple = grads["elbo"], grads["simple"]
     return {
-        "batch": int(x0.shape[0]), "timesteps": tf.tolist(),
+        "batch": int(x0.shape[0]),
+        "timesteps": tf.tolist(),
         "elbo": {"grad_norm": float(g_elbo.norm()), "vs_weighted_eps_mse_rel_diff": rel(g_elbo, weighted)},
         "simple": {"grad_norm": float(g_simple.norm()), "vs_algorithm1_rel_diff": rel(g_simple, algorithm1)},
         "cosine_elbo_simple": float(g_elbo @ g_simple / (g_elbo.norm() * g_simple.norm())),
@@ -147,14 +156,30 @@ def plot(result: dict, path: Path) -> Path:
     ax_w.legend(fontsize=7)
     k = t >= 2
     ax_c.plot(t[k], np.asarray(result["D_C"])[k])
-    ax_c.set(xscale="log", yscale="log", xlabel="t", ylabel="D C_t (nats)", title="the constants L_simple drops (large variance)")
+    ax_c.set(
+        xscale="log",
+        yscale="log",
+        xlabel="t",
+        ylabel="D C_t (nats)",
+        title="the constants L_simple drops (large variance)",
+    )
     kl, mse = np.asarray(result["kl"]), np.asarray(result["mse"])
     ax_l.plot(t[k], kl[k], lw=1.5, label="traced KL at site x_{t-1} (L_{t-1})")
-    ax_l.plot(t[k], (np.asarray(result["w"]) * mse + np.asarray(result["D_C"]))[k], ".", ms=3,
-              label="w_t * eps-MSE + D C_t (measured)")
+    ax_l.plot(
+        t[k],
+        (np.asarray(result["w"]) * mse + np.asarray(result["D_C"]))[k],
+        ".",
+        ms=3,
+        label="w_t * eps-MSE + D C_t (measured)",
+    )
     ax_l.plot(t[k], mse[k], lw=1, alpha=0.7, label="eps-MSE: L_simple's term")
-    ax_l.set(xscale="log", yscale="log", xlabel="t", ylabel="nats per image",
-             title=f"mean over {result['images']} test images, one noise draw")
+    ax_l.set(
+        xscale="log",
+        yscale="log",
+        xlabel="t",
+        ylabel="nats per image",
+        title=f"mean over {result['images']} test images, one noise draw",
+    )
     ax_l.legend(fontsize=7)
     return save_figure(fig, path)
 
@@ -168,7 +193,7 @@ def main(argv=None) -> dict:
     g = torch.Generator().manual_seed(args.seed + 1)
 
     # The traced bound, with this script's noise (so the MSE below sees the very same x_t).
-    x0 = digits.test[:args.images].double()
+    x0 = digits.test[: args.images].double()
     noise = torch.randn((1, len(x0), T, *shape), generator=g, dtype=torch.float64)
     idata = bound(model, guide, x0, noise=noise)
     L = idata.bound["L"].values[0]  # (N, T + 1), column s holds L_s
@@ -182,41 +207,61 @@ def main(argv=None) -> dict:
     per_image = np.abs(L[:, 1:T] - (w[2:] * mse[:, 1:] + D * C[2:])) / np.abs(L[:, 1:T])
     summary = summarize(idata)
     result = {
-        "data": "digits", "D": D, "T": T, "images": len(x0), "variance": model.variance, "seed": args.seed,
-        "steps": args.steps, "dtype": "float64",
+        "data": "digits",
+        "D": D,
+        "T": T,
+        "images": len(x0),
+        "variance": model.variance,
+        "seed": args.seed,
+        "steps": args.steps,
+        "dtype": "float64",
         "betas": s.betas.tolist(),
         "t": list(range(1, T + 1)),
-        "w": w[1:].tolist(), "w_small": s.variance("small").w[1:].tolist(), "D_C": (D * C[1:]).tolist(),
+        "w": w[1:].tolist(),
+        "w_small": s.variance("small").w[1:].tolist(),
+        "D_C": (D * C[1:]).tolist(),
         "kl": kl[1:].tolist(),  # entry t - 1: L_{t-1} for t >= 2; entry 0 (t = 1, the decoder's L_0) is NaN
         "mse": mse_t[1:].tolist(),
-        "L_0": float(L[:, 0].mean()), "L_T": float(L[:, T].mean()),
+        "L_0": float(L[:, 0].mean()),
+        "L_T": float(L[:, T].mean()),
         "max_rel_diff_per_image": float(per_image.max()),
         "bits_per_dim": summary["total"]["bits_per_dim"],
         "w_range": [float(w[1:].min()), float(w[1:].max())],
     }
     result["kl"][0] = None  # JSON has no NaN
-    batch = digits.train[torch.randperm(len(digits.train), generator=g)[:args.batch]].double()
+    batch = digits.train[torch.randperm(len(digits.train), generator=g)[: args.batch]].double()
     t = torch.randint(1, T + 1, (len(batch), 1), generator=g)
     eps = torch.randn((len(batch), *shape), generator=g, dtype=torch.float64)
     result["gradients"] = gradients(model, guide, batch, t, eps)
 
     # ------------------------------------------------------------------ the table
-    print(f"digits, T = {T}, D = {D}, {len(x0)} test images, one noise draw each, float64; "
-          f"bound {result['bits_per_dim']:.4f} bits/dim after {args.steps} steps")
+    print(
+        f"digits, T = {T}, D = {D}, {len(x0)} test images, one noise draw each, float64; "
+        f"bound {result['bits_per_dim']:.4f} bits/dim after {args.steps} steps"
+    )
     print(f"{'t':>5} {'w_t':>10} {'D C_t':>10} {'eps-MSE':>10} {'traced KL':>12} {'w*MSE+DC':>12} {'rel diff':>9}")
     shown = sorted({t for t in (2, 3, 5, 10, 20, 50, 100, 200, 500, 1000) if t <= T} | {T})
     for t_ in shown:
         rd = abs(kl[t_] - predicted[t_]) / abs(kl[t_])
-        print(f"{t_:>5} {w[t_]:>10.4g} {D * C[t_]:>10.4g} {mse_t[t_]:>10.4g} {kl[t_]:>12.6g} {predicted[t_]:>12.6g} {rd:>9.1e}")
+        print(
+            f"{t_:>5} {w[t_]:>10.4g} {D * C[t_]:>10.4g} {mse_t[t_]:>10.4g} {kl[t_]:>12.6g} "
+            f"{predicted[t_]:>12.6g} {rd:>9.1e}"
+        )
     print(f"max relative difference over all t >= 2 and images: {result['max_rel_diff_per_image']:.1e}")
-    print(f"w_t spans {w[1:].min():.3g} .. {w[1:].max():.3g} (ratio {w[1:].max() / w[1:].min():.0f}), "
-          f"largest at t = {int(np.argmax(w[1:])) + 1}; L_0 = {result['L_0']:.4g}, L_T = {result['L_T']:.3g} nats")
+    print(
+        f"w_t spans {w[1:].min():.3g} .. {w[1:].max():.3g} (ratio {w[1:].max() / w[1:].min():.0f}), "
+        f"largest at t = {int(np.argmax(w[1:])) + 1}; L_0 = {result['L_0']:.4g}, L_T = {result['L_T']:.3g} nats"
+    )
     gr = result["gradients"]
     print(f"gradients on one batch of {gr['batch']} training images (one t each), {gr['parameters']} parameters:")
-    print(f"  bound:    |grad| {gr['elbo']['grad_norm']:.4g}, vs grad of T sum w_t eps-MSE + T L_0: "
-          f"rel diff {gr['elbo']['vs_weighted_eps_mse_rel_diff']:.1e}")
-    print(f"  L_simple: |grad| {gr['simple']['grad_norm']:.4g}, vs grad of sum eps-MSE (Algorithm 1): "
-          f"rel diff {gr['simple']['vs_algorithm1_rel_diff']:.1e}")
+    print(
+        f"  bound:    |grad| {gr['elbo']['grad_norm']:.4g}, vs grad of T sum w_t eps-MSE + T L_0: "
+        f"rel diff {gr['elbo']['vs_weighted_eps_mse_rel_diff']:.1e}"
+    )
+    print(
+        f"  L_simple: |grad| {gr['simple']['grad_norm']:.4g}, vs grad of sum eps-MSE (Algorithm 1): "
+        f"rel diff {gr['simple']['vs_algorithm1_rel_diff']:.1e}"
+    )
     print(f"  cosine(bound, L_simple) = {gr['cosine_elbo_simple']:.4f}")
 
     plot(result, out / "weights.png")

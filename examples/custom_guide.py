@@ -49,10 +49,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyro_ddpm import checkpoint, data, protocol
-from pyro_ddpm.files import atomic_write
 from pyro_ddpm.elbo import TermwiseELBO
 from pyro_ddpm.evaluate import bound, format_summary, summarize
 from pyro_ddpm.figures import new_figure, save_figure
+from pyro_ddpm.files import atomic_write
 from pyro_ddpm.guides import ForwardProcess
 from pyro_ddpm.guides.learned_schedule import GammaSchedule
 from pyro_ddpm.registry import GUIDES
@@ -99,11 +99,11 @@ class EndpointForwardProcess(ForwardProcess):
         return {"start": self.schedule.start, "event_dim": self.event_dim}
 
     @classmethod
-    def from_config(cls, *, start, event_dim: int | None = None) -> "EndpointForwardProcess":
+    def from_config(cls, *, start, event_dim: int | None = None) -> EndpointForwardProcess:
         return cls(EndpointSchedule(start), event_dim=event_dim)
 
     @classmethod
-    def from_spec(cls, T: int, spec: str = "linear", event_dim: int | None = None) -> "EndpointForwardProcess":
+    def from_spec(cls, T: int, spec: str = "linear", event_dim: int | None = None) -> EndpointForwardProcess:
         """The schedule started at the fixed schedule ``spec`` (``linear`` or ``cosine``) with T steps."""
         return cls(EndpointSchedule(Schedule.from_name(spec, T).betas), event_dim=event_dim)
 
@@ -113,7 +113,12 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default=f"runs/examples/{NAME}", help="output folder (default %(default)s)")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default 400; --quick: 20)")
     ap.add_argument("--T", type=int, default=None, help="diffusion steps (default 100; --quick: 10)")
-    ap.add_argument("--init", default="linear", choices=["linear", "cosine"], help="the schedule whose shape is kept and where it starts")
+    ap.add_argument(
+        "--init",
+        default="linear",
+        choices=["linear", "cosine"],
+        help="the schedule whose shape is kept and where it starts",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="tiny network, T = 10, a few steps (for tests)")
     args = ap.parse_args(argv)
@@ -131,10 +136,20 @@ def main(argv=None) -> dict:
     args = parse(argv)
     out = Path(args.out)
     digits = data.load("digits")
-    config = TrainConfig(data="digits", objective="elbo", guide=NAME, schedule=args.init,
-                         T=args.T, steps=args.steps, seed=args.seed, lr=1e-3, batch_size=32 if args.quick else 64,
-                         net_overrides={"ch": 8} if args.quick else {}, log_every=max(1, args.steps // 10),
-                         checkpoint_every=args.steps)
+    config = TrainConfig(
+        data="digits",
+        objective="elbo",
+        guide=NAME,
+        schedule=args.init,
+        T=args.T,
+        steps=args.steps,
+        seed=args.seed,
+        lr=1e-3,
+        batch_size=32 if args.quick else 64,
+        net_overrides={"ch": 8} if args.quick else {},
+        log_every=max(1, args.steps // 10),
+        checkpoint_every=args.steps,
+    )
     before = EndpointForwardProcess.from_spec(args.T, args.init).schedule
     run = out / "run"
     ckpt = train(config, run, progress=not args.quick, resume=(run / checkpoint.FILENAME).exists())
@@ -143,8 +158,11 @@ def main(argv=None) -> dict:
 
     x = digits.test if not args.quick else digits.test[:16]
     summary = summarize(bound(model, guide, x))
-    print(format_summary(summary, header=f"digits test split, T = {args.T}, endpoints learned from {args.init!r}, "
-                                         f"{args.steps} steps"))
+    print(
+        format_summary(
+            summary, header=f"digits test split, T = {args.T}, endpoints learned from {args.init!r}, {args.steps} steps"
+        )
+    )
 
     with torch.no_grad():
         g0, g1 = before.gamma_t().numpy(), guide.schedule.gamma_t().numpy()
@@ -156,8 +174,10 @@ def main(argv=None) -> dict:
         ones = torch.ones(len(x), 1, dtype=torch.long)
         prior = TermwiseELBO().terms(start_model.per_timestep, start.per_timestep, x, ones)[protocol.X_T]
         L_T_before = float(prior.value.sum()) / (len(x) * digits.dims * math.log(2))
-    print(f"\nL_T (test split, bits/dim): {L_T_before:.5f} at the initial schedule -> "
-          f"{summary['prior_L_T']['bits_per_dim']:.5f} at the learned one")
+    print(
+        f"\nL_T (test split, bits/dim): {L_T_before:.5f} at the initial schedule -> "
+        f"{summary['prior_L_T']['bits_per_dim']:.5f} at the learned one"
+    )
     at_t = sorted({1, max(1, args.T // 4), max(1, args.T // 2), max(1, 3 * args.T // 4), args.T})
     print("\nthe schedule, before -> after training:")
     print(f"{'t':>6} {'abar_t before':>14} {'abar_t after':>14} {'gamma_t before':>15} {'gamma_t after':>14}")
@@ -176,13 +196,24 @@ def main(argv=None) -> dict:
     save_figure(fig, out / "schedule.png")
 
     result = {
-        "T": args.T, "steps": args.steps, "init": args.init, "seed": args.seed, "guide": config.guide,
-        "test_images": len(x), "t": at_t,
-        "bits_per_dim": {k: summary[k]["bits_per_dim"] for k in ("total", "prior_L_T", "rate_L_1_to_L_T-1", "distortion_L_0")},
+        "T": args.T,
+        "steps": args.steps,
+        "init": args.init,
+        "seed": args.seed,
+        "guide": config.guide,
+        "test_images": len(x),
+        "t": at_t,
+        "bits_per_dim": {
+            k: summary[k]["bits_per_dim"] for k in ("total", "prior_L_T", "rate_L_1_to_L_T-1", "distortion_L_0")
+        },
         "L_T_before": L_T_before,
-        "gamma_before": g0.tolist(), "gamma_after": g1.tolist(),
-        "abar_before": a0.tolist(), "abar_after": a1.tolist(),
-        "samples_levels": sorted({int(v) for v in ((samples + 1) * (digits.levels - 1) / 2).round().flatten().tolist()}),
+        "gamma_before": g0.tolist(),
+        "gamma_after": g1.tolist(),
+        "abar_before": a0.tolist(),
+        "abar_after": a1.tolist(),
+        "samples_levels": sorted(
+            {int(v) for v in ((samples + 1) * (digits.levels - 1) / 2).round().flatten().tolist()}
+        ),
     }
     atomic_write(out / f"{NAME}.json", lambda f: f.write(json.dumps(result, indent=1).encode()))
     print(f"\nwrote {out / 'samples.png'}, {out / 'schedule.png'}, {out / f'{NAME}.json'} and the run in {run}")

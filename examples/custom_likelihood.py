@@ -52,8 +52,8 @@ import torch.nn.functional as F
 from torch.distributions.utils import broadcast_all
 
 from pyro_ddpm import checkpoint, data
-from pyro_ddpm.files import atomic_write
 from pyro_ddpm.evaluate import bound, format_summary, summarize
+from pyro_ddpm.files import atomic_write
 from pyro_ddpm.likelihoods import LOG_PROB_FLOOR, DiscretizedGaussian, DiscretizedGaussianLikelihood, check_images
 from pyro_ddpm.registry import LIKELIHOODS
 from pyro_ddpm.sample import sample, save_png
@@ -82,8 +82,11 @@ class DiscretizedLogistic(DiscretizedGaussian):
         b = (-1.0 + (2.0 * k + 1.0) / (K - 1) - mu) / s
         first, last = k <= 0, k >= K - 1
         zero = torch.zeros_like(a)
-        lp = (torch.where(last, zero, F.logsigmoid(b)) + torch.where(first, zero, F.logsigmoid(-a))
-              + torch.where(first | last, zero, torch.log(-torch.expm1(a - b))))
+        lp = (
+            torch.where(last, zero, F.logsigmoid(b))
+            + torch.where(first, zero, F.logsigmoid(-a))
+            + torch.where(first | last, zero, torch.log(-torch.expm1(a - b)))
+        )
         return lp.clamp_min(LOG_PROB_FLOOR).to(loc.dtype)
 
     def sample(self, sample_shape=torch.Size()):
@@ -108,11 +111,13 @@ class DiscretizedLogisticLikelihood(DiscretizedGaussianLikelihood):
         super().__init__(int(levels))
 
     @classmethod
-    def for_data(cls, dataset) -> "DiscretizedLogisticLikelihood":
+    def for_data(cls, dataset) -> DiscretizedLogisticLikelihood:
         """The decoder for a quantized data set (its ``levels`` K >= 2)."""
         if dataset.levels is None or int(dataset.levels) < 2:
-            raise ValueError(f"the discretized logistic needs quantized data (K >= 2 levels); data set "
-                             f"{getattr(dataset, 'name', '')!r} has levels = {dataset.levels}")
+            raise ValueError(
+                f"the discretized logistic needs quantized data (K >= 2 levels); data set "
+                f"{getattr(dataset, 'name', '')!r} has levels = {dataset.levels}"
+            )
         return cls(int(dataset.levels))
 
     def __call__(self, loc, scale) -> DiscretizedLogistic:
@@ -144,10 +149,19 @@ def main(argv=None) -> dict:
     args = parse(argv)
     out = Path(args.out)
     digits = data.load("digits")
-    config = TrainConfig(data="digits", objective="elbo", likelihood="discretized_logistic", T=args.T, steps=args.steps,
-                         seed=args.seed, lr=1e-3, batch_size=32 if args.quick else 64,
-                         net_overrides={"ch": 8} if args.quick else {}, log_every=max(1, args.steps // 10),
-                         checkpoint_every=args.steps)
+    config = TrainConfig(
+        data="digits",
+        objective="elbo",
+        likelihood="discretized_logistic",
+        T=args.T,
+        steps=args.steps,
+        seed=args.seed,
+        lr=1e-3,
+        batch_size=32 if args.quick else 64,
+        net_overrides={"ch": 8} if args.quick else {},
+        log_every=max(1, args.steps // 10),
+        checkpoint_every=args.steps,
+    )
     run = out / "run"
     ckpt = train(config, run, progress=not args.quick, resume=(run / checkpoint.FILENAME).exists())
     pyro.clear_param_store()
@@ -155,30 +169,46 @@ def main(argv=None) -> dict:
 
     x = digits.test if not args.quick else digits.test[:16]
     summaries = {}
-    for label, m in (("discretized logistic", model),
-                     ("discretized Gaussian", model.with_likelihood(DiscretizedGaussianLikelihood(digits.levels)))):
+    for label, m in (
+        ("discretized logistic", model),
+        ("discretized Gaussian", model.with_likelihood(DiscretizedGaussianLikelihood(digits.levels))),
+    ):
         summaries[label] = summarize(bound(m, guide, x, seed=args.seed))  # same noise: only L_0 differs
-    print(format_summary(summaries["discretized logistic"],
-                         header=f"digits test split, T = {args.T}, {args.steps} steps, decoder {model.likelihood!r}"))
+    print(
+        format_summary(
+            summaries["discretized logistic"],
+            header=f"digits test split, T = {args.T}, {args.steps} steps, decoder {model.likelihood!r}",
+        )
+    )
     print(f"\nL_0 on the same network and noise ({len(x)} test images), bits/dim:")
     print(f"{'decoder':<22} {'L_0':>11} {'+- s.e.':>10} {'L_0 nats/image':>15} {'total':>9}")
     for label, s in summaries.items():
         L_0 = s["distortion_L_0"]
-        print(f"{label:<22} {L_0['bits_per_dim']:>11.4e} {L_0['se']:>10.2e} {L_0['nats_per_image']:>15.4e} "
-              f"{s['total']['bits_per_dim']:>9.5f}")
+        print(
+            f"{label:<22} {L_0['bits_per_dim']:>11.4e} {L_0['se']:>10.2e} {L_0['nats_per_image']:>15.4e} "
+            f"{s['total']['bits_per_dim']:>9.5f}"
+        )
 
     pyro.set_rng_seed(args.seed)
     samples = sample(model, 16 if args.quick else 64)
     save_png(samples, out / "samples.png")
     result = {
-        "T": args.T, "steps": args.steps, "seed": args.seed, "likelihood": LIKELIHOODS.describe(model.likelihood),
+        "T": args.T,
+        "steps": args.steps,
+        "seed": args.seed,
+        "likelihood": LIKELIHOODS.describe(model.likelihood),
         "test_images": len(x),
-        "bits_per_dim": {label: {k: s[k]["bits_per_dim"] for k in ("total", "prior_L_T", "rate_L_1_to_L_T-1",
-                                                                    "distortion_L_0")}
-                         for label, s in summaries.items()},
-        "samples_levels": sorted({int(v) for v in ((samples + 1) * (digits.levels - 1) / 2).round().flatten().tolist()}),
-        "samples_on_grid": bool(((samples + 1) * (digits.levels - 1) / 2 - ((samples + 1) * (digits.levels - 1) / 2)
-                                 .round()).abs().max() < 1e-4),
+        "bits_per_dim": {
+            label: {k: s[k]["bits_per_dim"] for k in ("total", "prior_L_T", "rate_L_1_to_L_T-1", "distortion_L_0")}
+            for label, s in summaries.items()
+        },
+        "samples_levels": sorted(
+            {int(v) for v in ((samples + 1) * (digits.levels - 1) / 2).round().flatten().tolist()}
+        ),
+        "samples_on_grid": bool(
+            ((samples + 1) * (digits.levels - 1) / 2 - ((samples + 1) * (digits.levels - 1) / 2).round()).abs().max()
+            < 1e-4
+        ),
     }
     atomic_write(out / f"{NAME}.json", lambda f: f.write(json.dumps(result, indent=1).encode()))
     print(f"\nwrote {out / 'samples.png'}, {out / f'{NAME}.json'} and the run in {run}")

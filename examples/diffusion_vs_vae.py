@@ -23,9 +23,9 @@ mean-field ELBO and read term by term with :class:`pyro_ddpm.elbo.TermwiseELBO`:
 Bounds on the first ``--test-images`` images of the digits test split, in bits/dim (D = 64):
 
 - DDPM: the negative ELBO of Eq. 5 from :func:`pyro_ddpm.evaluate.bound` (one noise draw per term).
-- VAE (:class:`pyro_ddpm.vae.VAE`): the negative ELBO (``--draws`` draws of z per image for the distortion, analytic KL), and the
-  tighter importance-weighted bound with ``--particles`` samples (Burda et al. 2016), which is Pyro's
-  ``RenyiELBO`` with alpha = 0, evaluated image by image.
+- VAE (:class:`pyro_ddpm.vae.VAE`): the negative ELBO (``--draws`` draws of z per image for the
+  distortion, analytic KL), and the tighter importance-weighted bound with ``--particles`` samples
+  (Burda et al. 2016), which is Pyro's ``RenyiELBO`` with alpha = 0, evaluated image by image.
 
 The default DDPM is trained for only 600 steps so that the example runs in minutes; pass
 ``--ddpm-checkpoint RUN`` to score a longer-trained digits DDPM (any run folder or checkpoint of
@@ -64,14 +64,25 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--z-dim", type=int, default=16, help="VAE latent dimensions (default %(default)s)")
     ap.add_argument("--test-images", type=int, default=None, help="test images scored (default 120; --quick: 16)")
     ap.add_argument("--draws", type=int, default=None, help="z draws per image for the VAE's ELBO (default 16)")
-    ap.add_argument("--particles", type=int, default=None, help="importance samples of the VAE's IWAE bound (default 256)")
-    ap.add_argument("--ddpm-checkpoint", default=None,
-                    help="score this digits DDPM (a checkpoint or run folder) instead of training one")
+    ap.add_argument(
+        "--particles", type=int, default=None, help="importance samples of the VAE's IWAE bound (default 256)"
+    )
+    ap.add_argument(
+        "--ddpm-checkpoint",
+        default=None,
+        help="score this digits DDPM (a checkpoint or run folder) instead of training one",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="tiny networks, T = 10, a few steps (for tests)")
     args = ap.parse_args(argv)
-    defaults = {"steps": (4, 600), "vae_steps": (30, 3000), "T": (10, 1000), "test_images": (16, 120),
-                "draws": (4, 16), "particles": (16, 256)}
+    defaults = {
+        "steps": (4, 600),
+        "vae_steps": (30, 3000),
+        "T": (10, 1000),
+        "test_images": (16, 120),
+        "draws": (4, 16),
+        "particles": (16, 256),
+    }
     for name, (quick, full) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
@@ -91,10 +102,18 @@ def train_ddpm(args, out: Path, digits):
         args.steps = int(state.step)
         return state.build()
     overrides = {"ch": 8, "dropout": 0.0} if args.quick else {}
-    config = TrainConfig(data="digits", objective="elbo", steps=args.steps, T=args.T, seed=args.seed,
-                         batch_size=32 if args.quick else 128, net_overrides=overrides,
-                         lr=1e-3 if args.quick else 2e-4, log_every=max(1, args.steps // 4),
-                         checkpoint_every=args.steps)
+    config = TrainConfig(
+        data="digits",
+        objective="elbo",
+        steps=args.steps,
+        T=args.T,
+        seed=args.seed,
+        batch_size=32 if args.quick else 128,
+        net_overrides=overrides,
+        lr=1e-3 if args.quick else 2e-4,
+        log_every=max(1, args.steps // 4),
+        checkpoint_every=args.steps,
+    )
     run = out / "ddpm"
     ckpt = train(config, run, progress=not args.quick, resume=(run / checkpoint.FILENAME).exists())
     pyro.clear_param_store()
@@ -129,7 +148,7 @@ def main(argv=None) -> dict:
     args = parse(argv)
     out = Path(args.out)
     digits = data.load("digits")
-    x = digits.test[:args.test_images]
+    x = digits.test[: args.test_images]
     to_bpd = 1.0 / (digits.dims * math.log(2))
 
     model, guide = train_ddpm(args, out, digits)
@@ -146,39 +165,66 @@ def main(argv=None) -> dict:
     with torch.no_grad():
         vae_terms = TermwiseELBO().terms(vae.model, vae.guide, x[:8])
 
-    result = {"data": "digits", "levels": digits.levels, "D": digits.dims, "test_images": len(x),
-              "seed": args.seed, "particles": args.particles, "draws": args.draws,
-              "ddpm": {"T": model.T, "steps": args.steps, "likelihood": repr(model.likelihood),
-                       "bits_per_dim": summary["total"]["bits_per_dim"], "se": summary["total"]["se"],
-                       "rate_bits_per_dim": summary["prior_L_T"]["bits_per_dim"]
-                       + summary["rate_L_1_to_L_T-1"]["bits_per_dim"],
-                       "distortion_bits_per_dim": summary["distortion_L_0"]["bits_per_dim"],
-                       f"L_0_to_L_{small_t - 1}_bits_per_dim": float(L[:small_t].sum()),
-                       "latent_sites": [name for name in chain_terms if name != protocol.X_0]},
-              "vae": {"z_dim": args.z_dim, "steps": args.vae_steps, "likelihood": repr(vae.likelihood),
-                      "final_train_loss_bits_per_dim": float(np.mean(losses[-50:])),
-                      "latent_sites": [name for name in vae_terms if name != protocol.X_0]}}
+    result = {
+        "data": "digits",
+        "levels": digits.levels,
+        "D": digits.dims,
+        "test_images": len(x),
+        "seed": args.seed,
+        "particles": args.particles,
+        "draws": args.draws,
+        "ddpm": {
+            "T": model.T,
+            "steps": args.steps,
+            "likelihood": repr(model.likelihood),
+            "bits_per_dim": summary["total"]["bits_per_dim"],
+            "se": summary["total"]["se"],
+            "rate_bits_per_dim": summary["prior_L_T"]["bits_per_dim"] + summary["rate_L_1_to_L_T-1"]["bits_per_dim"],
+            "distortion_bits_per_dim": summary["distortion_L_0"]["bits_per_dim"],
+            f"L_0_to_L_{small_t - 1}_bits_per_dim": float(L[:small_t].sum()),
+            "latent_sites": [name for name in chain_terms if name != protocol.X_0],
+        },
+        "vae": {
+            "z_dim": args.z_dim,
+            "steps": args.vae_steps,
+            "likelihood": repr(vae.likelihood),
+            "final_train_loss_bits_per_dim": float(np.mean(losses[-50:])),
+            "latent_sites": [name for name in vae_terms if name != protocol.X_0],
+        },
+    }
     for name in ("rate", "distortion", "elbo", "iwae"):
         mean, se = mean_se(vb[name] * to_bpd)
         result["vae"][f"{name}_bits_per_dim"], result["vae"][f"{name}_se"] = mean, se
 
     r_d, r_v = result["ddpm"], result["vae"]
-    print(f"digits ({digits.levels} levels, D = {digits.dims}), first {len(x)} test images; bits/dim +- s.e. over images")
+    print(
+        f"digits ({digits.levels} levels, D = {digits.dims}), first {len(x)} test images; bits/dim +- s.e. over images"
+    )
     print(f"{'':<24} {'bound':>8} {'+- s.e.':>8} {'rate':>8} {'distortion':>11}  latent sites")
-    print(f"{'DDPM, ELBO (Eq. 5)':<24} {r_d['bits_per_dim']:>8.4f} {r_d['se']:>8.4f} {r_d['rate_bits_per_dim']:>8.4f} "
-          f"{r_d['distortion_bits_per_dim']:>11.4f}  {r_d['latent_sites'][0]} .. {r_d['latent_sites'][-1]} "
-          f"({len(r_d['latent_sites'])} x {digits.dims} dims), T = {model.T}, {args.steps} steps")
-    print(f"{'VAE, ELBO':<24} {r_v['elbo_bits_per_dim']:>8.4f} {r_v['elbo_se']:>8.4f} {r_v['rate_bits_per_dim']:>8.4f} "
-          f"{r_v['distortion_bits_per_dim']:>11.4f}  z ({args.z_dim} dims), {args.vae_steps} steps, {args.draws} draws")
-    print(f"{f'VAE, IWAE-{args.particles}':<24} {r_v['iwae_bits_per_dim']:>8.4f} {r_v['iwae_se']:>8.4f} "
-          f"{'':>8} {'':>11}  RenyiELBO(alpha=0)")
-    print(f"(uniform over the {digits.levels} levels: {math.log2(digits.levels):.4f} bits/dim; of the DDPM's bound, "
-          f"L_0 + ... + L_{small_t - 1} (t < {small_t}) take {L[:small_t].sum():.4f} bits/dim)")
+    print(
+        f"{'DDPM, ELBO (Eq. 5)':<24} {r_d['bits_per_dim']:>8.4f} {r_d['se']:>8.4f} {r_d['rate_bits_per_dim']:>8.4f} "
+        f"{r_d['distortion_bits_per_dim']:>11.4f}  {r_d['latent_sites'][0]} .. {r_d['latent_sites'][-1]} "
+        f"({len(r_d['latent_sites'])} x {digits.dims} dims), T = {model.T}, {args.steps} steps"
+    )
+    print(
+        f"{'VAE, ELBO':<24} {r_v['elbo_bits_per_dim']:>8.4f} {r_v['elbo_se']:>8.4f} {r_v['rate_bits_per_dim']:>8.4f} "
+        f"{r_v['distortion_bits_per_dim']:>11.4f}  z ({args.z_dim} dims), {args.vae_steps} steps, {args.draws} draws"
+    )
+    print(
+        f"{f'VAE, IWAE-{args.particles}':<24} {r_v['iwae_bits_per_dim']:>8.4f} {r_v['iwae_se']:>8.4f} "
+        f"{'':>8} {'':>11}  RenyiELBO(alpha=0)"
+    )
+    print(
+        f"(uniform over the {digits.levels} levels: {math.log2(digits.levels):.4f} bits/dim; of the DDPM's bound, "
+        f"L_0 + ... + L_{small_t - 1} (t < {small_t}) take {L[:small_t].sum():.4f} bits/dim)"
+    )
     print("traced per-site terms, first 8 test images (nats/image), TermwiseELBO on each chain form:")
     print("  VAE:  " + ", ".join(f"{n} {float(t.value.mean()):.2f}" for n, t in vae_terms.items()))
     names = list(chain_terms)
     shown = names[:2] + ["..."] + names[-3:] if len(names) > 6 else names
-    print("  DDPM: " + ", ".join("..." if n == "..." else f"{n} {float(chain_terms[n].value.mean()):.3g}" for n in shown))
+    print(
+        "  DDPM: " + ", ".join("..." if n == "..." else f"{n} {float(chain_terms[n].value.mean()):.3g}" for n in shown)
+    )
 
     plot(result, out / "bounds.png")
     atomic_write(out / f"{NAME}.json", lambda f: f.write(json.dumps(result, indent=1).encode()))

@@ -42,9 +42,16 @@ def main(argv=None):
     unknown = [a for a in chosen if a not in arms]
     if unknown:
         raise ValueError(f"unknown arms {unknown}; choose from {sorted(arms)}")
-    result = compare(config, args.out, arms={a: arms[a] for a in chosen}, seeds=args.seeds,
-                     num_samples=40 if args.quick else args.samples, limit=40 if args.quick else None,
-                     progress=not args.quick, vae=not args.quick)
+    result = compare(
+        config,
+        args.out,
+        arms={a: arms[a] for a in chosen},
+        seeds=args.seeds,
+        num_samples=40 if args.quick else args.samples,
+        limit=40 if args.quick else None,
+        progress=not args.quick,
+        vae=not args.quick,
+    )
     print("written: " + ", ".join(str(p) for p in result["paths"].values()))
     return result
 

@@ -72,7 +72,7 @@ def main(argv=None) -> dict:
             print(f"step {step + 1}: loss {loss / batch:.2f} per image")
 
     model.eval()  # evaluation and sampling without dropout (the traced terms are then one fixed program's)
-    x = digits.test[:16 if args.quick else 32]
+    x = digits.test[: 16 if args.quick else 32]
     summary = summarize(bound(model, guide, x))  # from an arviz InferenceData: L (draw, image, t) nats, column t = L_t
     print(format_summary(summary))
 
@@ -87,9 +87,17 @@ def main(argv=None) -> dict:
     levels = sorted(set(((samples + 1) * 8).round().int().flatten().tolist()))
     print("samples", tuple(samples.shape), "levels used:", levels)
 
-    result = {"T": args.T, "steps": args.steps, "objective": args.objective, "test_images": len(x),
-              "bits_per_dim": summary["total"]["bits_per_dim"], "se": summary["total"]["se"],
-              "chain_bits_per_dim": chain, "sites": list(terms), "samples_levels": levels}
+    result = {
+        "T": args.T,
+        "steps": args.steps,
+        "objective": args.objective,
+        "test_images": len(x),
+        "bits_per_dim": summary["total"]["bits_per_dim"],
+        "se": summary["total"]["se"],
+        "chain_bits_per_dim": chain,
+        "sites": list(terms),
+        "samples_levels": levels,
+    }
     save_png(samples, out / "samples.png")
     atomic_write(out / f"{NAME}.json", lambda f: f.write(json.dumps(result, indent=1).encode()))
     print(f"wrote {out / 'samples.png'} and {out / f'{NAME}.json'}")

@@ -41,9 +41,9 @@ from scipy.spatial.distance import cdist
 from scipy.stats import wasserstein_distance
 
 from pyro_ddpm import checkpoint, data, protocol
-from pyro_ddpm.files import atomic_write
 from pyro_ddpm.evaluate import bound, summarize
 from pyro_ddpm.figures import new_figure, plot_terms, save_figure
+from pyro_ddpm.files import atomic_write
 from pyro_ddpm.train import TrainConfig, train
 
 NAME = "swiss_roll"
@@ -51,10 +51,13 @@ OBJECTIVES = ("elbo", "simple")
 
 
 def energy_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """The energy distance between point sets a (n, d) and b (m, d): sqrt(2 E|X-Y| - E|X-X'| - E|Y-Y'|) (V-statistic)."""
+    """The energy distance between point sets a (n, d) and b (m, d): sqrt(2 E|X-Y| - E|X-X'| - E|Y-Y'|)
+    (V-statistic)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or len(a) == 0 or len(b) == 0:
-        raise ValueError(f"energy_distance: need two non-empty point sets (n, d) of the same d, got {a.shape} and {b.shape}")
+        raise ValueError(
+            f"energy_distance: need two non-empty point sets (n, d) of the same d, got {a.shape} and {b.shape}"
+        )
     d2 = 2.0 * cdist(a, b).mean() - cdist(a, a).mean() - cdist(b, b).mean()
     return math.sqrt(max(d2, 0.0))
 
@@ -78,8 +81,12 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default=f"runs/examples/{NAME}", help="output folder (default %(default)s)")
     ap.add_argument("--steps", type=int, default=None, help="training steps per objective (default 3000; --quick: 30)")
     ap.add_argument("--T", type=int, default=None, help="diffusion steps (default 1000; --quick: 10)")
-    ap.add_argument("--schedule", default="linear", choices=["linear", "cosine"],
-                    help="the forward process's variance schedule (default %(default)s)")
+    ap.add_argument(
+        "--schedule",
+        default="linear",
+        choices=["linear", "cosine"],
+        help="the forward process's variance schedule (default %(default)s)",
+    )
     ap.add_argument("--directions", type=int, default=180, help="projections of the sliced Wasserstein distance")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="tiny network, T = 10, a few steps (for tests)")
@@ -99,9 +106,19 @@ def parse(argv=None) -> argparse.Namespace:
 def trained(args, out: Path, name: str):
     """Train (or reuse the finished run in ``out/name``) with objective ``name``; the EMA model and guide."""
     overrides = {"hidden": 32, "depth": 1, "temb_dim": 16} if args.quick else {}
-    config = TrainConfig(data="swiss_roll", objective=name, steps=args.steps, T=args.T, schedule=args.schedule, seed=args.seed,
-                         batch_size=64 if args.quick else 128, net_overrides=overrides, lr=1e-3,
-                         log_every=max(1, args.steps // 10), checkpoint_every=args.steps)
+    config = TrainConfig(
+        data="swiss_roll",
+        objective=name,
+        steps=args.steps,
+        T=args.T,
+        schedule=args.schedule,
+        seed=args.seed,
+        batch_size=64 if args.quick else 128,
+        net_overrides=overrides,
+        lr=1e-3,
+        log_every=max(1, args.steps // 10),
+        checkpoint_every=args.steps,
+    )
     run = out / name
     ckpt = train(config, run, progress=not args.quick, resume=(run / checkpoint.FILENAME).exists())
     pyro.clear_param_store()
@@ -151,14 +168,25 @@ def main(argv=None) -> dict:
     T = args.T
     steps = sorted({0, max(1, T // 10), max(1, T // 4), max(1, T // 2), T})
     g = torch.Generator().manual_seed(args.seed + 1)
-    train_subset = roll.train[torch.randperm(len(roll.train), generator=g)[:len(test)]].double().numpy()
-    floor = {"energy_distance": energy_distance(train_subset, test.numpy()),
-             "sliced_wasserstein": sliced_wasserstein(train_subset, test.numpy(), args.directions)}
+    train_subset = roll.train[torch.randperm(len(roll.train), generator=g)[: len(test)]].double().numpy()
+    floor = {
+        "energy_distance": energy_distance(train_subset, test.numpy()),
+        "sliced_wasserstein": sliced_wasserstein(train_subset, test.numpy(), args.directions),
+    }
 
-    result = {"data": "swiss_roll", "D": roll.dims, "levels": roll.levels,
-              "grid": f"{roll.levels} levels per coordinate on [-1, 1]: -1 + 2k/{roll.levels - 1}",
-              "T": T, "steps": args.steps, "seed": args.seed, "test_points": len(test), "directions": args.directions,
-              "train_vs_test": floor, "objectives": {}}
+    result = {
+        "data": "swiss_roll",
+        "D": roll.dims,
+        "levels": roll.levels,
+        "grid": f"{roll.levels} levels per coordinate on [-1, 1]: -1 + 2k/{roll.levels - 1}",
+        "T": T,
+        "steps": args.steps,
+        "seed": args.seed,
+        "test_points": len(test),
+        "directions": args.directions,
+        "train_vs_test": floor,
+        "objectives": {},
+    }
     idatas, rows = {}, {}
     for name in OBJECTIVES:
         model, guide = trained(args, out, name)
@@ -172,7 +200,8 @@ def main(argv=None) -> dict:
         rows[f"reverse p_theta, {name}"] = traj
         samples = traj[0]
         result["objectives"][name] = {
-            "bits_per_dim": summary["total"]["bits_per_dim"], "se": summary["total"]["se"],
+            "bits_per_dim": summary["total"]["bits_per_dim"],
+            "se": summary["total"]["se"],
             "L_T_bits_per_dim": summary["prior_L_T"]["bits_per_dim"],
             "rate_bits_per_dim": summary["rate_L_1_to_L_T-1"]["bits_per_dim"],
             "L_0_bits_per_dim": summary["distortion_L_0"]["bits_per_dim"],
@@ -181,17 +210,27 @@ def main(argv=None) -> dict:
             "likelihood": repr(model.likelihood),
         }
 
-    print(f"swiss roll, T = {T}, {args.steps} steps per objective; bound on the {len(test)} test points, "
-          f"data on {result['grid']} (D = 2)")
-    print(f"{'':<16} {'bits/dim':>9} {'+- s.e.':>8} {'L_T':>9} {'rate':>8} {'L_0':>8} {'energy d.':>10} {'sliced W1':>10}")
+    print(
+        f"swiss roll, T = {T}, {args.steps} steps per objective; bound on the {len(test)} test points, "
+        f"data on {result['grid']} (D = 2)"
+    )
+    print(
+        f"{'':<16} {'bits/dim':>9} {'+- s.e.':>8} {'L_T':>9} {'rate':>8} {'L_0':>8} {'energy d.':>10} {'sliced W1':>10}"
+    )
     for name, r in result["objectives"].items():
-        print(f"{name:<16} {r['bits_per_dim']:>9.4f} {r['se']:>8.4f} {r['L_T_bits_per_dim']:>9.2e} "
-              f"{r['rate_bits_per_dim']:>8.4f} {r['L_0_bits_per_dim']:>8.4f} {r['energy_distance']:>10.4f} "
-              f"{r['sliced_wasserstein']:>10.4f}")
-    print(f"{'train vs test':<16} {'':>9} {'':>8} {'':>9} {'':>8} {'':>8} {floor['energy_distance']:>10.4f} "
-          f"{floor['sliced_wasserstein']:>10.4f}")
-    print(f"(distances: {len(test)} model samples vs the test split; the last row is {len(test)} training points "
-          f"vs the test split, the finite-sample floor)")
+        print(
+            f"{name:<16} {r['bits_per_dim']:>9.4f} {r['se']:>8.4f} {r['L_T_bits_per_dim']:>9.2e} "
+            f"{r['rate_bits_per_dim']:>8.4f} {r['L_0_bits_per_dim']:>8.4f} {r['energy_distance']:>10.4f} "
+            f"{r['sliced_wasserstein']:>10.4f}"
+        )
+    print(
+        f"{'train vs test':<16} {'':>9} {'':>8} {'':>9} {'':>8} {'':>8} {floor['energy_distance']:>10.4f} "
+        f"{floor['sliced_wasserstein']:>10.4f}"
+    )
+    print(
+        f"(distances: {len(test)} model samples vs the test split; the last row is {len(test)} training points "
+        f"vs the test split, the finite-sample floor)"
+    )
 
     plot_trajectories(rows, steps, out / "trajectories.png")
     plot_terms(idatas, out / "terms.png")

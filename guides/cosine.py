@@ -1,7 +1,7 @@
 """The cosine forward process of Nichol and Dhariwal (2021, Eq. 17).
 
-    abar_t = f(t) / f(0),   f(t) = cos^2( (t/T + s) / (1 + s) * pi/2 ),   s = 0.008,
-    beta_t = min(1 - abar_t / abar_{t-1}, 0.999)   (clipped so that beta_T < 1).
+abar_t = f(t) / f(0),   f(t) = cos^2( (t/T + s) / (1 + s) * pi/2 ),   s = 0.008,
+beta_t = min(1 - abar_t / abar_{t-1}, 0.999)   (clipped so that beta_T < 1).
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ class CosineForwardProcess(ForwardProcess):
         return {"T": self.T, "s": self.s, "max_beta": self.max_beta, "event_dim": self.event_dim}
 
     @classmethod
-    def from_config(cls, **config) -> "CosineForwardProcess":
+    def from_config(cls, **config) -> CosineForwardProcess:
         return cls(**config)
 
     @classmethod
-    def from_spec(cls, T: int, spec: str = NAME, event_dim: int | None = None) -> "CosineForwardProcess":
+    def from_spec(cls, T: int, spec: str = NAME, event_dim: int | None = None) -> CosineForwardProcess:
         """Nichol and Dhariwal's s = 0.008 and clipping at 0.999 with T steps; ``spec`` must be ``"cosine"``."""
         if spec != cls.NAME:
             raise ValueError(f"{cls.__name__}: schedule must be {cls.NAME!r}, got {spec!r}")

@@ -42,12 +42,12 @@ class ForwardProcess(nn.Module):
         return {"betas": [float(b) for b in self.schedule.betas.detach().cpu().tolist()], "event_dim": self.event_dim}
 
     @classmethod
-    def from_config(cls, *, betas, event_dim: int | None = None) -> "ForwardProcess":
+    def from_config(cls, *, betas, event_dim: int | None = None) -> ForwardProcess:
         """The guide of :meth:`config` (a checkpoint's ``state_dict()`` is then loaded into it)."""
         return cls(Schedule(betas), event_dim=event_dim)
 
     @classmethod
-    def from_spec(cls, T: int, spec: str, event_dim: int | None = None) -> "ForwardProcess":
+    def from_spec(cls, T: int, spec: str, event_dim: int | None = None) -> ForwardProcess:
         """The guide a training config asks for: the named fixed schedule (``linear``, ``cosine``) with T steps."""
         return cls(Schedule.from_name(spec, T), event_dim=event_dim)
 
@@ -75,7 +75,9 @@ class ForwardProcess(nn.Module):
     def _check(self, x0: torch.Tensor, t: torch.Tensor | None = None) -> None:
         # The guide runs first under every ELBO: bad input must be named here, not deep inside Normal.
         if torch.is_tensor(x0) and self.event_dim is not None and x0.dim() != self.event_dim + 1:
-            raise ValueError(f"x_0 has shape {tuple(x0.shape)}: expected a batch of data with {self.event_dim} dimension(s)")
+            raise ValueError(
+                f"x_0 has shape {tuple(x0.shape)}: expected a batch of data with {self.event_dim} dimension(s)"
+            )
         protocol.check_batch(x0, x0.shape[1:] if torch.is_tensor(x0) else (), t, self.T)
 
     def _register(self) -> None:

@@ -73,8 +73,13 @@ class GammaSchedule(ScheduleBase, nn.Module):
             return derive(self.beta_from_gamma())
         key = torch.cat([p.detach().reshape(-1) for p in self.parameters()])
         cached = self.__dict__.get("_no_grad_cache")
-        same = (cached is not None and cached[0].shape == key.shape and cached[0].dtype == key.dtype
-                and cached[0].device == key.device and torch.equal(cached[0], key))
+        same = (
+            cached is not None
+            and cached[0].shape == key.shape
+            and cached[0].dtype == key.dtype
+            and cached[0].device == key.device
+            and torch.equal(cached[0], key)
+        )
         if not same:
             cached = (key.clone(), derive(self.beta_from_gamma()))
             self.__dict__["_no_grad_cache"] = cached
@@ -82,7 +87,10 @@ class GammaSchedule(ScheduleBase, nn.Module):
 
 
 def _constant(name: str) -> property:
-    return property(lambda self: self.constants()[name], doc=f"``{name}`` (see :mod:`pyro_ddpm.schedule`), from the current parameters.")
+    return property(
+        lambda self: self.constants()[name],
+        doc=f"``{name}`` (see :mod:`pyro_ddpm.schedule`), from the current parameters.",
+    )
 
 
 for _name in CONSTANTS:
@@ -98,8 +106,9 @@ class LearnedSchedule(GammaSchedule):
     :param seed: seed of the hidden units' initial weights (so that ``from_config`` is reproducible).
     """
 
-    def __init__(self, T: int, hidden: int = 16, gamma_min: float = GAMMA_MIN, gamma_max: float = GAMMA_MAX,
-                 seed: int = 0):
+    def __init__(
+        self, T: int, hidden: int = 16, gamma_min: float = GAMMA_MIN, gamma_max: float = GAMMA_MAX, seed: int = 0
+    ):
         super().__init__()
         if int(T) != T or T < 2:
             raise ValueError(f"learned schedule: need an integer T >= 2, got {T!r}")
@@ -108,8 +117,13 @@ class LearnedSchedule(GammaSchedule):
         if not (math.isfinite(gamma_min) and math.isfinite(gamma_max) and gamma_min < gamma_max):
             raise ValueError(f"learned schedule: need finite gamma_min < gamma_max, got {gamma_min!r}, {gamma_max!r}")
         self.T = int(T)
-        self._config = {"T": self.T, "hidden": int(hidden), "gamma_min": float(gamma_min),
-                        "gamma_max": float(gamma_max), "seed": int(seed)}
+        self._config = {
+            "T": self.T,
+            "hidden": int(hidden),
+            "gamma_min": float(gamma_min),
+            "gamma_max": float(gamma_max),
+            "seed": int(seed),
+        }
         g = torch.Generator().manual_seed(seed)
         f64 = dict(dtype=torch.float64)
         self.gamma_min = nn.Parameter(torch.tensor(float(gamma_min), **f64))
@@ -137,7 +151,9 @@ class LearnedSchedule(GammaSchedule):
     def gamma(self, u: torch.Tensor) -> torch.Tensor:
         """gamma(u) = -log SNR(u), u in [0, 1]: strictly increasing from gamma_min to gamma_max."""
         ends = self.gamma_tilde(torch.tensor([0.0, 1.0], dtype=self.slope.dtype, device=self.slope.device))
-        return self.gamma_min + (self.gamma_max - self.gamma_min) * (self.gamma_tilde(u) - ends[0]) / (ends[1] - ends[0])
+        return self.gamma_min + (self.gamma_max - self.gamma_min) * (self.gamma_tilde(u) - ends[0]) / (
+            ends[1] - ends[0]
+        )
 
     def gamma_t(self) -> torch.Tensor:
         """gamma(t / T), t = 1..T."""
@@ -164,12 +180,20 @@ class LearnedForwardProcess(ForwardProcess):
         return {**self.schedule.config(), "event_dim": self.event_dim}
 
     @classmethod
-    def from_config(cls, *, T: int, hidden: int = 16, gamma_min: float = GAMMA_MIN, gamma_max: float = GAMMA_MAX,
-                    seed: int = 0, event_dim: int | None = None) -> "LearnedForwardProcess":
+    def from_config(
+        cls,
+        *,
+        T: int,
+        hidden: int = 16,
+        gamma_min: float = GAMMA_MIN,
+        gamma_max: float = GAMMA_MAX,
+        seed: int = 0,
+        event_dim: int | None = None,
+    ) -> LearnedForwardProcess:
         return cls(LearnedSchedule(T, hidden, gamma_min, gamma_max, seed), event_dim=event_dim)
 
     @classmethod
-    def from_spec(cls, T: int, spec: str = NAME, event_dim: int | None = None) -> "LearnedForwardProcess":
+    def from_spec(cls, T: int, spec: str = NAME, event_dim: int | None = None) -> LearnedForwardProcess:
         """A VDM-initialized learned schedule with T steps; ``spec`` must be ``"learned"``."""
         if spec != cls.NAME:
             raise ValueError(f"{cls.__name__}: schedule must be {cls.NAME!r}, got {spec!r}")

@@ -66,10 +66,10 @@ class LearnedTableForwardProcess(ForwardProcess):
         return {"start": self.schedule.start, "event_dim": self.event_dim}
 
     @classmethod
-    def from_config(cls, *, start, event_dim: int | None = None) -> "LearnedTableForwardProcess":
+    def from_config(cls, *, start, event_dim: int | None = None) -> LearnedTableForwardProcess:
         return cls(TableSchedule(start), event_dim=event_dim)
 
     @classmethod
-    def from_spec(cls, T: int, spec: str = "linear", event_dim: int | None = None) -> "LearnedTableForwardProcess":
+    def from_spec(cls, T: int, spec: str = "linear", event_dim: int | None = None) -> LearnedTableForwardProcess:
         """The table started at the fixed schedule ``spec`` (``linear`` or ``cosine``) with T steps."""
         return cls(TableSchedule(Schedule.from_name(spec, T).betas), event_dim=event_dim)

@@ -40,11 +40,11 @@ class UserBetasForwardProcess(ForwardProcess):
         super().__init__(Schedule(betas), event_dim=event_dim)
 
     @classmethod
-    def from_config(cls, *, betas, event_dim: int | None = None) -> "UserBetasForwardProcess":
+    def from_config(cls, *, betas, event_dim: int | None = None) -> UserBetasForwardProcess:
         return cls(betas, event_dim=event_dim)
 
     @classmethod
-    def from_spec(cls, T: int, spec: str, event_dim: int | None = None) -> "UserBetasForwardProcess":
+    def from_spec(cls, T: int, spec: str, event_dim: int | None = None) -> UserBetasForwardProcess:
         """``spec`` is the betas, comma-separated or a file path (see :func:`read_betas`); there must be T of them."""
         betas = read_betas(spec)
         if betas.size != T:

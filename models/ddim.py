@@ -58,7 +58,12 @@ class DDIM(nn.Module):
 
     def __init__(self, model, steps: int | None = None, eta: float = 0.0):
         super().__init__()
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or not 0.0 <= eta <= 1.0:
+        if (
+            isinstance(eta, bool)
+            or not isinstance(eta, (int, float))
+            or not math.isfinite(eta)
+            or not 0.0 <= eta <= 1.0
+        ):
             raise ValueError(f"DDIM: eta must be a number in [0, 1], got {eta!r}")
         self.model = respace(model, model.T if steps is None else steps)
         self.eta = float(eta)
@@ -106,7 +111,11 @@ class DDIM(nn.Module):
             i = torch.empty(num_images, dtype=torch.long, device=x.device)
             for step in range(self.steps, 1, -1):
                 loc, scale = self.step(x, torch.full_like(i, step))
-                site = dist.Delta(loc, event_dim=len(self.shape)) if self.eta == 0 else self._event(dist.Normal(loc, scale))
+                site = (
+                    dist.Delta(loc, event_dim=len(self.shape))
+                    if self.eta == 0
+                    else self._event(dist.Normal(loc, scale))
+                )
                 x = pyro.sample(protocol.chain_site(self.timesteps[step - 2]), site)
             loc, scale = model.transition(x, torch.full_like(i, 1))
             return pyro.sample(protocol.X_0, self._event(model.likelihood(loc, scale)), obs=x0)

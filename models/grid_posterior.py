@@ -50,8 +50,9 @@ def grid_values(levels: int, like: torch.Tensor) -> torch.Tensor:
     return k * (2.0 / (levels - 1)) - 1.0
 
 
-def grid_posterior(logits: torch.Tensor, x_t: torch.Tensor, sqrt_abar: torch.Tensor, one_minus_abar: torch.Tensor,
-                   levels: int) -> torch.Tensor:
+def grid_posterior(
+    logits: torch.Tensor, x_t: torch.Tensor, sqrt_abar: torch.Tensor, one_minus_abar: torch.Tensor, levels: int
+) -> torch.Tensor:
     """log w_k = log softmax_k(l_k - (x_t - sqrt(abar_t) v_k)^2 / (2 (1 - abar_t))): (B, C, K, ...) for x_t (B, C, ...).
 
     :param logits: (B, C * K, ...), channel c's K logits contiguous.
@@ -84,8 +85,10 @@ class GridPosteriorReverseProcess(ReverseProcess):
     def __init__(self, eps, schedule, variance=None, likelihood=None, shape=None, clip_denoised: bool = False):
         super().__init__(eps, schedule, variance, likelihood, shape, clip_denoised)
         if self.data.levels < 2:
-            raise ValueError(f"{type(self).__name__} needs grid data: its decoder {self.likelihood!r} has no levels "
-                             "(continuous data); use a decoder of quantized data")
+            raise ValueError(
+                f"{type(self).__name__} needs grid data: its decoder {self.likelihood!r} has no levels "
+                "(continuous data); use a decoder of quantized data"
+            )
         self.levels = self.data.levels
 
     @classmethod

@@ -124,8 +124,10 @@ class LearnedVarianceReverseProcess(ReverseProcess):
             weight[0] = 0.0
             return HybridReverseProcess.from_model(self), weight
         if objective == "simple":
-            raise ValueError(f"objective 'simple' needs a fixed variance (its weights 1 / (T w_t) depend on sigma_t); "
-                             f"{type(self).__name__} learns its variance: use one of {list(self.objectives)}")
+            raise ValueError(
+                f"objective 'simple' needs a fixed variance (its weights 1 / (T w_t) depend on sigma_t); "
+                f"{type(self).__name__} learns its variance: use one of {list(self.objectives)}"
+            )
         return super().training_program(objective)
 
     def split(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,7 +164,7 @@ class HybridReverseProcess(LearnedVarianceReverseProcess):
     """
 
     @classmethod
-    def from_model(cls, model: LearnedVarianceReverseProcess) -> "HybridReverseProcess":
+    def from_model(cls, model: LearnedVarianceReverseProcess) -> HybridReverseProcess:
         """The hybrid program around ``model``'s network, schedule, likelihood and shape (all shared)."""
         if not isinstance(model, LearnedVarianceReverseProcess):
             raise ValueError(f"the hybrid objective needs a learned-variance model, got {type(model).__name__}")

@@ -44,8 +44,9 @@ class MomentMatchedGridReverseProcess(GridPosteriorReverseProcess):
 
     @property
     def sigma2(self) -> torch.Tensor:
-        raise ValueError(f"{type(self).__name__}: sigma_t^2 is moment-matched per pixel and depends on x_t; "
-                         "use transition(x_t, t)")
+        raise ValueError(
+            f"{type(self).__name__}: sigma_t^2 is moment-matched per pixel and depends on x_t; use transition(x_t, t)"
+        )
 
     def training_program(self, objective: str):
         """``elbo``: this model. ``simple``: the grid-posterior program with the fixed small variance around

@@ -51,8 +51,15 @@ class ReverseProcess(nn.Module):
     variances: tuple[str, ...] = ("large", "small")
     objectives: tuple[str, ...] = ("elbo", "simple")
 
-    def __init__(self, eps: nn.Module, schedule: Schedule, variance: str | None = None, likelihood=None, shape=None,
-                 clip_denoised: bool = False):
+    def __init__(
+        self,
+        eps: nn.Module,
+        schedule: Schedule,
+        variance: str | None = None,
+        likelihood=None,
+        shape=None,
+        clip_denoised: bool = False,
+    ):
         super().__init__()
         self.eps = eps
         self.schedule = schedule
@@ -75,7 +82,7 @@ class ReverseProcess(nn.Module):
         return {"variance": self.variance, "shape": list(self.shape)}
 
     @classmethod
-    def from_config(cls, *, eps: nn.Module, schedule, likelihood, **config) -> "ReverseProcess":
+    def from_config(cls, *, eps: nn.Module, schedule, likelihood, **config) -> ReverseProcess:
         """The model of :meth:`config` around the given network, schedule and likelihood."""
         return cls(eps, schedule, likelihood=likelihood, **config)
 
@@ -118,28 +125,30 @@ class ReverseProcess(nn.Module):
             return self.with_likelihood(GaussianLikelihood()), simple_weights(self.schedule.variance(self.variance).w)
         raise ValueError(f"{type(self).__name__}: unknown objective {objective!r}; it supports {list(self.objectives)}")
 
-    def with_likelihood(self, likelihood) -> "ReverseProcess":
+    def with_likelihood(self, likelihood) -> ReverseProcess:
         """The same program (same class, network, schedule, variance) with another decoder; the network is shared."""
         new = copy.copy(self)
         new._modules = dict(self._modules)
         new.likelihood = likelihood
         return new
 
-    def with_network(self, eps: nn.Module) -> "ReverseProcess":
+    def with_network(self, eps: nn.Module) -> ReverseProcess:
         """The same program around another network module (e.g. the same network wrapped for DDP)."""
         new = copy.copy(self)
         new._modules = dict(self._modules, eps=eps)
         return new
 
-    def with_clipping(self) -> "ReverseProcess":
+    def with_clipping(self) -> ReverseProcess:
         """The same program with its prediction of x_0 clipped to [-1, 1] in the mean (``clip_denoised``).
 
         Offered by every class that builds its transition from :meth:`predict_x0` (all shipped models);
         a class that overrides :meth:`transition` itself is refused with one clear error.
         """
         if type(self).transition is not ReverseProcess.transition:
-            raise ValueError(f"{type(self).__name__} overrides transition(), so clipping its prediction of x_0 is not "
-                             "defined; implement predict_x0() and mean() instead to support clip_denoised")
+            raise ValueError(
+                f"{type(self).__name__} overrides transition(), so clipping its prediction of x_0 is not "
+                "defined; implement predict_x0() and mean() instead to support clip_denoised"
+            )
         new = copy.copy(self)
         new._modules = dict(self._modules)
         new.clip_denoised = True
@@ -153,7 +162,10 @@ class ReverseProcess(nn.Module):
     def network_output(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The network's output at (x_t, t), in x_t's dtype, with the input and output shapes checked."""
         if tuple(x_t.shape[1:]) != self.shape:
-            raise ValueError(f"the network expects inputs of shape (batch, {', '.join(map(str, self.shape))}), got {tuple(x_t.shape)}")
+            raise ValueError(
+                f"the network expects inputs of shape (batch, {', '.join(map(str, self.shape))}), "
+                f"got {tuple(x_t.shape)}"
+            )
         if t.shape != x_t.shape[:1]:
             raise ValueError(f"timesteps t must have shape ({x_t.shape[0]},), one per input, got {tuple(t.shape)}")
         self.schedule.check_timesteps(t)
@@ -163,7 +175,10 @@ class ReverseProcess(nn.Module):
             raise ValueError(f"the network returned a {type(out).__name__}, not a tensor")
         expected = self.output_shape(x_t.shape)
         if tuple(out.shape) != expected:
-            raise ValueError(f"the network returned shape {tuple(out.shape)} for input of shape {tuple(x_t.shape)}; expected {expected}")
+            raise ValueError(
+                f"the network returned shape {tuple(out.shape)} for input of shape {tuple(x_t.shape)}; "
+                f"expected {expected}"
+            )
         return out.to(x_t.dtype)
 
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -214,8 +229,10 @@ class ReverseProcess(nn.Module):
         self.likelihood.check(x0)
         param = next(self.eps.parameters(), None)
         if param is not None and param.dtype != x0.dtype and self.autocast is None:
-            raise ValueError(f"x_0 is {x0.dtype} but the network's parameters are {param.dtype}: convert the images "
-                             f"(x0.to({param.dtype})) or the model")
+            raise ValueError(
+                f"x_0 is {x0.dtype} but the network's parameters are {param.dtype}: convert the images "
+                f"(x0.to({param.dtype})) or the model"
+            )
 
     # ------------------------------------------------------------------ the chain form
     def chain_start(self, x0: torch.Tensor | None, num_images: int | None) -> tuple[int, torch.Tensor]:
@@ -226,8 +243,9 @@ class ReverseProcess(nn.Module):
         if num_images is None:
             raise ValueError("chain: give x0 or num_images")
         param = next(self.eps.parameters(), None)
-        return num_images, torch.zeros((), dtype=param.dtype if param is not None else torch.get_default_dtype(),
-                                       device=self.schedule.beta.device)
+        return num_images, torch.zeros(
+            (), dtype=param.dtype if param is not None else torch.get_default_dtype(), device=self.schedule.beta.device
+        )
 
     def chain(self, x0: torch.Tensor | None = None, num_images: int | None = None) -> torch.Tensor:
         """p(x_T) prod_t p_theta(x_{t-1} | x_t): every term of Eq. 5 at its own site.

@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pyro_ddpm.guides import ForwardProcess
 from pyro_ddpm import evaluate
+from pyro_ddpm.guides import ForwardProcess
 from pyro_ddpm.likelihoods import check_images, default_likelihood
 from pyro_ddpm.models import LearnedVarianceReverseProcess, ReverseProcess
 from pyro_ddpm.nets import EpsNetwork
@@ -74,7 +74,9 @@ def _check_shape(shape) -> tuple[int, ...]:
     try:
         shape = tuple(int(s) for s in shape)
     except (TypeError, ValueError):
-        raise ValueError(f"shape must be a tuple of positive integers (one datum, e.g. (3, 32, 32)), got {shape!r}") from None
+        raise ValueError(
+            f"shape must be a tuple of positive integers (one datum, e.g. (3, 32, 32)), got {shape!r}"
+        ) from None
     if not shape or any(s < 1 for s in shape):
         raise ValueError(f"shape must be a non-empty tuple of positive integers (one datum), got {shape!r}")
     return shape
@@ -91,8 +93,16 @@ def build(network: EpsNetwork, schedule: Schedule, shape, levels=256, variance: 
     return model, ForwardProcess(schedule, event_dim=len(shape))
 
 
-def from_callable(fn, betas, shape, levels=256, variance: str = "large", zero_based: bool = False,
-                  dtype: torch.dtype | None = None, likelihood=None):
+def from_callable(
+    fn,
+    betas,
+    shape,
+    levels=256,
+    variance: str = "large",
+    zero_based: bool = False,
+    dtype: torch.dtype | None = None,
+    likelihood=None,
+):
     """(model, guide) for a network or plain function ``fn(x_t, t)`` and its schedule beta_1..beta_T.
 
     :param betas: beta_1..beta_T (array, tensor or a :class:`~pyro_ddpm.schedule.Schedule`), float64.
@@ -107,9 +117,16 @@ def from_callable(fn, betas, shape, levels=256, variance: str = "large", zero_ba
     return build(network, schedule, shape, levels, variance, likelihood)
 
 
-def from_improved_diffusion(net, betas, learn_sigma: bool = False, levels=256, shape=None,
-                            sigma_small: bool = False, rescale_timesteps: bool = False,
-                            dtype: torch.dtype | None = None):
+def from_improved_diffusion(
+    net,
+    betas,
+    learn_sigma: bool = False,
+    levels=256,
+    shape=None,
+    sigma_small: bool = False,
+    rescale_timesteps: bool = False,
+    dtype: torch.dtype | None = None,
+):
     """(model, guide) for an improved-diffusion / guided-diffusion style network and its betas.
 
     Such a network takes the zero-based timestep i = t - 1 (``alphas_cumprod[i] = abar_t``) and returns
@@ -125,8 +142,9 @@ def from_improved_diffusion(net, betas, learn_sigma: bool = False, levels=256, s
     if shape is None:
         raise ValueError("from_improved_diffusion: give shape=(C, H, W) (the network does not record its data shape)")
     shape = _check_shape(shape)
-    network = EpsNetwork(net, zero_based=True, time_scale=1000.0 / schedule.T if rescale_timesteps else 1.0,
-                         dtype=dtype, shape=shape)
+    network = EpsNetwork(
+        net, zero_based=True, time_scale=1000.0 / schedule.T if rescale_timesteps else 1.0, dtype=dtype, shape=shape
+    )
     return build(network, schedule, shape, levels, "learned" if learn_sigma else "small" if sigma_small else "large")
 
 
@@ -147,10 +165,14 @@ def diffusers_variance(scheduler, variance: str | None = None) -> str:
         return variance
     kind = getattr(scheduler, "config", {}).get("variance_type", None)
     if kind is None:
-        raise ValueError(f"{type(scheduler).__name__} has no variance_type: give variance='large', 'small' or 'learned'")
+        raise ValueError(
+            f"{type(scheduler).__name__} has no variance_type: give variance='large', 'small' or 'learned'"
+        )
     if kind not in DIFFUSERS_VARIANCES:
-        raise ValueError(f"unknown variance type {kind!r} of the diffusers scheduler; supported: "
-                         f"{sorted(DIFFUSERS_VARIANCES)} (or give variance= explicitly)")
+        raise ValueError(
+            f"unknown variance type {kind!r} of the diffusers scheduler; supported: "
+            f"{sorted(DIFFUSERS_VARIANCES)} (or give variance= explicitly)"
+        )
     return DIFFUSERS_VARIANCES[kind]
 
 
@@ -172,7 +194,9 @@ def from_diffusers(unet, scheduler, levels=256, variance: str | None = None, dty
     _diffusers()
     config = getattr(scheduler, "config", None)
     if config is None or not hasattr(scheduler, "betas"):
-        raise ValueError(f"from_diffusers: expected a diffusers scheduler with .betas and .config, got {type(scheduler).__name__}")
+        raise ValueError(
+            f"from_diffusers: expected a diffusers scheduler with .betas and .config, got {type(scheduler).__name__}"
+        )
     prediction = config.get("prediction_type", "epsilon")
     if prediction != "epsilon":
         raise ValueError(f"from_diffusers: prediction_type {prediction!r} is not supported; only 'epsilon'")
@@ -190,8 +214,10 @@ def from_diffusers(unet, scheduler, levels=256, variance: str | None = None, dty
     out = int(ucfg.get("out_channels", channels))
     expected = 2 * channels if kind == "learned" else channels
     if out != expected:
-        raise ValueError(f"from_diffusers: variance {kind!r} needs a UNet with {expected} output channels "
-                         f"({channels} in), this one has {out}")
+        raise ValueError(
+            f"from_diffusers: variance {kind!r} needs a UNet with {expected} output channels "
+            f"({channels} in), this one has {out}"
+        )
     shape = (channels, *hw)
     network = EpsNetwork(unet, zero_based=True, dtype=dtype, shape=shape)
     return build(network, Schedule(betas.numpy()), shape, levels, kind)
@@ -206,8 +232,10 @@ def from_diffusers_pipeline(path, levels=256, variance: str | None = None, dtype
     diffusers = _diffusers()
     folder = Path(path)
     if not (folder / "model_index.json").is_file():
-        raise ValueError(f"from_diffusers_pipeline: {str(folder)!r} is not a saved pipeline folder "
-                         f"(no model_index.json; write one with pipeline.save_pretrained(folder))")
+        raise ValueError(
+            f"from_diffusers_pipeline: {str(folder)!r} is not a saved pipeline folder "
+            f"(no model_index.json; write one with pipeline.save_pretrained(folder))"
+        )
     pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
     unet, scheduler = getattr(pipe, "unet", None), getattr(pipe, "scheduler", None)
     if unet is None or scheduler is None:
@@ -235,8 +263,9 @@ def to_grid(images, levels: int = 256, channels_last: bool = False) -> torch.Ten
         raise ValueError(f"to_grid: images must be integer levels or floats on the grid, got dtype {x.dtype}")
     if not x.dtype.is_floating_point:
         if x.numel() and (int(x.min()) < 0 or int(x.max()) > K - 1):
-            raise ValueError(f"to_grid: integer images must hold levels 0..{K - 1}, got values in "
-                             f"{int(x.min())}..{int(x.max())}")
+            raise ValueError(
+                f"to_grid: integer images must hold levels 0..{K - 1}, got values in {int(x.min())}..{int(x.max())}"
+            )
         return (x.to(torch.float64) * (2.0 / (K - 1)) - 1.0).to(torch.float32).contiguous()
     check_images(x, K, name="to_grid input")
     return x
@@ -255,9 +284,10 @@ def bound_of(source, images, levels: int = 256, draws: int = 1, max_batch: int =
         model, guide = source
     x0 = to_grid(images, levels) if levels else torch.as_tensor(images)
     if tuple(x0.shape[1:]) != tuple(model.shape):
-        raise ValueError(f"bound_of: images have shape {tuple(x0.shape)}, the model's data shape is "
-                         f"(N, {', '.join(map(str, model.shape))})")
+        raise ValueError(
+            f"bound_of: images have shape {tuple(x0.shape)}, the model's data shape is "
+            f"(N, {', '.join(map(str, model.shape))})"
+        )
     device = model.schedule.beta.device
     idata = evaluate.bound(model, guide, x0.to(device), draws=draws, max_batch=max_batch, seed=seed, **kwargs)
     return idata, evaluate.summarize(idata)
-

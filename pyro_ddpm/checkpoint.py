@@ -62,7 +62,10 @@ class TrainState:
     def to_bytes(self) -> bytes:
         """The checkpoint file's contents: a snapshot of the state now (later changes to the tensors do not
         reach it), to be written with :func:`write_bytes`, possibly later."""
-        payload = {"format": FORMAT, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "path"}}
+        payload = {
+            "format": FORMAT,
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "path"},
+        }
         buffer = io.BytesIO()
         torch.save(payload, buffer)
         return buffer.getvalue()
@@ -71,25 +74,32 @@ class TrainState:
         return write_bytes(path, self.to_bytes())
 
     @classmethod
-    def load(cls, path: str | os.PathLike, map_location="cpu") -> "TrainState":
+    def load(cls, path: str | os.PathLike, map_location="cpu") -> TrainState:
         """Read a checkpoint file (or the ``checkpoint.pt`` of a run directory); one ValueError for any problem."""
         path = resolve(path)
         try:
             raw = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as e:  # noqa: BLE001 - one clear message for any unreadable file
-            raise ValueError(f"{path} is not a readable pyro-ddpm checkpoint: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+            raise ValueError(
+                f"{path} is not a readable pyro-ddpm checkpoint: {type(e).__name__}: {str(e).splitlines()[0]}"
+            ) from None
         if not isinstance(raw, dict) or "format" not in raw:
             raise ValueError(f"{path} is not a pyro-ddpm checkpoint (no 'format' entry)")
         if raw["format"] != FORMAT:
-            raise ValueError(f"{path} is a pyro-ddpm checkpoint of format {raw['format']!r}; this version reads format "
-                             f"{FORMAT} (checkpoints of format 1 predate self-describing programs: train again)")
+            raise ValueError(
+                f"{path} is a pyro-ddpm checkpoint of format {raw['format']!r}; this version reads format "
+                f"{FORMAT} (checkpoints of format 1 predate self-describing programs: train again)"
+            )
         missing = sorted(_KEYS - set(raw))
         if missing:
-            raise ValueError(f"{path} is a damaged pyro-ddpm checkpoint: it lacks {', '.join(repr(k) for k in missing)}")
+            raise ValueError(
+                f"{path} is a damaged pyro-ddpm checkpoint: it lacks {', '.join(repr(k) for k in missing)}"
+            )
         for key in ("config", "programs", "data", "weights", "training"):
             if not isinstance(raw[key], dict):
-                raise ValueError(f"{path} is a damaged pyro-ddpm checkpoint: its {key!r} is a {type(raw[key]).__name__}, "
-                                 "not a dict")
+                raise ValueError(
+                    f"{path} is a damaged pyro-ddpm checkpoint: its {key!r} is a {type(raw[key]).__name__}, not a dict"
+                )
         if isinstance(raw["step"], bool) or not isinstance(raw["step"], int) or raw["step"] < 0:
             raise ValueError(f"{path} is a damaged pyro-ddpm checkpoint: its step is {raw['step']!r}")
         for key, needed in (("data", ("name", "shape", "levels")), ("config", ("steps", "objective", "data"))):
@@ -112,17 +122,23 @@ class TrainState:
     def check_data(self, shape, levels: int, what: str = "the data") -> None:
         """Raise ValueError unless data of ``shape`` with ``levels`` levels is what the run was trained on."""
         if tuple(shape) != tuple(self.data["shape"]):
-            raise ValueError(f"{what} has images of shape {tuple(shape)}, the checkpoint was trained on shape "
-                             f"{tuple(self.data['shape'])}")
+            raise ValueError(
+                f"{what} has images of shape {tuple(shape)}, the checkpoint was trained on shape "
+                f"{tuple(self.data['shape'])}"
+            )
         if int(levels) != int(self.data["levels"]):
-            raise ValueError(f"{what} has {levels} levels per dimension, the checkpoint was trained on {self.data['levels']}")
+            raise ValueError(
+                f"{what} has {levels} levels per dimension, the checkpoint was trained on {self.data['levels']}"
+            )
 
     def check_fingerprint(self, train_images: torch.Tensor) -> None:
         """Raise ValueError unless the training split is the one the run was trained on (count and hash)."""
         stored, now = self.data.get("fingerprint"), fingerprint(train_images)
         if stored is not None and stored != now:
-            raise ValueError(f"cannot resume: the training data changed since the checkpoint ({stored['count']} images, "
-                             f"sha256 {stored['sha256'][:12]}...; now {now['count']} images, sha256 {now['sha256'][:12]}...)")
+            raise ValueError(
+                f"cannot resume: the training data changed since the checkpoint ({stored['count']} images, "
+                f"sha256 {stored['sha256'][:12]}...; now {now['count']} images, sha256 {now['sha256'][:12]}...)"
+            )
 
     def resume_config(self, asked: dict, resumable) -> dict:
         """The config a resumed run uses: the stored one, with the ``resumable`` fields the user set again.
@@ -137,22 +153,35 @@ class TrainState:
             if k in resumable or v is None or k not in stored:
                 continue
             if isinstance(v, dict) and isinstance(stored[k], dict):  # e.g. net_overrides: the keys set again
-                differ += [(f"{k}.{key}", stored[k].get(key), value) for key, value in v.items()
-                           if stored[k].get(key) != value]
+                differ += [
+                    (f"{k}.{key}", stored[k].get(key), value) for key, value in v.items() if stored[k].get(key) != value
+                ]
             elif stored[k] != v:
                 differ.append((k, stored[k], v))
         if differ:
-            raise ValueError("cannot resume: the run was trained with different settings: "
-                             + ", ".join(f"{k} = {old!r} (asked {new!r})" for k, old, new in differ)
-                             + "; only " + ", ".join(resumable) + " may change")
+            raise ValueError(
+                "cannot resume: the run was trained with different settings: "
+                + ", ".join(f"{k} = {old!r} (asked {new!r})" for k, old, new in differ)
+                + "; only "
+                + ", ".join(resumable)
+                + " may change"
+            )
         config = dict(stored, **{k: v for k, v in asked.items() if k in resumable and v is not None})
         if config["steps"] < self.step:
             raise ValueError(f"cannot resume to {config['steps']} steps: the checkpoint is at step {self.step}")
         return config
 
     # ----------------------------------------------------------------- the programs
-    def build(self, *, trust_code: bool = False, use_ema: bool = True, device="cpu", likelihood=None,
-              clip_denoised: bool = False, schedule=None):
+    def build(
+        self,
+        *,
+        trust_code: bool = False,
+        use_ema: bool = True,
+        device="cpu",
+        likelihood=None,
+        clip_denoised: bool = False,
+        schedule=None,
+    ):
         """The model and guide the run trained, with its EMA (or raw) weights, on ``device``, in eval mode.
 
         Classes are resolved through the registry; a class that is not registered is imported only with
@@ -162,6 +191,7 @@ class TrainState:
         :param clip_denoised: the model with its x_0 prediction clipped (``model.with_clipping()``).
         :param schedule: the schedule the caller expects; a different T or betas raises ValueError.
         """
+
         def make(kind, **objects):
             return PROGRAMS[kind].build(self.programs[kind], trust_code=trust_code, origin=self.origin, **objects)
 
@@ -192,8 +222,11 @@ def _load_weights(module: torch.nn.Module, state: dict, what: str, origin: str) 
     if not isinstance(state, dict):
         raise ValueError(f"{origin}: the {what} weights are not a state dict")
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state and torch.is_tensor(state[k]) and tuple(state[k].shape) != tuple(v.shape)]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and torch.is_tensor(state[k]) and tuple(state[k].shape) != tuple(v.shape)
+    ]
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -230,5 +263,6 @@ def load(path: str | os.PathLike, map_location="cpu") -> TrainState:
 
 
 def build(state: TrainState, **kwargs):
-    """:meth:`TrainState.build` (``trust_code``, ``use_ema``, ``device``, ``likelihood``, ``clip_denoised``, ``schedule``)."""
+    """:meth:`TrainState.build` (``trust_code``, ``use_ema``, ``device``, ``likelihood``, ``clip_denoised``,
+    ``schedule``)."""
     return state.build(**kwargs)

@@ -28,14 +28,16 @@ from pyro_ddpm.figures import save_all
 from pyro_ddpm.files import atomic_write, check_directory, check_output_file
 from pyro_ddpm.importance_weighted import importance_weighted
 from pyro_ddpm.likelihoods import TanhDiscretizedGaussianLikelihood
-from pyro_ddpm.registry import GUIDES, LIKELIHOODS, MODELS, TIMESTEPS
 from pyro_ddpm.ode import ode_likelihood
+from pyro_ddpm.registry import GUIDES, LIKELIHOODS, MODELS, TIMESTEPS
 from pyro_ddpm.sample import SAMPLERS, sample, save_png
 from pyro_ddpm.train import LR_DECAYS, RESUMABLE, Interrupted, TrainConfig, check_device, torch_threads, train
 
 DEFAULTS = TrainConfig()
-THREADS_HELP = ("torch threads (default: $OMP_NUM_THREADS when set, 1 under pytest-xdist, else torch's choice); "
-                "two jobs side by side on N cores: --threads N/2 each")
+THREADS_HELP = (
+    "torch threads (default: $OMP_NUM_THREADS when set, 1 under pytest-xdist, else torch's choice); "
+    "two jobs side by side on N cores: --threads N/2 each"
+)
 
 
 def _declared(attribute: str) -> list[str]:
@@ -67,52 +69,111 @@ def _train_flags(compare_mode: bool):
     def note(field: str) -> str:
         """' (default V)', saying where V comes from when it is the comparison preset's."""
         if field in preset:
-            return (f" (default {getattr(d, field)}: the {d.data} preset of pyro_ddpm.presets; "
-                    "other data sets have their own)")
+            return (
+                f" (default {getattr(d, field)}: the {d.data} preset of pyro_ddpm.presets; "
+                "other data sets have their own)"
+            )
         return f" (default {getattr(d, field)})"
 
     return [
-        (("--data",), "data", dict(help=f"a data set ({', '.join(datasets.NAMES)}) or a path (MNIST IDX files, "
-                                         f"CIFAR-10 python tarball or folder); default {d.data}")),
+        (
+            ("--data",),
+            "data",
+            dict(
+                help=f"a data set ({', '.join(datasets.NAMES)}) or a path (MNIST IDX files, "
+                f"CIFAR-10 python tarball or folder); default {d.data}"
+            ),
+        ),
         (("--steps",), "steps", dict(type=int, help=f"total training steps{note('steps')}")),
         (("--batch-size",), "batch_size", dict(type=int, help=f"global batch{note('batch_size')}")),
-        (("--timesteps-per-image", "-K"), "timesteps_per_image",
-         dict(type=int, help=f"K timesteps per image per step (default {d.timesteps_per_image})")),
+        (
+            ("--timesteps-per-image", "-K"),
+            "timesteps_per_image",
+            dict(type=int, help=f"K timesteps per image per step (default {d.timesteps_per_image})"),
+        ),
         (("--T",), "T", dict(type=int, help=f"number of diffusion steps (default {d.T})")),
-        (("--schedule",), "schedule", dict(help="what the guide class reads as its schedule (its from_spec: a schedule "
-                                                 "name, or betas as a comma list or .npy/text file for a guide over "
-                                                 f"given betas){note('schedule')}")),
-        (("--variance",), "variance", dict(choices=_declared("variances"),
-                                           help="sigma_t^2 rule; each model implements some (default: the model's first)")),
-        (("--model",), "model", dict(help=f"the reverse-process program: {_names(MODELS)}, or 'module:Class' "
-                                          f"(default {d.model})")),
-        (("--model-option",), "model_options", dict(action="append", metavar="KEY=VALUE",
-                                                    help="a keyword argument of the model class (VALUE read as a number, "
-                                                         "true/false or text); repeatable")),
-        (("--guide",), "guide", dict(help=f"the forward-process program: {_names(GUIDES)}, or 'module:Class' "
-                                          f"(default {d.guide})")),
-        (("--likelihood",), "likelihood", dict(help=f"the decoder p(x_0 | x_1): {_names(LIKELIHOODS)}, or "
-                                                    "'module:Class' (default: the data set's)")),
-        (("--timesteps",), "timesteps", dict(choices=TIMESTEPS.names(),
-                                             help=f"timestep sampling: uniform, or loss-aware importance sampling "
-                                                  f"(unbiased); default {d.timesteps}")),
+        (
+            ("--schedule",),
+            "schedule",
+            dict(
+                help="what the guide class reads as its schedule (its from_spec: a schedule "
+                "name, or betas as a comma list or .npy/text file for a guide over "
+                f"given betas){note('schedule')}"
+            ),
+        ),
+        (
+            ("--variance",),
+            "variance",
+            dict(
+                choices=_declared("variances"),
+                help="sigma_t^2 rule; each model implements some (default: the model's first)",
+            ),
+        ),
+        (
+            ("--model",),
+            "model",
+            dict(help=f"the reverse-process program: {_names(MODELS)}, or 'module:Class' (default {d.model})"),
+        ),
+        (
+            ("--model-option",),
+            "model_options",
+            dict(
+                action="append",
+                metavar="KEY=VALUE",
+                help="a keyword argument of the model class (VALUE read as a number, true/false or text); repeatable",
+            ),
+        ),
+        (
+            ("--guide",),
+            "guide",
+            dict(help=f"the forward-process program: {_names(GUIDES)}, or 'module:Class' (default {d.guide})"),
+        ),
+        (
+            ("--likelihood",),
+            "likelihood",
+            dict(help=f"the decoder p(x_0 | x_1): {_names(LIKELIHOODS)}, or 'module:Class' (default: the data set's)"),
+        ),
+        (
+            ("--timesteps",),
+            "timesteps",
+            dict(
+                choices=TIMESTEPS.names(),
+                help=f"timestep sampling: uniform, or loss-aware importance sampling (unbiased); default {d.timesteps}",
+            ),
+        ),
         (("--optimizer",), "optimizer", dict(help=f"a torch.optim class (default {d.optimizer})")),
         (("--net",), "net", dict(choices=sorted(presets.NETWORKS), help="network preset (default: the data set's)")),
         (("--lr",), "lr", dict(type=float, help=f"learning rate{note('lr')}")),
         (("--warmup",), "warmup", dict(type=int, help="warm-up steps (default min(5000, steps/10) of the first run)")),
-        (("--lr-decay",), "lr_decay", dict(choices=list(LR_DECAYS),
-                                           help=f"after the warm-up: constant, or cosine decay to 0{note('lr_decay')}")),
-        (("--lr-decay-steps",), "lr_decay_steps", dict(type=int, help="length of the cosine decay (default: the "
-                                                                      "first run's steps)")),
-        (("--guide-lr-scale",), "guide_lr_scale", dict(type=float, help="learning-rate factor of the guide's "
-                                                                        "parameters, e.g. a learned schedule "
-                                                                        f"(default {d.guide_lr_scale})")),
+        (
+            ("--lr-decay",),
+            "lr_decay",
+            dict(choices=list(LR_DECAYS), help=f"after the warm-up: constant, or cosine decay to 0{note('lr_decay')}"),
+        ),
+        (
+            ("--lr-decay-steps",),
+            "lr_decay_steps",
+            dict(type=int, help="length of the cosine decay (default: the first run's steps)"),
+        ),
+        (
+            ("--guide-lr-scale",),
+            "guide_lr_scale",
+            dict(
+                type=float,
+                help="learning-rate factor of the guide's "
+                "parameters, e.g. a learned schedule "
+                f"(default {d.guide_lr_scale})",
+            ),
+        ),
         (("--grad-clip",), "grad_clip", dict(type=float, help=f"global gradient-norm clip (default {d.grad_clip})")),
         (("--ema-decay",), "ema_decay", dict(type=float, help=f"EMA decay (default {d.ema_decay})")),
         (("--seed",), "seed", dict(type=int, help=f"default {d.seed}")),
         (("--device",), "device", dict(help=f"default {d.device}")),
-        (("--precision",), "precision", dict(choices=["fp32", "bf16"],
-                                             help="bf16: the network under autocast; the bound's algebra stays fp32")),
+        (
+            ("--precision",),
+            "precision",
+            dict(choices=["fp32", "bf16"], help="bf16: the network under autocast; the bound's algebra stays fp32"),
+        ),
         (("--compile",), "compile", dict(action="store_const", const=True, help="torch.compile the network")),
         (("--log-every",), "log_every", dict(type=int, help=f"default {d.log_every}")),
         (("--sample-every",), "sample_every", dict(type=int, help="sample grid every N steps (0: never; default 0)")),
@@ -128,10 +189,18 @@ def _add_train_args(p: argparse.ArgumentParser, compare_mode: bool = False) -> N
     name = d.net or d.data  # the registered image sets share their network preset's name
     network = dict(presets.NETWORKS.get(name, {}), **d.net_overrides)
     where = f"the {d.data} network: " if compare_mode else f"e.g. the {name} network: "
-    p.add_argument("--ch", type=int, default=argparse.SUPPRESS,
-                   help=f"override the preset's base channel count ({where}{network.get('ch')})")
-    p.add_argument("--dropout", type=float, default=argparse.SUPPRESS,
-                   help=f"override the preset's dropout ({where}{network.get('dropout')})")
+    p.add_argument(
+        "--ch",
+        type=int,
+        default=argparse.SUPPRESS,
+        help=f"override the preset's base channel count ({where}{network.get('ch')})",
+    )
+    p.add_argument(
+        "--dropout",
+        type=float,
+        default=argparse.SUPPRESS,
+        help=f"override the preset's dropout ({where}{network.get('dropout')})",
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -171,8 +240,13 @@ def cmd_train(args) -> int:
         config = TrainConfig(**{**{f.name: None for f in dataclasses.fields(TrainConfig)}, **given})
     else:
         config = TrainConfig(**given)
-    path = train(config, args.out, progress=not args.no_progress, resume=args.resume,
-                 trust_code=True if args.trust_code else None)
+    path = train(
+        config,
+        args.out,
+        progress=not args.no_progress,
+        resume=args.resume,
+        trust_code=True if args.trust_code else None,
+    )
     print(f"checkpoint written to {path}")
     return 0
 
@@ -180,8 +254,11 @@ def cmd_train(args) -> int:
 def _load_run(args) -> tuple[TrainState, Path]:
     state = TrainState.load(args.run)
     if not state.finished:
-        print(f"pyro-ddpm: note: {resolve(args.run)} is at step {state.step} of {state.config['steps']}: the run is "
-              "not finished (still training, or interrupted)", file=sys.stderr)
+        print(
+            f"pyro-ddpm: note: {resolve(args.run)} is at step {state.step} of {state.config['steps']}: the run is "
+            "not finished (still training, or interrupted)",
+            file=sys.stderr,
+        )
     run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
     return state, run_dir
 
@@ -223,51 +300,86 @@ def cmd_evaluate(args) -> int:
             model = model.with_clipping()
         if args.cdf == "tanh":
             model = model.with_likelihood(TanhDiscretizedGaussianLikelihood(dataset.levels))
-        source = {"model": f"diffusers pipeline {args.diffusers}", "objective": "elsewhere", "step": None,
-                  "checkpoint": str(args.diffusers)}
+        source = {
+            "model": f"diffusers pipeline {args.diffusers}",
+            "objective": "elsewhere",
+            "step": None,
+            "checkpoint": str(args.diffusers),
+        }
     else:
         state, run_dir = _load_run(args)
         # before computing anything; a missing --out folder is made only when the results are written
         out = check_directory(args.out or run_dir, "evaluation output folder", create=False)
         stored = state.data
-        dataset = datasets.load(args.data or (f"{stored['name']}:{stored['source']}" if stored.get("source")
-                                              else stored["name"]))
+        dataset = datasets.load(
+            args.data or (f"{stored['name']}:{stored['source']}" if stored.get("source") else stored["name"])
+        )
         state.check_data(dataset.shape, dataset.levels, what=f"data set {dataset.name!r}")
         if args.T is not None and args.T != int(state.config["T"]):
             raise ValueError(f"schedule mismatch: the checkpoint has T = {state.config['T']}, --T asked {args.T}")
-        model, guide = state.build(device=args.device, trust_code=args.trust_code, clip_denoised=args.clip_denoised,
-                                   likelihood=TanhDiscretizedGaussianLikelihood(dataset.levels) if args.cdf == "tanh"
-                                   else None)
-        source = {"model": state.programs["model"]["class"], "objective": state.config["objective"],
-                  "step": state.step, "checkpoint": str(resolve(args.run))}
-    x = getattr(dataset, args.split)[:args.limit].to(args.device)
-    idata = bound(model, guide, x, draws=args.draws, max_batch=args.max_batch, seed=args.seed,
-                  progress=not args.no_progress)
-    idata.bound.attrs.update(split=args.split, data=dataset.name, clip_denoised=int(args.clip_denoised), cdf=args.cdf,
-                             checkpoint=source["checkpoint"], step=-1 if source["step"] is None else source["step"],
-                             objective=source["objective"])
+        model, guide = state.build(
+            device=args.device,
+            trust_code=args.trust_code,
+            clip_denoised=args.clip_denoised,
+            likelihood=TanhDiscretizedGaussianLikelihood(dataset.levels) if args.cdf == "tanh" else None,
+        )
+        source = {
+            "model": state.programs["model"]["class"],
+            "objective": state.config["objective"],
+            "step": state.step,
+            "checkpoint": str(resolve(args.run)),
+        }
+    x = getattr(dataset, args.split)[: args.limit].to(args.device)
+    idata = bound(
+        model, guide, x, draws=args.draws, max_batch=args.max_batch, seed=args.seed, progress=not args.no_progress
+    )
+    idata.bound.attrs.update(
+        split=args.split,
+        data=dataset.name,
+        clip_denoised=int(args.clip_denoised),
+        cdf=args.cdf,
+        checkpoint=source["checkpoint"],
+        step=-1 if source["step"] is None else source["step"],
+        objective=source["objective"],
+    )
     summary = summarize(idata)
-    summary.update(split=args.split, data=dataset.name, clip_denoised=args.clip_denoised, cdf=args.cdf,
-                   **{k: source[k] for k in ("objective", "step", "model")})
+    summary.update(
+        split=args.split,
+        data=dataset.name,
+        clip_denoised=args.clip_denoised,
+        cdf=args.cdf,
+        **{k: source[k] for k in ("objective", "step", "model")},
+    )
     stem = f"bound_{args.split}"
     estimates = {}
     if args.ode:
         estimates["probability-flow ODE"] = ode_likelihood(
-            model, x, method=args.ode_method, steps=args.ode_steps, divergence=args.divergence, probes=args.probes,
-            seed=args.seed)
+            model,
+            x,
+            method=args.ode_method,
+            steps=args.ode_steps,
+            divergence=args.divergence,
+            probes=args.probes,
+            seed=args.seed,
+        )
     if args.particles is not None:
         estimates[f"importance-weighted, K = {args.particles}"] = importance_weighted(
-            model, guide, x, particles=args.particles, seed=args.seed)
+            model, guide, x, particles=args.particles, seed=args.seed
+        )
     paths = save(idata, summary, out, stem)
     for name, result in estimates.items():
         kind = "ode" if name.startswith("probability") else "iw"
-        paths[kind] = atomic_write(out / f"{kind}_{args.split}.json",
-                                   lambda f, r=result: f.write(json.dumps(_json_ready(r), indent=2).encode()))
+        paths[kind] = atomic_write(
+            out / f"{kind}_{args.split}.json",
+            lambda f, r=result: f.write(json.dumps(_json_ready(r), indent=2).encode()),
+        )
     if not args.no_figures:
         paths.update(save_all(idata, out, stem))
-    header = (f"{summary['data']} {summary['split']} split, {summary['model']}, objective {summary['objective']}, "
-              f"step {summary['step']}; {'exact log-CDF' if args.cdf == 'exact' else 'tanh-approximated CDF'}, "
-              f"clip_denoised={args.clip_denoised}")
+    header = (
+        f"{summary['data']} {summary['split']} split, {summary['model']}, objective {summary['objective']}, "
+        f"step {summary['step']}; {'exact log-CDF' if args.cdf == 'exact' else 'tanh-approximated CDF'}, "
+        f"clip_denoised={args.clip_denoised}"
+    )
     print(format_summary(summary, header))
     if estimates:
         print("\nother estimators on the same images (mean, s.e. over images):")
@@ -275,8 +387,10 @@ def cmd_evaluate(args) -> int:
             print(_estimator_line(name, result))
         if "probability-flow ODE" in estimates:
             st = estimates["probability-flow ODE"]["settings"]
-            print(f"  ODE: {st['method']} {st['steps'] or ''} steps, divergence {st['divergence']}, dequantized "
-                  f"{st['dequantize']} (an upper bound on the discrete NLL)")
+            print(
+                f"  ODE: {st['method']} {st['steps'] or ''} steps, divergence {st['divergence']}, dequantized "
+                f"{st['dequantize']} (an upper bound on the discrete NLL)"
+            )
     print("written: " + ", ".join(str(p) for p in paths.values()))
     return 0
 
@@ -305,54 +419,90 @@ def cmd_compare(args) -> int:
     if unknown:
         raise ValueError(f"unknown arms {unknown}; the arms of {config.data} are {sorted(arms)}")
     try:
-        result = compare(config, args.out, arms={a: arms[a] for a in chosen}, seeds=args.seeds,
-                         num_samples=args.samples, draws=args.draws, max_batch=args.max_batch, limit=args.limit,
-                         progress=not args.no_progress, vae=not args.no_vae)
+        result = compare(
+            config,
+            args.out,
+            arms={a: arms[a] for a in chosen},
+            seeds=args.seeds,
+            num_samples=args.samples,
+            draws=args.draws,
+            max_batch=args.max_batch,
+            limit=args.limit,
+            progress=not args.no_progress,
+            vae=not args.no_vae,
+        )
     except Interrupted as e:  # an arm's training stopped with its checkpoint: running the comparison again resumes it
-        raise e.with_hint("the same pyro-ddpm compare command (finished arms are kept, unfinished ones resume)") from None
+        raise e.with_hint(
+            "the same pyro-ddpm compare command (finished arms are kept, unfinished ones resume)"
+        ) from None
     runs = [Path(args.out) / (a if len(args.seeds) == 1 else f"{a}-seed{s}") for a in chosen for s in args.seeds]
     print("written: " + ", ".join(str(p) for p in result["paths"].values()))
-    print("runs (checkpoint.pt, metrics.jsonl, bound_test.nc/.json, samples.pt in each): "
-          + ", ".join(str(r) for r in runs))
+    print(
+        "runs (checkpoint.pt, metrics.jsonl, bound_test.nc/.json, samples.pt in each): "
+        + ", ".join(str(r) for r in runs)
+    )
     return 0
 
 
 def _eval_args(p: argparse.ArgumentParser, standalone: bool = True) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of the split")
-    p.add_argument("--max-batch", type=int, default=4096,
-                   help="(image, timestep) pairs per network call (default %(default)s)")
+    p.add_argument(
+        "--max-batch", type=int, default=4096, help="(image, timestep) pairs per network call (default %(default)s)"
+    )
     p.add_argument("--draws", type=int, default=1, help="noise draws per term (default %(default)s)")
     if standalone:
-        p.add_argument("--clip-denoised", action="store_true",
-                       help="clip the x_0 prediction to [-1, 1] in the mean, as the official evaluation does")
-        p.add_argument("--cdf", default="exact", choices=["exact", "tanh"],
-                       help="decoder CDF: exact log-CDF or the official tanh approximation")
+        p.add_argument(
+            "--clip-denoised",
+            action="store_true",
+            help="clip the x_0 prediction to [-1, 1] in the mean, as the official evaluation does",
+        )
+        p.add_argument(
+            "--cdf",
+            default="exact",
+            choices=["exact", "tanh"],
+            help="decoder CDF: exact log-CDF or the official tanh approximation",
+        )
         p.add_argument("--no-figures", action="store_true")
         p.add_argument("--split", default="test", choices=["train", "test"])
         p.add_argument("--data", default=None, help="data set (default: the checkpoint's)")
         p.add_argument("--seed", type=int, default=0, help="seed of the evaluation noise")
         p.add_argument("--T", type=int, default=None, help="the T the checkpoint must have")
-        p.add_argument("--diffusers", default=None, metavar="DIR",
-                       help="evaluate a diffusers pipeline saved with save_pretrained (local files only) instead of "
-                            "a run; needs --data")
-        p.add_argument("--ode", action="store_true",
-                       help="also the probability-flow ODE likelihood (dequantized: an upper bound on the NLL)")
+        p.add_argument(
+            "--diffusers",
+            default=None,
+            metavar="DIR",
+            help="evaluate a diffusers pipeline saved with save_pretrained (local files only) instead of "
+            "a run; needs --data",
+        )
+        p.add_argument(
+            "--ode",
+            action="store_true",
+            help="also the probability-flow ODE likelihood (dequantized: an upper bound on the NLL)",
+        )
         p.add_argument("--ode-method", default="rk4", help="ODE solver: rk4 (fixed grid) or a torchdiffeq method")
         p.add_argument("--ode-steps", type=int, default=100, help="solver steps for rk4 (default %(default)s)")
-        p.add_argument("--divergence", default="auto", choices=["auto", "exact", "rademacher", "gaussian"],
-                       help="the ODE's divergence: exact for small D, Hutchinson otherwise (default %(default)s)")
+        p.add_argument(
+            "--divergence",
+            default="auto",
+            choices=["auto", "exact", "rademacher", "gaussian"],
+            help="the ODE's divergence: exact for small D, Hutchinson otherwise (default %(default)s)",
+        )
         p.add_argument("--probes", type=int, default=1, help="Hutchinson probes per image (default %(default)s)")
-        p.add_argument("--particles", type=int, default=None,
-                       help="also the importance-weighted bound over K full chains")
+        p.add_argument(
+            "--particles", type=int, default=None, help="also the importance-weighted bound over K full chains"
+        )
         p.add_argument("--device", default="cpu")
         p.add_argument("--out", default=None, help="folder for the netCDF, JSON and figures (default: the run's)")
         p.add_argument("--no-progress", action="store_true")
 
 
 def _trust_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trust-code", action="store_true",
-                   help="allow importing a program class the checkpoint names that is not registered ('module:Class'): "
-                        "it runs that module's code")
+    p.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="allow importing a program class the checkpoint names that is not registered ('module:Class'): "
+        "it runs that module's code",
+    )
 
 
 def _threads_arg(p: argparse.ArgumentParser) -> None:
@@ -365,12 +515,21 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model with Pyro SVI")
     _add_train_args(p)
-    p.add_argument("--objective", dest="objective", default=argparse.SUPPRESS, choices=_declared("objectives"),
-                   help="what SVI optimizes; each model declares which it supports (default elbo)")
+    p.add_argument(
+        "--objective",
+        dest="objective",
+        default=argparse.SUPPRESS,
+        choices=_declared("objectives"),
+        help="what SVI optimizes; each model declares which it supports (default elbo)",
+    )
     p.add_argument("--out", required=True, help="run directory (checkpoint.pt, metrics.jsonl, samples/)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out with its stored settings; only "
-                        + ", ".join(f"--{k.replace('_', '-')}" for k in RESUMABLE if k != "validate") + " may change")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out with its stored settings; only "
+        + ", ".join(f"--{k.replace('_', '-')}" for k in RESUMABLE if k != "validate")
+        + " may change",
+    )
     _trust_arg(p)
     p.set_defaults(func=cmd_train)
 
@@ -384,8 +543,12 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="ancestral sampling (Algorithm 2) or DDIM to a PNG")
     p.add_argument("run", help="run directory or checkpoint file")
     p.add_argument("--n", type=int, default=64)
-    p.add_argument("--sampler", default="ancestral", choices=SAMPLERS,
-                   help="ancestral (Algorithm 2; respaced when --steps < T) or DDIM")
+    p.add_argument(
+        "--sampler",
+        default="ancestral",
+        choices=SAMPLERS,
+        help="ancestral (Algorithm 2; respaced when --steps < T) or DDIM",
+    )
     p.add_argument("--steps", type=int, default=None, help="network calls per image, 2..T (default T)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic given x_T)")
     p.add_argument("--out", default=None, help="PNG path (default RUN/samples.png)")
@@ -400,11 +563,17 @@ def parser() -> argparse.ArgumentParser:
     _add_train_args(p, compare_mode=True)
     _eval_args(p, standalone=False)
     base, _, default_arms = _compare_defaults()
-    p.add_argument("--arms", nargs="+", default=None,
-                   help=f"the arms to run (default for {base.data}: {' '.join(default_arms)}; each data set's "
-                        "default arms and all arms: pyro_ddpm.presets)")
+    p.add_argument(
+        "--arms",
+        nargs="+",
+        default=None,
+        help=f"the arms to run (default for {base.data}: {' '.join(default_arms)}; each data set's "
+        "default arms and all arms: pyro_ddpm.presets)",
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds per arm (default 0)")
-    p.add_argument("--samples", type=int, default=256, help="samples per model for the sample scores (default %(default)s)")
+    p.add_argument(
+        "--samples", type=int, default=256, help="samples per model for the sample scores (default %(default)s)"
+    )
     p.add_argument("--no-vae", action="store_true", help="skip the Pyro VAE rows")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_compare)
@@ -421,7 +590,9 @@ def _terminate(signum, frame):
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
+    previous = (
+        signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
+    )
     try:
         with torch_threads(getattr(args, "threads", None)):
             return args.func(args)
@@ -430,8 +601,10 @@ def main(argv=None) -> int:
         return 130
     except KeyboardInterrupt as e:
         name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
-        print(f"pyro-ddpm: {name} received: stopped; files are written atomically, so none was left half-written",
-              file=sys.stderr)
+        print(
+            f"pyro-ddpm: {name} received: stopped; files are written atomically, so none was left half-written",
+            file=sys.stderr,
+        )
         return 130
     except (ValueError, TypeError, FloatingPointError, OSError) as e:
         print(f"pyro-ddpm: error: {unwrap(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)

@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pyro_ddpm import data as datasets, presets
+from pyro_ddpm import data as datasets
+from pyro_ddpm import presets
 from pyro_ddpm.checkpoint import FILENAME, TrainState
 from pyro_ddpm.evaluate import bound, format_summary, save, summarize
 from pyro_ddpm.figures import new_figure, plot_terms, save_figure
@@ -86,8 +87,18 @@ def _training_curve(run: Path) -> dict:
     return {"step": steps, "bound_bits_per_dim": bound_bpd, "loss_per_image": loss}
 
 
-def measure(run: Path, dataset, *, num_samples: int, draws: int, max_batch: int, limit: int | None,
-            device: str, seed: int, progress: bool) -> dict:
+def measure(
+    run: Path,
+    dataset,
+    *,
+    num_samples: int,
+    draws: int,
+    max_batch: int,
+    limit: int | None,
+    device: str,
+    seed: int,
+    progress: bool,
+) -> dict:
     """The bound, the sample scores and the training curve of one trained run (written into ``run``)."""
     state = TrainState.load(run)
     model, guide = state.build(device=device)
@@ -102,8 +113,7 @@ def measure(run: Path, dataset, *, num_samples: int, draws: int, max_batch: int,
         quality = sample_quality(samples, dataset)
     except ValueError as e:  # e.g. a data set without class labels: no classifier to score samples with
         quality = {"unavailable": str(e)}
-    return {"bound": summary, "quality": quality, "training": _training_curve(run), "idata": idata,
-            "samples": samples}
+    return {"bound": summary, "quality": quality, "training": _training_curve(run), "idata": idata, "samples": samples}
 
 
 def _mean_se_over(values: list[float], ses: list[float]) -> tuple[float, float]:
@@ -114,8 +124,12 @@ def _mean_se_over(values: list[float], ses: list[float]) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v)))
 
 
-BOUND_COLUMNS = (("total", "total bits/dim"), ("prior_L_T", "L_T"), ("rate_L_1_to_L_T-1", "rate L_1..L_{T-1}"),
-                 ("distortion_L_0", "distortion L_0"))
+BOUND_COLUMNS = (
+    ("total", "total bits/dim"),
+    ("prior_L_T", "L_T"),
+    ("rate_L_1_to_L_T-1", "rate L_1..L_{T-1}"),
+    ("distortion_L_0", "distortion L_0"),
+)
 QUALITY_COLUMNS = (("fd", "FD (classifier)"), ("kid", "KID (classifier)"), ("score", "classifier score"))
 
 
@@ -129,8 +143,10 @@ def aggregate(results: dict) -> dict:
         for key, _ in BOUND_COLUMNS:
             row[key] = _mean_se_over([r["bound"][key][unit] for r in runs], [r["bound"][key][se] for r in runs])
         for band in runs[0]["bound"].get("bands", {}):
-            row[band] = _mean_se_over([r["bound"]["bands"][band]["bits_per_dim"] for r in runs],
-                                      [r["bound"]["bands"][band]["se"] for r in runs])
+            row[band] = _mean_se_over(
+                [r["bound"]["bands"][band]["bits_per_dim"] for r in runs],
+                [r["bound"]["bands"][band]["se"] for r in runs],
+            )
         for key, _ in QUALITY_COLUMNS:
             if "unavailable" not in runs[0]["quality"]:
                 row[key] = _mean_se_over([r["quality"][key] for r in runs], [r["quality"][f"{key}_se"] for r in runs])
@@ -145,11 +161,20 @@ def _cell(v) -> str:
     return f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}"
 
 
-def markdown(table: dict, baselines: dict, reference: dict | None, seeds: int, dataset_name: str, arms: dict,
-             unit: str = "bits/dim") -> str:
+def markdown(
+    table: dict,
+    baselines: dict,
+    reference: dict | None,
+    seeds: int,
+    dataset_name: str,
+    arms: dict,
+    unit: str = "bits/dim",
+) -> str:
     """The comparison table: one row per arm, the baselines' rows, and the metrics' floor."""
     bands = [k for k in next(iter(table.values())) if k.startswith("L_") and ".." in k]
-    columns = [("total", f"total {unit}")] + [(b, b) for b in bands] + list(BOUND_COLUMNS[1:2]) + list(BOUND_COLUMNS[3:])
+    columns = (
+        [("total", f"total {unit}")] + [(b, b) for b in bands] + list(BOUND_COLUMNS[1:2]) + list(BOUND_COLUMNS[3:])
+    )
     if reference is not None:
         columns += list(QUALITY_COLUMNS)
     head = ["arm", "model, objective, timesteps"] + [name for _, name in columns]
@@ -160,17 +185,26 @@ def markdown(table: dict, baselines: dict, reference: dict | None, seeds: int, d
     for label, value in baselines.items():
         lines.append(f"| {label} | | " + " | ".join([_cell(value)] + [""] * (len(columns) - 1)) + " |")
     if reference is not None:
-        cells = [""] * (len(columns) - len(QUALITY_COLUMNS)) + [_cell((reference[k], reference[f"{k}_se"]))
-                                                                 for k, _ in QUALITY_COLUMNS]
+        cells = [""] * (len(columns) - len(QUALITY_COLUMNS)) + [
+            _cell((reference[k], reference[f"{k}_se"])) for k, _ in QUALITY_COLUMNS
+        ]
         lines.append("| test split vs train split (the metrics' floor) | | " + " | ".join(cells) + " |")
-    note = [f"{dataset_name}, {seeds} seed(s) per arm; ± is the standard error "
-            + ("over seeds." if seeds > 1 else "over test images (bounds)"
-               + ("; FD bootstrap, KID jackknife, score over splits." if reference is not None else "."))]
+    note = [
+        f"{dataset_name}, {seeds} seed(s) per arm; ± is the standard error "
+        + (
+            "over seeds."
+            if seeds > 1
+            else "over test images (bounds)"
+            + ("; FD bootstrap, KID jackknife, score over splits." if reference is not None else ".")
+        )
+    ]
     if bands:
         note.append(f"{', '.join(bands)}: the rate split by decades of t ({unit}).")
     if reference is not None:
-        note.append("FD, KID and the classifier score are computed in the feature space of a small classifier "
-                    "trained on this data set's training split: not comparable to Inception FID/KID/IS.")
+        note.append(
+            "FD, KID and the classifier score are computed in the feature space of a small classifier "
+            "trained on this data set's training split: not comparable to Inception FID/KID/IS."
+        )
     return "\n".join(lines) + "\n\n" + " ".join(note) + "\n"
 
 
@@ -212,17 +246,31 @@ def vae_rows(dataset, x: torch.Tensor, seed: int, settings: dict | None = None, 
     b = vae_bounds(vae, x, s["draws"], s["particles"])
     to_bpd = 1.0 / (dataset.dims * math.log(2))
     rows = {}
-    for key, label in (("elbo", f"Pyro VAE (z {s['z_dim']}), negative ELBO"),
-                       ("iwae", f"Pyro VAE (z {s['z_dim']}), IWAE-{s['particles']}")):
+    for key, label in (
+        ("elbo", f"Pyro VAE (z {s['z_dim']}), negative ELBO"),
+        ("iwae", f"Pyro VAE (z {s['z_dim']}), IWAE-{s['particles']}"),
+    ):
         v = b[key] * to_bpd
         rows[label] = (float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))))
     log("VAE: " + ", ".join(f"{k} {m:.4f} ± {e:.4f}" for k, (m, e) in rows.items()))
     return rows
 
 
-def compare(base: TrainConfig, out: str | Path, arms: dict | None = None, seeds=(0,), *, num_samples: int = 256,
-            draws: int = 1, max_batch: int = 4096, limit: int | None = None, progress: bool = True, vae: bool = True,
-            vae_settings: dict | None = None, log=print) -> dict:
+def compare(
+    base: TrainConfig,
+    out: str | Path,
+    arms: dict | None = None,
+    seeds=(0,),
+    *,
+    num_samples: int = 256,
+    draws: int = 1,
+    max_batch: int = 4096,
+    limit: int | None = None,
+    progress: bool = True,
+    vae: bool = True,
+    vae_settings: dict | None = None,
+    log=print,
+) -> dict:
     """Train, measure and report every arm and seed; return the aggregated table and the paths.
 
     :param arms: ``{name: TrainConfig overrides}`` (default: the data set's default arms).
@@ -246,8 +294,17 @@ def compare(base: TrainConfig, out: str | Path, arms: dict | None = None, seeds=
     for (arm, seed), config in configs.items():
         run = out / (arm if len(seeds) == 1 else f"{arm}-seed{seed}")
         _trained(config, run, progress)
-        r = measure(run, dataset, num_samples=num_samples, draws=draws, max_batch=max_batch, limit=limit,
-                    device=base.device, seed=seed, progress=progress)
+        r = measure(
+            run,
+            dataset,
+            num_samples=num_samples,
+            draws=draws,
+            max_batch=max_batch,
+            limit=limit,
+            device=base.device,
+            seed=seed,
+            progress=progress,
+        )
         q = r["quality"]
         scores = q.get("unavailable") or ", ".join(f"{k} {q[k]:.4g} ± {q[k + '_se']:.2g}" for k, _ in QUALITY_COLUMNS)
         log(f"\n== arm {arm}, seed {seed} ==\n{format_summary(r['bound'])}\nsample scores: {scores}")
@@ -268,13 +325,18 @@ def compare(base: TrainConfig, out: str | Path, arms: dict | None = None, seeds=
     log("\n" + text)
     paths = figures(results, out)
     record = {
-        "data": dataset.name, "seeds": seeds, "arms": arms, "config": dataclasses.asdict(base),
+        "data": dataset.name,
+        "seeds": seeds,
+        "arms": arms,
+        "config": dataclasses.asdict(base),
         "table": {a: {k: {"mean": v[0], "se": v[1]} for k, v in row.items()} for a, row in table.items()},
         "baselines": {k: {"mean": v[0], "se": v[1]} for k, v in baselines.items()},
-        "pixel_categorical_baseline": baseline, "test_vs_train_quality": reference,
+        "pixel_categorical_baseline": baseline,
+        "test_vs_train_quality": reference,
         "runs": {a: [{k: r[k] for k in ("bound", "quality", "training")} for r in runs] for a, runs in results.items()},
     }
     paths["markdown"] = atomic_write(out / "comparison.md", lambda f: f.write(text.encode()))
-    paths["json"] = atomic_write(out / "comparison.json",
-                                 lambda f: f.write(json.dumps(record, indent=2, default=float).encode()))
+    paths["json"] = atomic_write(
+        out / "comparison.json", lambda f: f.write(json.dumps(record, indent=2, default=float).encode())
+    )
     return {"table": table, "baselines": baselines, "reference": reference, "paths": paths, "markdown": text}

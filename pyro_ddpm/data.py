@@ -104,10 +104,17 @@ def _split(x: np.ndarray, test_size: int, seed: int, labels=None) -> dict:
 
     if labels is None:
         train, test = train_test_split(x, test_size=test_size, random_state=seed)
-        return {"train": torch.as_tensor(train, dtype=torch.float32), "test": torch.as_tensor(test, dtype=torch.float32)}
+        return {
+            "train": torch.as_tensor(train, dtype=torch.float32),
+            "test": torch.as_tensor(test, dtype=torch.float32),
+        }
     train, test, train_y, test_y = train_test_split(x, labels, test_size=test_size, random_state=seed, stratify=labels)
-    return {"train": torch.as_tensor(train, dtype=torch.float32), "test": torch.as_tensor(test, dtype=torch.float32),
-            "train_labels": torch.as_tensor(train_y, dtype=torch.long), "test_labels": torch.as_tensor(test_y, dtype=torch.long)}
+    return {
+        "train": torch.as_tensor(train, dtype=torch.float32),
+        "test": torch.as_tensor(test, dtype=torch.float32),
+        "train_labels": torch.as_tensor(train_y, dtype=torch.long),
+        "test_labels": torch.as_tensor(test_y, dtype=torch.long),
+    }
 
 
 # The 256 levels of 8-bit data, k / 127.5 - 1 computed in float64 and rounded once to float32: the
@@ -202,7 +209,9 @@ BINARY_THRESHOLD = 127.5  # half of the 0..255 intensity range
 def mnist5k_binary(seed: int = 0) -> Dataset:
     """``mnist5k`` binarized: +1 where the pixel exceeds half the intensity range, -1 elsewhere."""
     x, y = _mnist5k_pixels()
-    return Dataset("mnist5k-binary", levels=2, preset="mnist", **_split(np.where(x > BINARY_THRESHOLD, 1.0, -1.0), 1000, seed, y))
+    return Dataset(
+        "mnist5k-binary", levels=2, preset="mnist", **_split(np.where(x > BINARY_THRESHOLD, 1.0, -1.0), 1000, seed, y)
+    )
 
 
 LOADERS = {
@@ -220,9 +229,7 @@ NAMES = tuple(LOADERS)
 
 # --------------------------------------------------------------------------- MNIST (IDX files)
 _MNIST_STEMS = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
-_MNIST_SPELLINGS = {
-    split: (stem, stem.replace("-idx3", ".idx3")) for split, stem in _MNIST_STEMS.items()
-}
+_MNIST_SPELLINGS = {split: (stem, stem.replace("-idx3", ".idx3")) for split, stem in _MNIST_STEMS.items()}
 _MNIST_WANTED = "train-images-idx3-ubyte[.gz] and t10k-images-idx3-ubyte[.gz]"
 IDX_IMAGE_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
 
@@ -281,7 +288,9 @@ def mnist(path: str) -> Dataset:
         if images.shape[0] == 0:
             raise ValueError(f"MNIST IDX file {file} holds 0 images: the {split} split would be empty")
         if images.shape[1:] != (28, 28):
-            raise ValueError(f"MNIST IDX file {file} holds {images.shape[1]}x{images.shape[2]} images; MNIST's are 28x28")
+            raise ValueError(
+                f"MNIST IDX file {file} holds {images.shape[1]}x{images.shape[2]} images; MNIST's are 28x28"
+            )
         splits[split] = _from_bytes(images, (1, 28, 28))
     return Dataset("mnist", splits["train"], splits["test"], 256, "mnist", source=os.path.abspath(folder))
 
@@ -319,8 +328,10 @@ class PlainDataUnpickler(pickle.Unpickler):
         try:
             return PlainDataUnpickler._allowed[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(f"it names {module}.{name}, which is not plain data (numpy arrays, lists, "
-                                         "dicts, bytes, str): refused, nothing was run") from None
+            raise pickle.UnpicklingError(
+                f"it names {module}.{name}, which is not plain data (numpy arrays, lists, "
+                "dicts, bytes, str): refused, nothing was run"
+            ) from None
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("it holds a persistent reference, which is not plain data: refused")
@@ -363,8 +374,13 @@ def _cifar_from_tar(path: str) -> dict[str, np.ndarray]:
             members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
             missing = [b for b in _CIFAR_BATCHES if b not in members]
             if missing:
-                raise ValueError(f"CIFAR-10 tarball {path} lacks {', '.join(missing)} (expected {_CIFAR_DIR}/{{data_batch_1..5,test_batch}})")
-            return {b: _cifar_batch(tar.extractfile(members[b]), f"{members[b].name} in {path}") for b in _CIFAR_BATCHES}
+                raise ValueError(
+                    f"CIFAR-10 tarball {path} lacks {', '.join(missing)} "
+                    f"(expected {_CIFAR_DIR}/{{data_batch_1..5,test_batch}})"
+                )
+            return {
+                b: _cifar_batch(tar.extractfile(members[b]), f"{members[b].name} in {path}") for b in _CIFAR_BATCHES
+            }
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ValueError(f"cannot read CIFAR-10 tarball {path}: {e}") from None
 
@@ -428,7 +444,9 @@ def _detect(path: str) -> Dataset:
         return mnist(folder)
     if has_cifar:
         return cifar10(path)
-    raise ValueError(f"no MNIST or CIFAR-10 data in {path}: looked for {_MNIST_WANTED} (MNIST), {_CIFAR_WANTED} (CIFAR-10)")
+    raise ValueError(
+        f"no MNIST or CIFAR-10 data in {path}: looked for {_MNIST_WANTED} (MNIST), {_CIFAR_WANTED} (CIFAR-10)"
+    )
 
 
 # --------------------------------------------------------------------------- entry points

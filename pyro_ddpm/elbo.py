@@ -90,8 +90,13 @@ class TermwiseELBO(TraceMeanField_ELBO):
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         with torch.no_grad():
-            loss = sum(torch_item(self.loss_from_terms(self.terms(model, guide, *args, **kwargs)))
-                       for _ in range(self.num_particles)) / self.num_particles
+            loss = (
+                sum(
+                    torch_item(self.loss_from_terms(self.terms(model, guide, *args, **kwargs)))
+                    for _ in range(self.num_particles)
+                )
+                / self.num_particles
+            )
         warn_if_nan(loss, "loss")
         return loss
 
@@ -138,7 +143,9 @@ class TermwiseELBO(TraceMeanField_ELBO):
             if site["type"] == "sample" and name not in model_trace.nodes:
                 plates = tuple(f.name for f in site["cond_indep_stack"])
                 if site["mask"] is not False:
-                    out[name] = Term(scale_and_mask(site["unscaled_log_prob"], 1.0, site["mask"]), site["scale"], plates)
+                    out[name] = Term(
+                        scale_and_mask(site["unscaled_log_prob"], 1.0, site["mask"]), site["scale"], plates
+                    )
         return out
 
     def loss_from_terms(self, terms: dict[str, Term]) -> torch.Tensor:
@@ -161,11 +168,14 @@ def check_against_pyro(terms, model, guide, guide_trace, args, kwargs, max_plate
     replayed_guide = poutine.replay(guide, trace=guide_trace)
     with torch.no_grad():
         expected = TraceMeanField_ELBO(max_plate_nesting=max_plate_nesting).differentiable_loss(
-            model, replayed_guide, *args, **kwargs)
+            model, replayed_guide, *args, **kwargs
+        )
         ours = sum((term.value * term.scale).sum() for term in terms.values())
     expected, ours = float(expected), float(ours)
     if not abs(ours - expected) <= 1e-5 * max(1.0, abs(expected)):
-        raise AssertionError(f"TermwiseELBO: the terms sum to {ours!r}, Pyro's TraceMeanField_ELBO loss is {expected!r}")
+        raise AssertionError(
+            f"TermwiseELBO: the terms sum to {ours!r}, Pyro's TraceMeanField_ELBO loss is {expected!r}"
+        )
 
 
 def simple_weights(w: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,8 @@ timestep) pairs, at most ``max_batch`` pairs per call.
 
 Noise. Each L_{t-1} is an expectation over x_t ~ q(x_t | x_0); it is estimated with ``draws``
 independent draws. The standard-normal noise of image i, draw d is one stream seeded by
-(seed, d, i), and :class:`~pyro_ddpm.protocol.FixedNoise` turns it into the guide's x_t by reparameterization, so results
-do not depend on how images and timesteps are chunked into network calls.
+(seed, d, i), and :class:`~pyro_ddpm.protocol.FixedNoise` turns it into the guide's x_t by
+reparameterization, so results do not depend on how images and timesteps are chunked into network calls.
 
 Progressive coding (section 4.3, Table 4, Figure 5). At reverse step t a receiver holding x_t
 predicts x_0; since the model's mean is the posterior mean at its prediction,
@@ -72,8 +72,18 @@ def image_noise(image_ids, steps: torch.Tensor, T: int, shape, seed: int, draw: 
 
 
 @torch.no_grad()
-def bound(model, guide, x0: torch.Tensor, draws: int = 1, max_batch: int = 4096, seed: int = 0,
-          image_ids=None, noise: torch.Tensor | None = None, strip_steps=None, progress: bool = False):
+def bound(
+    model,
+    guide,
+    x0: torch.Tensor,
+    draws: int = 1,
+    max_batch: int = 4096,
+    seed: int = 0,
+    image_ids=None,
+    noise: torch.Tensor | None = None,
+    strip_steps=None,
+    progress: bool = False,
+):
     """Per-image, per-term bound and progressive-coding distortion as an ``arviz.InferenceData``.
 
     :param x0: images (N, *shape) on the model's device.
@@ -104,23 +114,26 @@ def bound(model, guide, x0: torch.Tensor, draws: int = 1, max_batch: int = 4096,
     strip = torch.zeros(len(strip_steps), *shape, dtype=torch.float64)
     was_training = model.training
     model.eval()
-    bar = tqdm(total=draws * N * T, desc="bound (image x t)", unit="term",
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=draws * N * T, desc="bound (image x t)", unit="term", disable=not progress, dynamic_ncols=True)
     guard = contextlib.ExitStack()  # a non-finite network output: one ValueError saying so
     guard.enter_context(finite_network_outputs(model))
     try:
         for d in range(draws):
             for i in range(0, N, images_per_call):
-                x = x0[i:i + images_per_call]
+                x = x0[i : i + images_per_call]
                 rows = slice(i, i + x.shape[0])
                 for t0 in range(1, T + 1, steps_per_call):
                     steps = torch.arange(t0, min(t0 + steps_per_call, T + 1), device=x.device)
                     t = steps.expand(x.shape[0], -1)
-                    eps = (noise[d, rows, steps.cpu() - 1] if noise is not None
-                           else image_noise(ids[rows], steps, T, shape, seed, d))
+                    eps = (
+                        noise[d, rows, steps.cpu() - 1]
+                        if noise is not None
+                        else image_noise(ids[rows], steps, T, shape, seed, d)
+                    )
                     eps = eps.reshape(-1, *shape)
                     model_trace, guide_trace = elbo.traces(
-                        model.per_timestep, protocol.FixedNoise({protocol.X_t: eps})(guide.per_timestep), x, t)
+                        model.per_timestep, protocol.FixedNoise({protocol.X_t: eps})(guide.per_timestep), x, t
+                    )
                     terms = elbo.terms_from_traces(model_trace, guide_trace)
                     per_pair = terms[protocol.X_PREV].value + terms[protocol.X_0].value  # masked t>1 / t=1
                     L[d, rows, steps.cpu() - 1] = per_pair.reshape(t.shape).double().cpu()
@@ -146,22 +159,39 @@ def bound(model, guide, x0: torch.Tensor, draws: int = 1, max_batch: int = 4096,
     ds = xr.Dataset(
         {
             "L": (("draw", "image", "t"), L.numpy(), {"units": "nats", "description": "column t holds L_t (Eq. 5)"}),
-            "sq_error": (("draw", "image", "step"), sq_error.numpy(),
-                         {"description": "mean squared error of x0_hat on the 0..255 scale at reverse step"}),
+            "sq_error": (
+                ("draw", "image", "step"),
+                sq_error.numpy(),
+                {"description": "mean squared error of x0_hat on the 0..255 scale at reverse step"},
+            ),
             "x0_hat_strip": (("strip_step",) + tuple(f"dim_{k}" for k in range(len(shape))), strip.numpy()),
             "x0_strip": (tuple(f"dim_{k}" for k in range(len(shape))), x0[0].double().cpu().numpy()),
         },
-        coords={"draw": np.arange(draws), "image": np.asarray(ids), "t": np.arange(T + 1),
-                "step": np.arange(1, T + 1), "strip_step": np.asarray(strip_steps)},
-        attrs={"T": T, "dims": dims, "draws": draws, "seed": seed, "likelihood": repr(model.likelihood),
-               "discrete": int(bool(getattr(model.likelihood, "discrete", True))),
-               "model": type(model).__name__, "guide": type(guide).__name__, "variance": getattr(model, "variance", "")},
+        coords={
+            "draw": np.arange(draws),
+            "image": np.asarray(ids),
+            "t": np.arange(T + 1),
+            "step": np.arange(1, T + 1),
+            "strip_step": np.asarray(strip_steps),
+        },
+        attrs={
+            "T": T,
+            "dims": dims,
+            "draws": draws,
+            "seed": seed,
+            "likelihood": repr(model.likelihood),
+            "discrete": int(bool(getattr(model.likelihood, "discrete", True))),
+            "model": type(model).__name__,
+            "guide": type(guide).__name__,
+            "variance": getattr(model, "variance", ""),
+        },
     )
     return az.InferenceData(bound=ds)
 
 
-def bound_of_network(eps, schedule, likelihood, x0: torch.Tensor, variance: str = "large", zero_based: bool = False,
-                     **kwargs):
+def bound_of_network(
+    eps, schedule, likelihood, x0: torch.Tensor, variance: str = "large", zero_based: bool = False, **kwargs
+):
     """:func:`bound` for a bare eps network -- an ``nn.Module`` or any callable ``eps(x_t, t)`` (t in 1..T, or
     0..T-1 with ``zero_based``): the DDPM reverse process around it and the forward process."""
     protocol.check_batch(x0, x0.shape[1:] if torch.is_tensor(x0) else ())
@@ -223,8 +253,14 @@ def summarize(idata, coding_points: int = 10) -> dict:
         "rate_L_1_to_L_T-1": L[..., 1:-1].sum(-1),
         "distortion_L_0": L[..., 0],
     }
-    out = {"images": N, "dims": D, "draws": draws, "T": int(ds.attrs["T"]), "discrete": discrete,
-           "unit": "bits_per_dim" if discrete else "nats_per_dim"}
+    out = {
+        "images": N,
+        "dims": D,
+        "draws": draws,
+        "T": int(ds.attrs["T"]),
+        "discrete": discrete,
+        "unit": "bits_per_dim" if discrete else "nats_per_dim",
+    }
     for name, v in parts.items():
         mean, se, se_noise = _mean_se(v * to_bpd)
         entry = {"bits_per_dim": mean, "se": se}
@@ -237,7 +273,7 @@ def summarize(idata, coding_points: int = 10) -> dict:
     T = out["T"]
     out["bands"] = {}  # the rate split by decades of t: where the bound is spent
     for lo, hi in rate_bands(T):
-        mean, se, _ = _mean_se(L[..., lo:hi + 1].sum(-1) * to_bpd)
+        mean, se, _ = _mean_se(L[..., lo : hi + 1].sum(-1) * to_bpd)
         out["bands"][f"L_{lo}..L_{hi}"] = {"bits_per_dim": mean, "se": se}
     L_mean = L.mean((0, 1)) * to_bpd
     mse = ds["sq_error"].values.mean((0, 1))  # (T,), step 1..T
@@ -255,21 +291,32 @@ def format_summary(summary: dict, header: str = "") -> str:
     discrete = summary.get("discrete", True)
     label = "bits/dim" if discrete else "nats/dim"
     noise = summary["draws"] > 1
-    rows.append(f"{'term':<20} {label:>10} {'+- s.e.':>9}" + (f" {'(noise)':>9}" if noise else "")
-                + f" {'nats/image':>12} {'+- s.e.':>10}")
+    rows.append(
+        f"{'term':<20} {label:>10} {'+- s.e.':>9}"
+        + (f" {'(noise)':>9}" if noise else "")
+        + f" {'nats/image':>12} {'+- s.e.':>10}"
+    )
     for name in ("total", "prior_L_T", "rate_L_1_to_L_T-1", "distortion_L_0"):
         v = summary[name]
         value, se = (v["bits_per_dim"], v["se"]) if discrete else (v["nats_per_dim"], v["se_nats_per_dim"])
         se_noise = v["se_noise"] * (1.0 if discrete else math.log(2)) if "se_noise" in v else None
-        rows.append(f"{name:<20} {value:>10.5f} {se:>9.5f}"
-                    + (f" {se_noise:>9.5f}" if se_noise is not None else "")
-                    + f" {v['nats_per_image']:>12.4f} {v['se_nats_per_image']:>10.4f}")
-    rows.append(f"({summary['images']} images x {summary['draws']} noise draw(s), D = {summary['dims']}, T = {summary['T']})")
+        rows.append(
+            f"{name:<20} {value:>10.5f} {se:>9.5f}"
+            + (f" {se_noise:>9.5f}" if se_noise is not None else "")
+            + f" {v['nats_per_image']:>12.4f} {v['se_nats_per_image']:>10.4f}"
+        )
+    rows.append(
+        f"({summary['images']} images x {summary['draws']} noise draw(s), D = {summary['dims']}, T = {summary['T']})"
+    )
     if not discrete:
-        rows.append("continuous data: L_0 is a density, so the bound is in nats (per dimension and per image), "
-                    "not a code length in bits; it can be negative")
+        rows.append(
+            "continuous data: L_0 is a density, so the bound is in nats (per dimension and per image), "
+            "not a code length in bits; it can be negative"
+        )
     rows.append("")
-    rows.append("progressive coding (Table 4): reverse step, rate so far L_T+...+L_t (bits/dim), distortion RMSE [0, 255]")
+    rows.append(
+        "progressive coding (Table 4): reverse step, rate so far L_T+...+L_t (bits/dim), distortion RMSE [0, 255]"
+    )
     for r in summary["progressive_coding"]:
         rows.append(f"  t = {r['step']:>5}   rate {r['rate_bits_per_dim']:>8.4f}   RMSE {r['distortion_rmse']:>8.3f}")
     return "\n".join(rows)

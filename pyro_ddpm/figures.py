@@ -90,8 +90,16 @@ def plot_terms(idata, path) -> Path:
         ax.plot(t[1:T], mean[1:T], color=color, lw=1, label=_name(label, "L_t, 0 < t < T"))
         ax.fill_between(t[1:T], lo[1:T], hi[1:T], color=color, alpha=0.25, lw=0)
         for s, marker, name in ((0, "s", "L_0"), (T, "^", "L_T")):
-            ax.errorbar(s, mean[s], yerr=[[max(mean[s] - lo[s], 0)], [2 * se[s]]], fmt=marker, color=color,
-                        mfc="white", ms=7, label=_name(label, f"{name} = {mean[s]:.2e}"))
+            ax.errorbar(
+                s,
+                mean[s],
+                yerr=[[max(mean[s] - lo[s], 0)], [2 * se[s]]],
+                fmt=marker,
+                color=color,
+                mfc="white",
+                ms=7,
+                label=_name(label, f"{name} = {mean[s]:.2e}"),
+            )
         titles.append(_name(label, f"total {_total(ds)} bits/dim"))
     ax.set(yscale="log", xlabel="t", ylabel="L_t (bits/dim), band ±2 s.e. over images")
     ax.set_title("\n".join(titles), fontsize=9)
@@ -120,8 +128,9 @@ def rate_distortion_figure(idata):
         ax.invert_xaxis()
     ax_d.set(ylabel="distortion (RMSE, 0..255, log scale)", title="distortion", yscale="log")
     ax_r.set(ylabel="rate L_T + ... + L_t (bits/dim)", title="rate")
-    ax_rd.set(xlabel="rate (bits/dim)", ylabel="distortion (RMSE, 0..255, log scale)", title="rate-distortion",
-              yscale="log")
+    ax_rd.set(
+        xlabel="rate (bits/dim)", ylabel="distortion (RMSE, 0..255, log scale)", title="rate-distortion", yscale="log"
+    )
     if isinstance(idata, dict):
         ax_rd.legend(fontsize=8)
     return fig
@@ -176,5 +185,7 @@ def _display(img: np.ndarray) -> np.ndarray:
 def save_all(idata, directory, stem: str = "bound") -> dict[str, Path]:
     """Write ``{stem}_terms.png``, ``{stem}_rate_distortion.png`` and ``{stem}_strip.png`` in ``directory``."""
     directory = Path(directory)
-    return {name: plot(idata, directory / f"{stem}_{name}.png")
-            for name, plot in (("terms", plot_terms), ("rate_distortion", plot_rate_distortion), ("strip", plot_strip))}
+    return {
+        name: plot(idata, directory / f"{stem}_{name}.png")
+        for name, plot in (("terms", plot_terms), ("rate_distortion", plot_rate_distortion), ("strip", plot_strip))
+    }

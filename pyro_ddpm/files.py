@@ -29,10 +29,16 @@ def _umask() -> int:
 
 def output_error(path: str | os.PathLike, error: OSError) -> ValueError:
     """One line naming why ``path`` cannot be written (disk full, read-only, a file in the way, ...)."""
-    reasons = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-               errno.EPERM: "permission denied", errno.ENOTDIR: "a file stands where a folder is needed",
-               errno.EISDIR: "it is a folder", errno.EEXIST: "a file stands where a folder is needed"}
+    reasons = {
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is exceeded",
+        errno.EROFS: "the file system is read-only",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.ENOTDIR: "a file stands where a folder is needed",
+        errno.EISDIR: "it is a folder",
+        errno.EEXIST: "a file stands where a folder is needed",
+    }
     reason = reasons.get(error.errno, error.strerror or str(error))
     return ValueError(f"cannot write {path}: {reason}")
 
@@ -160,11 +166,13 @@ class RunLock:
         except BlockingIOError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise ValueError(f"the run directory {self.directory} is in use by another pyro-ddpm process "
-                             f"(PID {holder}); wait for it to finish or choose another --out") from None
+            raise ValueError(
+                f"the run directory {self.directory} is in use by another pyro-ddpm process "
+                f"(PID {holder}); wait for it to finish or choose another --out"
+            ) from None
         return fd
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         check_directory(self.directory, "run directory")
         fd = self._lock()
         os.ftruncate(fd, 0)
@@ -189,7 +197,7 @@ class RunLock:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

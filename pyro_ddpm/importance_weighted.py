@@ -52,8 +52,15 @@ def log_weights(model, guide, x0: torch.Tensor) -> torch.Tensor:
     return total(model_trace) - total(guide_trace)
 
 
-def importance_weighted(model, guide, x0: torch.Tensor, particles: int = 16, max_chains: int = 256, seed: int = 0,
-                        return_log_weights: bool = False) -> dict:
+def importance_weighted(
+    model,
+    guide,
+    x0: torch.Tensor,
+    particles: int = 16,
+    max_chains: int = 256,
+    seed: int = 0,
+    return_log_weights: bool = False,
+) -> dict:
     """L_K of Eq. (2) per image with its standard error over images; K = ``particles``.
 
     :param x0: (N, *shape) images (on the decoder's grid, integer levels such as uint8 mapped by
@@ -68,13 +75,16 @@ def importance_weighted(model, guide, x0: torch.Tensor, particles: int = 16, max
     """
     start = time.perf_counter()
     if not x0.dtype.is_floating_point and hasattr(model.likelihood, "levels"):
-
         x0 = to_grid(x0, int(model.likelihood.levels)).to(model.schedule.beta.device)
     if int(particles) < 1 or int(max_chains) < 1:
-        raise ValueError(f"importance_weighted: particles and max_chains must be positive, got {particles}, {max_chains}")
+        raise ValueError(
+            f"importance_weighted: particles and max_chains must be positive, got {particles}, {max_chains}"
+        )
     if tuple(x0.shape[1:]) != tuple(model.shape):
-        raise ValueError(f"importance_weighted: x0 has shape {tuple(x0.shape)}, but the model's data shape is "
-                         f"(N, {', '.join(map(str, model.shape))})")
+        raise ValueError(
+            f"importance_weighted: x0 has shape {tuple(x0.shape)}, but the model's data shape is "
+            f"(N, {', '.join(map(str, model.shape))})"
+        )
     K, N = int(particles), x0.shape[0]
     D = int(np.prod(x0.shape[1:]))
     per_call = min(K, int(max_chains))  # particles per traced chunk
@@ -89,7 +99,7 @@ def importance_weighted(model, guide, x0: torch.Tensor, particles: int = 16, max
     try:
         with torch.no_grad(), torch.random.fork_rng():
             for i in range(0, N, images):
-                x = x0[i:i + images]
+                x = x0[i : i + images]
                 b = x.shape[0]
                 for k0 in range(0, K, per_call):
                     kc = min(per_call, K - k0)
@@ -102,7 +112,7 @@ def importance_weighted(model, guide, x0: torch.Tensor, particles: int = 16, max
                     lse2[rows] = torch.logaddexp(lse2[rows], torch.logsumexp(2 * lw, 0))
                     mean_lw[rows] += lw.sum(0) / K
                     if kept is not None:
-                        kept[rows, k0:k0 + kc] = lw.T
+                        kept[rows, k0 : k0 + kc] = lw.T
     finally:
         model.train(was_training)
     nats = -(lse - math.log(K))

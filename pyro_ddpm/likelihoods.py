@@ -71,7 +71,9 @@ def check_images(x: torch.Tensor, levels: int | None = None, name: str = "x_0") 
         return
     lo, hi = float(x.min()), float(x.max())
     if lo < -1.0 - 1e-6 or hi > 1.0 + 1e-6:
-        raise ValueError(f"{name} must lie in [-1, 1] (data scaled from {levels} levels), got values in [{lo:.4g}, {hi:.4g}]")
+        raise ValueError(
+            f"{name} must lie in [-1, 1] (data scaled from {levels} levels), got values in [{lo:.4g}, {hi:.4g}]"
+        )
     k = (x.double() + 1.0) * (levels - 1) / 2.0
     off = (k - k.round()).abs()
     if float(off.max()) > 1e-3:
@@ -249,8 +251,10 @@ class DiscretizedGaussianLikelihood:
     def for_data(cls, dataset):
         """The decoder for a quantized data set (its ``levels`` K >= 2)."""
         if is_continuous(dataset.levels):
-            raise ValueError(f"likelihood {cls.__name__} needs quantized data; data set {_data_name(dataset)} is "
-                             f"continuous (levels = 0): use 'gaussian'")
+            raise ValueError(
+                f"likelihood {cls.__name__} needs quantized data; data set {_data_name(dataset)} is "
+                f"continuous (levels = 0): use 'gaussian'"
+            )
         return cls(int(dataset.levels))
 
     def __repr__(self):
@@ -424,8 +428,10 @@ class BernoulliLikelihood:
     def for_data(cls, dataset):
         """The decoder for binary data (2 levels)."""
         if is_continuous(dataset.levels) or int(dataset.levels) != 2:
-            raise ValueError(f"likelihood 'bernoulli' needs binary data (2 levels); data set {_data_name(dataset)} "
-                             f"has levels = {dataset.levels}")
+            raise ValueError(
+                f"likelihood 'bernoulli' needs binary data (2 levels); data set {_data_name(dataset)} "
+                f"has levels = {dataset.levels}"
+            )
         return cls()
 
     def __repr__(self):

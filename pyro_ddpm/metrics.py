@@ -66,8 +66,9 @@ def labels(data) -> tuple[torch.Tensor, torch.Tensor]:
     """The class labels (train, test) that the :class:`~pyro_ddpm.data.Dataset` ``data`` carries;
     ValueError for a data set without labels."""
     if data.train_labels is None or data.test_labels is None:
-        raise ValueError(f"classifier metrics need class labels; data set {data.name!r} has none "
-                         f"(they apply to {presets.labeled()})")
+        raise ValueError(
+            f"classifier metrics need class labels; data set {data.name!r} has none (they apply to {presets.labeled()})"
+        )
     return data.train_labels, data.test_labels
 
 
@@ -85,23 +86,35 @@ class Classifier(nn.Module):
         if len(self.shape) == 3:
             c = self.shape[0]
             self.body = nn.Sequential(
-                nn.Conv2d(c, width, 3, padding=1), nn.ReLU(),
-                nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
-                nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
-                nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-                nn.Linear(8 * width, feature_dim), nn.ReLU(),
+                nn.Conv2d(c, width, 3, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1),
+                nn.ReLU(),
+                nn.AdaptiveAvgPool2d(2),
+                nn.Flatten(),
+                nn.Linear(8 * width, feature_dim),
+                nn.ReLU(),
             )
         elif len(self.shape) == 1:
             self.body = nn.Sequential(
-                nn.Linear(self.shape[0], 4 * width), nn.ReLU(),
-                nn.Linear(4 * width, feature_dim), nn.ReLU(),
+                nn.Linear(self.shape[0], 4 * width),
+                nn.ReLU(),
+                nn.Linear(4 * width, feature_dim),
+                nn.ReLU(),
             )
         else:
             raise ValueError(f"Classifier: data of shape {self.shape} is neither an image (C, H, W) nor flat (D,)")
         self.head = nn.Linear(feature_dim, classes)
 
     def config(self) -> dict:
-        return {"shape": list(self.shape), "classes": self.classes, "width": self.width, "feature_dim": self.feature_dim}
+        return {
+            "shape": list(self.shape),
+            "classes": self.classes,
+            "width": self.width,
+            "feature_dim": self.feature_dim,
+        }
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -129,15 +142,31 @@ def _check_labeled(x, y, what: str, shape=None) -> None:
     if not torch.isfinite(x).all():
         raise ValueError(f"{what} images contain NaN or infinite values")
     if not torch.is_tensor(y) or y.dtype != torch.long or y.shape != (len(x),):
-        raise ValueError(f"{what} labels must be an int64 tensor of shape ({len(x)},), got {getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}")
+        raise ValueError(
+            f"{what} labels must be an int64 tensor of shape ({len(x)},), "
+            f"got {getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}"
+        )
     if len(x) < 2:
         raise ValueError(f"{what} split has {len(x)} images; at least 2 are needed")
 
 
-def fit_classifier(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, *,
-                   name: str = "data", classes: int | None = None, seed: int = 0, epochs: int = 30,
-                   batch_size: int = 64, lr: float = 2e-3, width: int = 32, feature_dim: int = 128,
-                   cache_dir: str | os.PathLike | None = None, cache: bool = True) -> Classifier:
+def fit_classifier(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    *,
+    name: str = "data",
+    classes: int | None = None,
+    seed: int = 0,
+    epochs: int = 30,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    width: int = 32,
+    feature_dim: int = 128,
+    cache_dir: str | os.PathLike | None = None,
+    cache: bool = True,
+) -> Classifier:
     """A :class:`Classifier` trained with Adam on (``train_x``, ``train_y``) for ``epochs`` epochs,
     deterministically for a given ``seed`` (initialization and batch order both come from it; the
     global RNG state is left as it was), in eval mode on the CPU.
@@ -156,8 +185,16 @@ def fit_classifier(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.T
     for key, value in (("epochs", epochs), ("batch_size", batch_size), ("width", width), ("feature_dim", feature_dim)):
         if int(value) < 1:
             raise ValueError(f"fit_classifier: {key} must be a positive integer, got {value}")
-    settings = {"format": CLASSIFIER_FORMAT, "seed": int(seed), "epochs": int(epochs), "batch_size": int(batch_size),
-                "lr": float(lr), "width": int(width), "feature_dim": int(feature_dim), "classes": classes}
+    settings = {
+        "format": CLASSIFIER_FORMAT,
+        "seed": int(seed),
+        "epochs": int(epochs),
+        "batch_size": int(batch_size),
+        "lr": float(lr),
+        "width": int(width),
+        "feature_dim": int(feature_dim),
+        "classes": classes,
+    }
     train_x, test_x = train_x.detach().float().cpu().contiguous(), test_x.detach().float().cpu().contiguous()
     digest = hashlib.sha256(repr(sorted(settings.items())).encode())
     for t in (train_x, train_y.cpu().contiguous()):
@@ -191,8 +228,12 @@ def fit_classifier(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.T
                     sched.step()
         net.train_seconds, net.from_cache = time.perf_counter() - start, False
         if cache:
-            payload = {"net": net.state_dict(), "config": net.config(), "settings": settings,
-                       "train_seconds": net.train_seconds}
+            payload = {
+                "net": net.state_dict(),
+                "config": net.config(),
+                "settings": settings,
+                "train_seconds": net.train_seconds,
+            }
             atomic_write(path, lambda f: torch.save(payload, f))
     net.eval()
     net.cache_path = path if cache else None
@@ -201,15 +242,19 @@ def fit_classifier(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.T
     return net
 
 
-def classifier(data="digits", seed: int = 0, cache_dir: str | os.PathLike | None = None, train_seed: int = 0,
-               **kwargs) -> Classifier:
+def classifier(
+    data="digits", seed: int = 0, cache_dir: str | os.PathLike | None = None, train_seed: int = 0, **kwargs
+) -> Classifier:
     """The cached (or freshly trained) classifier of the data set ``data`` (a name or a loaded
     :class:`~pyro_ddpm.data.Dataset` split with ``seed``), trained from ``train_seed`` with
-    :data:`pyro_ddpm.presets.DATASETS` (its ``classifier`` entry); keyword arguments override them and go to :func:`fit_classifier`."""
+    :data:`pyro_ddpm.presets.DATASETS` (its ``classifier`` entry); keyword arguments override them and go to
+    :func:`fit_classifier`."""
     data = _dataset(data, seed)
     train_y, test_y = labels(data)
     settings = {**presets.settings(data.name).get("classifier", {}), **kwargs}
-    return fit_classifier(data.train, train_y, data.test, test_y, name=data.name, cache_dir=cache_dir, seed=train_seed, **settings)
+    return fit_classifier(
+        data.train, train_y, data.test, test_y, name=data.name, cache_dir=cache_dir, seed=train_seed, **settings
+    )
 
 
 def _dataset(data, seed: int):
@@ -218,8 +263,9 @@ def _dataset(data, seed: int):
     if isinstance(data, Dataset):
         return data
     if isinstance(data, str) and data not in presets.labeled():
-        raise ValueError(f"classifier metrics need class labels; data set {data!r} has none here "
-                         f"(they apply to {presets.labeled()})")
+        raise ValueError(
+            f"classifier metrics need class labels; data set {data!r} has none here (they apply to {presets.labeled()})"
+        )
     return load(data, seed=seed)
 
 
@@ -288,7 +334,9 @@ def frechet_distance_se(feat_a, feat_b, resamples: int = 50, seed: int = 0) -> f
     if int(resamples) < 2:
         raise ValueError(f"frechet_distance_se: resamples must be at least 2, got {resamples}")
     rng = np.random.default_rng(seed)
-    values = [_frechet(a[rng.integers(0, len(a), len(a))], b[rng.integers(0, len(b), len(b))]) for _ in range(int(resamples))]
+    values = [
+        _frechet(a[rng.integers(0, len(a), len(a))], b[rng.integers(0, len(b), len(b))]) for _ in range(int(resamples))
+    ]
     return float(np.std(values, ddof=1))
 
 
@@ -308,7 +356,10 @@ def kernel_distance(feat_a, feat_b, subsets: int = 10, seed: int = 0) -> tuple[f
     a, b = _feature_pair(feat_a, feat_b, "kernel_distance", minimum=2 * subsets)
     d = a.shape[1]
     rng = np.random.default_rng(seed)
-    blocks_a, blocks_b = np.array_split(rng.permutation(len(a)), subsets), np.array_split(rng.permutation(len(b)), subsets)
+    blocks_a, blocks_b = (
+        np.array_split(rng.permutation(len(a)), subsets),
+        np.array_split(rng.permutation(len(b)), subsets),
+    )
 
     def block_sums(x, bx, y, by, same):
         """S[i, j] = sum of k over block i of x by block j of y (diagonal k(x, x) left out when same)."""
@@ -319,13 +370,20 @@ def kernel_distance(feat_a, feat_b, subsets: int = 10, seed: int = 0) -> tuple[f
                 s[i, j] = k.sum() - (np.trace(k) if same and i == j else 0.0)
         return s
 
-    sxx, syy, sxy = block_sums(a, blocks_a, a, blocks_a, True), block_sums(b, blocks_b, b, blocks_b, True), block_sums(a, blocks_a, b, blocks_b, False)
+    sxx, syy, sxy = (
+        block_sums(a, blocks_a, a, blocks_a, True),
+        block_sums(b, blocks_b, b, blocks_b, True),
+        block_sums(a, blocks_a, b, blocks_b, False),
+    )
     na, nb = np.array([len(u) for u in blocks_a]), np.array([len(v) for v in blocks_b])
 
     def mmd2(keep):
         m, n = na[keep].sum(), nb[keep].sum()
-        return (sxx[np.ix_(keep, keep)].sum() / (m * (m - 1)) + syy[np.ix_(keep, keep)].sum() / (n * (n - 1))
-                - 2.0 * sxy[np.ix_(keep, keep)].sum() / (m * n))
+        return (
+            sxx[np.ix_(keep, keep)].sum() / (m * (m - 1))
+            + syy[np.ix_(keep, keep)].sum() / (n * (n - 1))
+            - 2.0 * sxy[np.ix_(keep, keep)].sum() / (m * n)
+        )
 
     everything = np.arange(subsets)
     leave_one_out = np.array([mmd2(np.delete(everything, i)) for i in range(subsets)])
@@ -362,13 +420,28 @@ def _row(net, feat_ref, x, subsets, splits, resamples, seed) -> dict:
     feat = features(net, x)
     kid, kid_se = kernel_distance(feat, feat_ref, subsets=subsets, seed=seed)
     score, score_se = classifier_score(predict_proba(net, x), splits=splits)
-    return {"fd": frechet_distance(feat, feat_ref), "fd_se": frechet_distance_se(feat, feat_ref, resamples, seed),
-            "kid": kid, "kid_se": kid_se, "score": score, "score_se": score_se, "n": len(x)}
+    return {
+        "fd": frechet_distance(feat, feat_ref),
+        "fd_se": frechet_distance_se(feat, feat_ref, resamples, seed),
+        "kid": kid,
+        "kid_se": kid_se,
+        "score": score,
+        "score_se": score_se,
+        "n": len(x),
+    }
 
 
-def sample_quality(samples: torch.Tensor, data="digits", reference: str = "test", seed: int = 0,
-                   cache_dir: str | os.PathLike | None = None, subsets: int = 10, splits: int = 10,
-                   resamples: int = 50, net: Classifier | None = None) -> dict:
+def sample_quality(
+    samples: torch.Tensor,
+    data="digits",
+    reference: str = "test",
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+    subsets: int = 10,
+    splits: int = 10,
+    resamples: int = 50,
+    net: Classifier | None = None,
+) -> dict:
     """Frechet distance, KID and classifier score of ``samples`` (N, *shape) against the ``reference``
     split ("test" or "train") of ``data`` (a name or a Dataset split with ``seed``), in the feature
     space of :func:`classifier` (or ``net``). ``seed`` is the data split's seed; it also seeds the
@@ -383,17 +456,26 @@ def sample_quality(samples: torch.Tensor, data="digits", reference: str = "test"
         raise ValueError(f"sample_quality: reference must be 'test' or 'train', got {reference!r}")
     data = _dataset(data, seed)
     if not torch.is_tensor(samples) or tuple(samples.shape[1:]) != data.shape:
-        raise ValueError(f"sample_quality: samples must have shape (N, {', '.join(map(str, data.shape))}) like "
-                         f"{data.name}, got {tuple(getattr(samples, 'shape', ())) or type(samples).__name__}")
+        raise ValueError(
+            f"sample_quality: samples must have shape (N, {', '.join(map(str, data.shape))}) like "
+            f"{data.name}, got {tuple(getattr(samples, 'shape', ())) or type(samples).__name__}"
+        )
     net = net if net is not None else classifier(data, seed=seed, cache_dir=cache_dir)
     samples = _inputs(net, samples, "sample_quality: samples")
     if len(samples) < max(2 * subsets, splits, 2):
-        raise ValueError(f"sample_quality: too few samples: {len(samples)}; at least {max(2 * subsets, splits, 2)} needed "
-                         f"for {subsets} KID blocks and {splits} score splits")
+        raise ValueError(
+            f"sample_quality: too few samples: {len(samples)}; at least {max(2 * subsets, splits, 2)} needed "
+            f"for {subsets} KID blocks and {splits} score splits"
+        )
     out = _row(net, features(net, getattr(data, reference)), samples, subsets, splits, resamples, seed)
-    out.update(classifier_accuracy=net.accuracy, classes=net.classes, dataset=data.name, reference=reference,
-               note=NOT_INCEPTION,
-               data_vs_data=_row(net, features(net, data.train), data.test, subsets, splits, resamples, seed))
+    out.update(
+        classifier_accuracy=net.accuracy,
+        classes=net.classes,
+        dataset=data.name,
+        reference=reference,
+        note=NOT_INCEPTION,
+        data_vs_data=_row(net, features(net, data.train), data.test, subsets, splits, resamples, seed),
+    )
     return out
 
 
@@ -412,13 +494,21 @@ def pixel_categorical_baseline(train: torch.Tensor, test: torch.Tensor, levels: 
     if levels < 2:
         raise ValueError(f"pixel_categorical_baseline: levels must be at least 2, got {levels}")
     if not (alpha > 0 and math.isfinite(alpha)):
-        raise ValueError(f"pixel_categorical_baseline: alpha must be a positive number (add-alpha smoothing), got {alpha}")
+        raise ValueError(
+            f"pixel_categorical_baseline: alpha must be a positive number (add-alpha smoothing), got {alpha}"
+        )
     for what, x in (("train", train), ("test", test)):
         check_images(x, levels, name=f"pixel_categorical_baseline {what} split")
         if x.dim() < 2 or len(x) < (1 if what == "train" else 2):
-            raise ValueError(f"pixel_categorical_baseline: the {what} split must be (N, ...) with N >= {1 if what == 'train' else 2}, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"pixel_categorical_baseline: the {what} split must be (N, ...) with "
+                f"N >= {1 if what == 'train' else 2}, got shape {tuple(x.shape)}"
+            )
     if train.shape[1:] != test.shape[1:]:
-        raise ValueError(f"pixel_categorical_baseline: train images have shape {tuple(train.shape[1:])}, test images {tuple(test.shape[1:])}")
+        raise ValueError(
+            f"pixel_categorical_baseline: train images have shape {tuple(train.shape[1:])}, "
+            f"test images {tuple(test.shape[1:])}"
+        )
 
     def index(x):
         return np.rint((x.double().reshape(len(x), -1).numpy() + 1.0) * (levels - 1) / 2.0).astype(np.int64)
@@ -429,5 +519,11 @@ def pixel_categorical_baseline(train: torch.Tensor, test: torch.Tensor, levels: 
     np.add.at(counts, (np.broadcast_to(np.arange(dims), k_train.shape), k_train), 1.0)
     log2p = np.log2(counts + alpha) - np.log2(n + alpha * levels)
     per_image = -log2p[np.arange(dims), k_test].mean(1)
-    return {"bits_per_dim": float(per_image.mean()), "se": float(per_image.std(ddof=1) / math.sqrt(len(per_image))),
-            "alpha": float(alpha), "levels": levels, "dims": int(dims), "n_test": int(len(per_image))}
+    return {
+        "bits_per_dim": float(per_image.mean()),
+        "se": float(per_image.std(ddof=1) / math.sqrt(len(per_image))),
+        "alpha": float(alpha),
+        "levels": levels,
+        "dims": int(dims),
+        "n_test": int(len(per_image)),
+    }

@@ -14,7 +14,7 @@ third-party networks plug in unchanged.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -102,8 +102,14 @@ class UNet(nn.Module):
         if out_channels < 1:
             raise ValueError(f"UNet: out_channels must be positive, got {out_channels}")
         self._config = dict(
-            resolution=resolution, in_channels=in_channels, ch=ch, ch_mult=tuple(ch_mult),
-            num_res_blocks=num_res_blocks, attn_resolutions=tuple(attn_resolutions), dropout=dropout, groups=groups,
+            resolution=resolution,
+            in_channels=in_channels,
+            ch=ch,
+            ch_mult=tuple(ch_mult),
+            num_res_blocks=num_res_blocks,
+            attn_resolutions=tuple(attn_resolutions),
+            dropout=dropout,
+            groups=groups,
             out_channels=out_channels,
         )
         self.shape = (in_channels, resolution, resolution)
@@ -140,7 +146,9 @@ class UNet(nn.Module):
                     blocks.append(AttnBlock(c, groups))
                 self.up.append(nn.ModuleList(blocks))
             if level != 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)))
+                self.up.append(
+                    nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1))
+                )
                 res *= 2
         self.norm_out = _norm(c, groups)
         self.conv_out = _zero(nn.Conv2d(c, out_channels, 3, padding=1))
@@ -150,7 +158,7 @@ class UNet(nn.Module):
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self._config.items()}
 
     @classmethod
-    def from_config(cls, **config) -> "UNet":
+    def from_config(cls, **config) -> UNet:
         return cls(**config)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -184,8 +192,9 @@ class MLP(nn.Module):
     data the D features stand where an image's channels do.
     """
 
-    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, temb_dim: int = 64,
-                 out_channels: int | None = None):
+    def __init__(
+        self, dim: int = 2, hidden: int = 128, depth: int = 3, temb_dim: int = 64, out_channels: int | None = None
+    ):
         super().__init__()
         out_dim = dim if out_channels is None else int(out_channels)
         if out_dim < 1:
@@ -205,7 +214,7 @@ class MLP(nn.Module):
         return dict(self._config)
 
     @classmethod
-    def from_config(cls, **config) -> "MLP":
+    def from_config(cls, **config) -> MLP:
         return cls(**config)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -236,8 +245,9 @@ class EpsNetwork(nn.Module):
     it is shifted and scaled the same way and passed on as a float.
     """
 
-    def __init__(self, fn, zero_based: bool = False, time_scale: float = 1.0, dtype: torch.dtype | None = None,
-                 shape=None):
+    def __init__(
+        self, fn, zero_based: bool = False, time_scale: float = 1.0, dtype: torch.dtype | None = None, shape=None
+    ):
         super().__init__()
         if not callable(fn):
             raise ValueError(f"EpsNetwork: the network must be callable as fn(x_t, t), got {type(fn).__name__}")
@@ -274,8 +284,9 @@ class EpsNetwork(nn.Module):
         elif isinstance(out, (tuple, list)):
             out = out[0]
         if not torch.is_tensor(out):
-            raise ValueError(f"EpsNetwork: the network returned {type(out).__name__}, expected a tensor "
-                             f"(or an object with .sample)")
+            raise ValueError(
+                f"EpsNetwork: the network returned {type(out).__name__}, expected a tensor (or an object with .sample)"
+            )
         return out.to(x.dtype)
 
 

@@ -99,9 +99,11 @@ def _network(eps_or_model, schedule):
         base = LearnedVarianceReverseProcess if isinstance(model, LearnedVarianceReverseProcess) else ReverseProcess
         for name in ("transition", "predict_x0", "eps_hat", "mean", "split"):
             if getattr(type(model), name, None) is not getattr(base, name, None):
-                raise ValueError(f"ode: {type(model).__name__} reads its network differently from {base.__name__} "
-                                 f"(its {name}() is its own: it may predict x_0 or v); the ODE needs an eps network: "
-                                 f"pass one with its schedule, ode_likelihood(eps, x0, schedule)")
+                raise ValueError(
+                    f"ode: {type(model).__name__} reads its network differently from {base.__name__} "
+                    f"(its {name}() is its own: it may predict x_0 or v); the ODE needs an eps network: "
+                    f"pass one with its schedule, ode_likelihood(eps, x0, schedule)"
+                )
         if schedule is not None and schedule is not model.schedule:
             model.schedule.check_matches(schedule.betas, what="schedule given")
         return model.eps, model.schedule, model.shape
@@ -124,10 +126,17 @@ def _eps_only(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """eps from a network output: the tensor itself, or the first half of 2C channels (eps, v)."""
     if out.shape == x.shape:
         return out
-    if out.dim() == x.dim() and out.shape[0] == x.shape[0] and out.shape[1] == 2 * x.shape[1] and out.shape[2:] == x.shape[2:]:
+    if (
+        out.dim() == x.dim()
+        and out.shape[0] == x.shape[0]
+        and out.shape[1] == 2 * x.shape[1]
+        and out.shape[2:] == x.shape[2:]
+    ):
         return out.chunk(2, dim=1)[0]
-    raise ValueError(f"ode: the network returned shape {tuple(out.shape)} for input {tuple(x.shape)}; expected the "
-                     f"input's shape (eps) or twice its channels (eps, v)")
+    raise ValueError(
+        f"ode: the network returned shape {tuple(out.shape)} for input {tuple(x.shape)}; expected the "
+        f"input's shape (eps) or twice its channels (eps, v)"
+    )
 
 
 def _generator(seed: int, draw: int, image: int, stream: int) -> torch.Generator:
@@ -156,10 +165,22 @@ class _Counter:
         self.calls = self.backward = self.evaluations = 0
 
 
-def log_density(eps_or_model, x: torch.Tensor, schedule=None, divergence: str = "exact", probes: int = 1,
-                probe_noise: torch.Tensor | None = None, method: str = "rk4", steps: int = 100,
-                rtol: float = 1e-5, atol: float = 1e-5, t_min: float = 0.0, sigma_c: float | None = None,
-                dtype: torch.dtype = torch.float64, counter: _Counter | None = None) -> torch.Tensor:
+def log_density(
+    eps_or_model,
+    x: torch.Tensor,
+    schedule=None,
+    divergence: str = "exact",
+    probes: int = 1,
+    probe_noise: torch.Tensor | None = None,
+    method: str = "rk4",
+    steps: int = 100,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    t_min: float = 0.0,
+    sigma_c: float | None = None,
+    dtype: torch.dtype = torch.float64,
+    counter: _Counter | None = None,
+) -> torch.Tensor:
     """log p(x) of the probability-flow model by Eq. (2) of the module docstring: a (B,) tensor, nats.
 
     :param x: points (B, *shape), any real values (a dequantized image, or continuous data).
@@ -240,10 +261,26 @@ def log_density(eps_or_model, x: torch.Tensor, schedule=None, divergence: str = 
     return log_prior + ell + 0.5 * D * math.log1p(sigma_min * sigma_min)
 
 
-def ode_likelihood(eps_or_model, x0: torch.Tensor, schedule=None, levels="auto", dequantize: bool = True,
-                   divergence: str = "auto", probes: int = 1, draws: int = 1, method: str = "rk4", steps: int = 100,
-                   rtol: float = 1e-5, atol: float = 1e-5, t_min: float = 0.0, sigma_c: float | None = None,
-                   max_batch: int = 256, seed: int = 0, image_ids=None, dtype: torch.dtype = torch.float64) -> dict:
+def ode_likelihood(
+    eps_or_model,
+    x0: torch.Tensor,
+    schedule=None,
+    levels="auto",
+    dequantize: bool = True,
+    divergence: str = "auto",
+    probes: int = 1,
+    draws: int = 1,
+    method: str = "rk4",
+    steps: int = 100,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    t_min: float = 0.0,
+    sigma_c: float | None = None,
+    max_batch: int = 256,
+    seed: int = 0,
+    image_ids=None,
+    dtype: torch.dtype = torch.float64,
+) -> dict:
     """The probability-flow likelihood of ``x0`` per image, with bits/dim and standard errors.
 
     :param eps_or_model: a :class:`~pyro_ddpm.models.ReverseProcess` (or the learned-variance one:
@@ -281,10 +318,11 @@ def ode_likelihood(eps_or_model, x0: torch.Tensor, schedule=None, levels="auto",
     if x0.dim() < 2:
         raise ValueError(f"ode: x0 must be (N, *shape), got shape {tuple(x0.shape)}")
     if shape is not None and tuple(x0.shape[1:]) != tuple(shape):
-        raise ValueError(f"ode: x0 has shape {tuple(x0.shape)}, but the model's data shape is (N, {', '.join(map(str, shape))})")
+        raise ValueError(
+            f"ode: x0 has shape {tuple(x0.shape)}, but the model's data shape is (N, {', '.join(map(str, shape))})"
+        )
     discrete = levels is not None and int(levels) != 0
     if discrete and not x0.dtype.is_floating_point:
-
         x0 = to_grid(x0, int(levels))
     check_images(x0, int(levels) if discrete else None)
     if divergence not in DIVERGENCES:
@@ -299,18 +337,39 @@ def ode_likelihood(eps_or_model, x0: torch.Tensor, schedule=None, levels="auto",
     logp = torch.zeros(draws, N, dtype=torch.float64)
     for d in range(draws):
         for i in range(0, N, max_batch):
-            x = x0[i:i + max_batch].to(dtype)
-            rows = ids[i:i + x.shape[0]]
+            x = x0[i : i + max_batch].to(dtype)
+            rows = ids[i : i + x.shape[0]]
             if discrete and dequantize:
-                u = torch.stack([torch.rand(x.shape[1:], generator=_generator(seed, d, r, 0), dtype=dtype) for r in rows])
+                u = torch.stack(
+                    [torch.rand(x.shape[1:], generator=_generator(seed, d, r, 0), dtype=dtype) for r in rows]
+                )
                 x = x + (u.to(x.device) - 0.5) * delta
             noise = None
             if div != "exact":
-                z = torch.stack([torch.randn(probes, D, generator=_generator(seed, d, r, 1), dtype=dtype) for r in rows], 1)
+                z = torch.stack(
+                    [torch.randn(probes, D, generator=_generator(seed, d, r, 1), dtype=dtype) for r in rows], 1
+                )
                 noise = z.sign() if div == "rademacher" else z
-            logp[d, i:i + x.shape[0]] = log_density(
-                net, x, schedule, divergence=div, probes=probes, probe_noise=noise, method=method, steps=steps,
-                rtol=rtol, atol=atol, t_min=t_min, sigma_c=sigma_c, dtype=dtype, counter=counter).double().cpu()
+            logp[d, i : i + x.shape[0]] = (
+                log_density(
+                    net,
+                    x,
+                    schedule,
+                    divergence=div,
+                    probes=probes,
+                    probe_noise=noise,
+                    method=method,
+                    steps=steps,
+                    rtol=rtol,
+                    atol=atol,
+                    t_min=t_min,
+                    sigma_c=sigma_c,
+                    dtype=dtype,
+                    counter=counter,
+                )
+                .double()
+                .cpu()
+            )
     nats_draws = -logp - (D * math.log(delta) if discrete else 0.0)
     unit = D * math.log(2.0) if discrete else float(D)
     per_image = nats_draws.mean(0)
@@ -335,15 +394,23 @@ def ode_likelihood(eps_or_model, x0: torch.Tensor, schedule=None, levels="auto",
         out["se_noise"] = float(math.sqrt(float((nats_draws / unit).var(0, unbiased=True).sum()) / draws) / N)
     cs = ContinuousSchedule(schedule)
     out["settings"] = {
-        "method": method, "steps": int(steps) if method in ("rk4", "euler", "midpoint") else None,
+        "method": method,
+        "steps": int(steps) if method in ("rk4", "euler", "midpoint") else None,
         "rtol": rtol if method not in ("rk4", "euler", "midpoint") else None,
         "atol": atol if method not in ("rk4", "euler", "midpoint") else None,
-        "divergence": div, "probes": probes if div != "exact" else None, "draws": draws,
-        "levels": int(levels) if discrete else 0, "dequantize": bool(discrete and dequantize),
-        "t_min": float(t_min), "T": cs.T, "sigma_T": cs.sigma_of_t(cs.T),
+        "divergence": div,
+        "probes": probes if div != "exact" else None,
+        "draws": draws,
+        "levels": int(levels) if discrete else 0,
+        "dequantize": bool(discrete and dequantize),
+        "t_min": float(t_min),
+        "T": cs.T,
+        "sigma_T": cs.sigma_of_t(cs.T),
         "sigma_c": float(sigma_c) if sigma_c is not None else cs.sigma_of_t(1.0),
-        "prior": "p(x_T) = N(0, I) (the model's)", "dtype": str(dtype).replace("torch.", ""),
-        "seed": seed, "max_batch": max_batch,
+        "prior": "p(x_T) = N(0, I) (the model's)",
+        "dtype": str(dtype).replace("torch.", ""),
+        "seed": seed,
+        "max_batch": max_batch,
     }
     out["seconds"] = time.perf_counter() - start
     return out

@@ -18,7 +18,7 @@ saved by :meth:`get_state` is restored onto the same tensors by :meth:`set_state
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 import pyro
 import torch
@@ -37,9 +37,14 @@ class JointOptimizer(PyroOptim):
         group at ``lr * factor`` (e.g. a learned schedule beside the network); default 1 for all.
     """
 
-    def __init__(self, optimizer=torch.optim.Adam, optim_args: dict | None = None,
-                 clip_norm: float | None = None, lr_lambda: Callable[[int], float] | None = None,
-                 lr_scale: Callable[[torch.Tensor], float] | None = None):
+    def __init__(
+        self,
+        optimizer=torch.optim.Adam,
+        optim_args: dict | None = None,
+        clip_norm: float | None = None,
+        lr_lambda: Callable[[int], float] | None = None,
+        lr_scale: Callable[[torch.Tensor], float] | None = None,
+    ):
         super().__init__(optimizer, dict(optim_args or {}))
         if clip_norm is not None and not clip_norm > 0:
             raise ValueError(f"clip_norm must be positive, got {clip_norm}")
@@ -113,8 +118,11 @@ class JointOptimizer(PyroOptim):
     def get_state(self) -> dict:
         if self.optimizer is None:
             return dict(self._pending or {})
-        return {"names": list(self.names), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}
+        return {
+            "names": list(self.names),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+        }
 
     def set_state(self, state: dict) -> None:
         """Restore a :meth:`get_state`; applied at the next step if the parameters are not known yet."""
@@ -128,8 +136,10 @@ class JointOptimizer(PyroOptim):
     def _restore(self, state: dict) -> None:
         if list(state["names"]) != self.names:
             missing = sorted(set(state["names"]) ^ set(self.names))
-            raise ValueError("optimizer state is for other parameters: "
-                             + (", ".join(missing[:5]) if missing else "same names in another order"))
+            raise ValueError(
+                "optimizer state is for other parameters: "
+                + (", ".join(missing[:5]) if missing else "same names in another order")
+            )
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])

@@ -14,14 +14,38 @@ from __future__ import annotations
 
 NETWORKS = {
     # sklearn digits: 1 x 8 x 8, 17 levels.
-    "digits": dict(kind="unet", resolution=8, in_channels=1, ch=16, ch_mult=(1, 2), num_res_blocks=1,
-                   attn_resolutions=(4,), dropout=0.1),
+    "digits": dict(
+        kind="unet",
+        resolution=8,
+        in_channels=1,
+        ch=16,
+        ch_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(4,),
+        dropout=0.1,
+    ),
     # MNIST: 1 x 28 x 28, 8-bit.
-    "mnist": dict(kind="unet", resolution=28, in_channels=1, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2,
-                  attn_resolutions=(14,), dropout=0.1),
+    "mnist": dict(
+        kind="unet",
+        resolution=28,
+        in_channels=1,
+        ch=64,
+        ch_mult=(1, 2, 2),
+        num_res_blocks=2,
+        attn_resolutions=(14,),
+        dropout=0.1,
+    ),
     # The paper's CIFAR-10 model: 3 x 32 x 32, 35.7M parameters.
-    "cifar10": dict(kind="unet", resolution=32, in_channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
-                    attn_resolutions=(16,), dropout=0.1),
+    "cifar10": dict(
+        kind="unet",
+        resolution=32,
+        in_channels=3,
+        ch=128,
+        ch_mult=(1, 2, 2, 2),
+        num_res_blocks=2,
+        attn_resolutions=(16,),
+        dropout=0.1,
+    ),
     # 2-D toy data.
     "toy2d": dict(kind="mlp", dim=2, hidden=128, depth=3, temb_dim=64),
 }
@@ -40,8 +64,9 @@ ARMS = {
     "eps-elbo-uniform": dict(_EPS, objective="elbo"),
     "eps-hybrid": dict(model="LearnedVarianceReverseProcess", objective="hybrid"),
     "grid-elbo-uniform": dict(_GRID, objective="elbo"),
-    "grid-small-elbo": dict(model="GridPosteriorReverseProcess", variance="small", objective="elbo",
-                            timesteps="importance"),
+    "grid-small-elbo": dict(
+        model="GridPosteriorReverseProcess", variance="small", objective="elbo", timesteps="importance"
+    ),
     "grid-small-simple": dict(model="GridPosteriorReverseProcess", variance="small", objective="simple"),
 }
 DEFAULT_ARMS = ("eps-elbo", "eps-simple", "grid-elbo", "grid-simple")
@@ -49,21 +74,42 @@ DEFAULT_ARMS = ("eps-elbo", "eps-simple", "grid-elbo", "grid-simple")
 DATASETS = {
     # digits: the CPU default, sized for the main job's budget on 2 CPU cores; lr 5x the paper's
     # (measured: 1500 steps at 1e-3 reach 3.53 bits/dim where 2000 at 2e-4 reach 3.87).
-    "digits": {"classifier": {"width": 32, "epochs": 30},
-               "compare": {"train": dict(steps=1500, batch_size=128, lr=1e-3), "arms": ARMS,
-                           "default_arms": DEFAULT_ARMS}},
-    "mnist5k": {"classifier": {"width": 16, "epochs": 15},
-                "compare": {"train": dict(steps=20000, batch_size=128, net_overrides={"ch": 32}), "arms": ARMS,
-                            "default_arms": DEFAULT_ARMS}},
-    "mnist5k-binary": {"classifier": {"width": 16, "epochs": 15},
-                       "compare": {"train": dict(steps=20000, batch_size=128, net_overrides={"ch": 32}),
-                                   "arms": ARMS, "default_arms": DEFAULT_ARMS}},
+    "digits": {
+        "classifier": {"width": 32, "epochs": 30},
+        "compare": {"train": dict(steps=1500, batch_size=128, lr=1e-3), "arms": ARMS, "default_arms": DEFAULT_ARMS},
+    },
+    "mnist5k": {
+        "classifier": {"width": 16, "epochs": 15},
+        "compare": {
+            "train": dict(steps=20000, batch_size=128, net_overrides={"ch": 32}),
+            "arms": ARMS,
+            "default_arms": DEFAULT_ARMS,
+        },
+    },
+    "mnist5k-binary": {
+        "classifier": {"width": 16, "epochs": 15},
+        "compare": {
+            "train": dict(steps=20000, batch_size=128, net_overrides={"ch": 32}),
+            "arms": ARMS,
+            "default_arms": DEFAULT_ARMS,
+        },
+    },
     # The paper's settings (Appendix B: T = 1000, linear 1e-4..0.02, Adam 2e-4, batch 128, EMA 0.9999),
     # meant for a GPU.
-    "mnist": {"compare": {"train": dict(steps=200000, batch_size=128, device="cuda", precision="bf16"), "arms": ARMS,
-                          "default_arms": DEFAULT_ARMS}},
-    "cifar10": {"compare": {"train": dict(steps=800000, batch_size=128, device="cuda", precision="bf16"),
-                            "arms": ARMS, "default_arms": DEFAULT_ARMS}},
+    "mnist": {
+        "compare": {
+            "train": dict(steps=200000, batch_size=128, device="cuda", precision="bf16"),
+            "arms": ARMS,
+            "default_arms": DEFAULT_ARMS,
+        }
+    },
+    "cifar10": {
+        "compare": {
+            "train": dict(steps=800000, batch_size=128, device="cuda", precision="bf16"),
+            "arms": ARMS,
+            "default_arms": DEFAULT_ARMS,
+        }
+    },
 }
 
 

@@ -54,6 +54,7 @@ import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
 
+
 class DataSpec(NamedTuple):
     """What a program needs to know of the data: the shape of one datum and its levels per dimension.
 
@@ -98,14 +99,20 @@ def check_batch(x0, shape, t=None, T: int | None = None, name: str = "x_0") -> N
     flag says: bad input gives this error before any distribution is built.
     """
     if not torch.is_tensor(x0):
-        raise ValueError(f"{name} must be a torch tensor, got {type(x0).__module__}.{type(x0).__name__}"
-                         + (" (use torch.as_tensor)" if hasattr(x0, "__array__") else ""))
+        raise ValueError(
+            f"{name} must be a torch tensor, got {type(x0).__module__}.{type(x0).__name__}"
+            + (" (use torch.as_tensor)" if hasattr(x0, "__array__") else "")
+        )
     if not x0.dtype.is_floating_point:
-        raise ValueError(f"{name} must be floating point in [-1, 1], got dtype {x0.dtype}"
-                         + (" (8-bit images: see pyro_ddpm.adapters.from_uint8)" if x0.dtype == torch.uint8 else ""))
+        raise ValueError(
+            f"{name} must be floating point in [-1, 1], got dtype {x0.dtype}"
+            + (" (8-bit images: see pyro_ddpm.adapters.from_uint8)" if x0.dtype == torch.uint8 else "")
+        )
     shape = tuple(int(s) for s in shape)
     if x0.dim() != len(shape) + 1 or tuple(x0.shape[1:]) != shape:
-        raise ValueError(f"{name} has shape {tuple(x0.shape)}, but the data shape is (batch, {', '.join(map(str, shape))})")
+        raise ValueError(
+            f"{name} has shape {tuple(x0.shape)}, but the data shape is (batch, {', '.join(map(str, shape))})"
+        )
     if x0.shape[0] == 0:
         raise ValueError(f"{name} is an empty batch (shape {tuple(x0.shape)})")
     if not bool(torch.isfinite(x0).all()):

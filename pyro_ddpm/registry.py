@@ -88,14 +88,18 @@ class Registry:
             return self._classes[spec]
         where = f" (named by {origin})" if origin else ""
         if ":" not in spec:
-            raise ValueError(f"unknown {self.kind} {spec!r}{where}; choose one of {self.names()} "
-                             f"or a class of one's own as 'module:Class'")
+            raise ValueError(
+                f"unknown {self.kind} {spec!r}{where}; choose one of {self.names()} "
+                f"or a class of one's own as 'module:Class'"
+            )
         for c in self._classes.values():  # a class registered under another name, stored by its qualified name
             if qualified_name(c) == spec:
                 return c
         if not trust_code:
-            raise ValueError(f"the {self.kind} class {spec!r}{where} is not registered, and importing it would run "
-                             f"its code: pass --trust-code (trust_code=True) if you trust it, or import and register it")
+            raise ValueError(
+                f"the {self.kind} class {spec!r}{where} is not registered, and importing it would run "
+                f"its code: pass --trust-code (trust_code=True) if you trust it, or import and register it"
+            )
         module_name, _, attribute = spec.partition(":")
         try:
             obj = importlib.import_module(module_name)
@@ -113,8 +117,10 @@ class Registry:
         anything is built, so a trusted import of some other class calls nothing of it."""
         if not callable(getattr(cls, "from_config", None)) or not callable(getattr(cls, "config", None)):
             where = f" (named by {origin})" if origin else ""
-            raise ValueError(f"{spec!r}{where} is not a pyro-ddpm program class: it has no from_config/config "
-                             "(see pyro_ddpm.registry)")
+            raise ValueError(
+                f"{spec!r}{where} is not a pyro-ddpm program class: it has no from_config/config "
+                "(see pyro_ddpm.registry)"
+            )
 
     def build(self, entry, *, trust_code: bool = False, origin: str = "", **objects):
         """``Class.from_config(**objects, **config)`` for a stored ``{"class": NAME, "config": {...}}``.
@@ -123,8 +129,10 @@ class Registry:
         around (a network, a schedule, a likelihood), passed by the caller, never read from a file.
         """
         if not isinstance(entry, dict) or set(entry) != {"class", "config"}:
-            raise ValueError(f"a stored {self.kind}{' in ' + origin if origin else ''} must be "
-                             f"{{'class': NAME, 'config': {{...}}}}, got {_short(entry)}")
+            raise ValueError(
+                f"a stored {self.kind}{' in ' + origin if origin else ''} must be "
+                f"{{'class': NAME, 'config': {{...}}}}, got {_short(entry)}"
+            )
         cls = self.resolve(entry["class"], trust_code=trust_code, origin=origin)
         self._check_program_class(cls, entry["class"], origin)
         what = f"{self.kind} {entry['class']!r}" + (f" of {origin}" if origin else "")
@@ -205,7 +213,9 @@ def check_config(cls: type, config, *, reserved=(), what: str = "") -> dict:
         open_ended = init_open
     unknown = sorted(set(config) - names) if not open_ended else []
     if unknown:
-        raise ValueError(f"{what}: unknown config keys {unknown}; {cls.__name__} accepts {sorted(names - set(reserved))}")
+        raise ValueError(
+            f"{what}: unknown config keys {unknown}; {cls.__name__} accepts {sorted(names - set(reserved))}"
+        )
     clash = sorted(set(config) & set(reserved))
     if clash:
         raise ValueError(f"{what}: config keys {clash} are objects the caller provides, not stored data")

@@ -61,14 +61,16 @@ def respaced_schedule(schedule: Schedule, timesteps) -> Schedule:
     if tau.ndim != 1 or tau.size < 2 or not np.issubdtype(tau.dtype, np.integer):
         raise ValueError(f"respacing: timesteps must be a 1-D list of at least 2 integers, got {timesteps!r}")
     if tau[0] < 1 or tau[-1] != schedule.T or np.any(np.diff(tau) <= 0):
-        raise ValueError(f"respacing: timesteps must increase strictly from >= 1 to T = {schedule.T}, got {tau.tolist()}")
+        raise ValueError(
+            f"respacing: timesteps must increase strictly from >= 1 to T = {schedule.T}, got {tau.tolist()}"
+        )
     beta = schedule.beta.detach().cpu().numpy().astype(np.float64)
     betas = []
     for start, stop in zip(np.concatenate([[0], tau[:-1]]), tau):
         # 1 - prod_{s in (start, stop]} (1 - beta_s), accumulated as r <- r + (1 - r) beta_s: no
         # cancellation, and a one-step group gives beta_s exactly (so S = T reproduces the schedule).
         r = 0.0
-        for b in beta[start + 1:stop + 1]:
+        for b in beta[start + 1 : stop + 1]:
             r = r + (1.0 - r) * b
         betas.append(r)
     return Schedule(np.asarray(betas, dtype=np.float64)).to(schedule.beta.device)
@@ -103,8 +105,9 @@ def respace(model, steps: int):
     tau = respaced_timesteps(model.T, steps)
     new = copy.copy(model)
     # copy.copy shares the module's registries: give the copy its own so .to() and assignments stay local.
-    new._modules = dict(model._modules, eps=RespacedNetwork(model.eps, tau),
-                        schedule=respaced_schedule(model.schedule, tau))
+    new._modules = dict(
+        model._modules, eps=RespacedNetwork(model.eps, tau), schedule=respaced_schedule(model.schedule, tau)
+    )
     new._buffers = dict(model._buffers)
     new._parameters = dict(model._parameters)
     new.timesteps = tuple(tau)

@@ -64,12 +64,24 @@ def finite_network_outputs(model):
         nan, total = int(torch.isnan(output).sum()), output.numel()
         inf = int(torch.isinf(output).sum())
         t = args[1] if len(args) > 1 and torch.is_tensor(args[1]) and args[1].numel() else None
-        at = "" if t is None else (f" at t = {int(t.min())}" if int(t.min()) == int(t.max())
-                                   else f" at t = {int(t.min())}..{int(t.max())}")
-        broken = [n for n, v in list(module.named_parameters()) + list(module.named_buffers())
-                  if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-        cause = (f"its weights are not finite ({len(broken)} tensors, e.g. {broken[0]}): the checkpoint holds a "
-                 "diverged model" if broken else "its weights are finite: the output overflowed")
+        at = (
+            ""
+            if t is None
+            else (
+                f" at t = {int(t.min())}" if int(t.min()) == int(t.max()) else f" at t = {int(t.min())}..{int(t.max())}"
+            )
+        )
+        broken = [
+            n
+            for n, v in list(module.named_parameters()) + list(module.named_buffers())
+            if v.is_floating_point() and not bool(torch.isfinite(v).all())
+        ]
+        cause = (
+            f"its weights are not finite ({len(broken)} tensors, e.g. {broken[0]}): the checkpoint holds a "
+            "diverged model"
+            if broken
+            else "its weights are finite: the output overflowed"
+        )
         raise ValueError(f"the network returned non-finite values{at} ({nan} NaN, {inf} infinite of {total}); {cause}")
 
     handle = net.register_forward_hook(hook)
@@ -93,8 +105,16 @@ def sampling_program(model, sampler: str = "ancestral", steps: int | None = None
 
 
 @torch.no_grad()
-def sample(model, n: int, sampler: str = "ancestral", steps: int | None = None, eta: float = 0.0, *,
-           batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+def sample(
+    model,
+    n: int,
+    sampler: str = "ancestral",
+    steps: int | None = None,
+    eta: float = 0.0,
+    *,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> torch.Tensor:
     """``n`` draws x_0, shape (n, *model.shape), on the model's device, ``batch_size`` images per chain.
 
     :param sampler: ``"ancestral"`` or ``"ddim"`` (see :func:`sampling_program`).
@@ -111,8 +131,9 @@ def sample(model, n: int, sampler: str = "ancestral", steps: int | None = None, 
     program.eval()
     batches = range(0, n, batch_size)
     sites = (len(program.timesteps) if hasattr(program, "timesteps") else model.T) + 1
-    bar = tqdm(total=len(batches) * sites, desc=f"sample {sampler}", unit="step", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=len(batches) * sites, desc=f"sample {sampler}", unit="step", disable=not progress, dynamic_ncols=True
+    )
     try:
         with Progress(bar), finite_network_outputs(model):
             return torch.cat([program.chain(None, min(batch_size, n - i)) for i in batches])
@@ -129,8 +150,9 @@ PAD = 4
 PAD_COLOR = (0.55, 0.7, 0.95)
 
 
-def image_grid(images: torch.Tensor, ncol: int | None = None, scale: int = 1, pad: int = 1,
-               pad_value: float | tuple = 1.0) -> np.ndarray:
+def image_grid(
+    images: torch.Tensor, ncol: int | None = None, scale: int = 1, pad: int = 1, pad_value: float | tuple = 1.0
+) -> np.ndarray:
     """Images (N, C, H, W) in [-1, 1] tiled into one array in [0, 1]: (rows, cols) for C = 1, else (rows, cols, C).
 
     Each image is scaled up ``scale`` times (pixel repetition) and the tiles are separated and framed by
@@ -159,7 +181,7 @@ def image_grid(images: torch.Tensor, ncol: int | None = None, scale: int = 1, pa
     for i in range(N):
         r, c = divmod(i, ncol)
         top, left = pad + r * (H + pad), pad + c * (W + pad)
-        grid[top:top + H, left:left + W] = x[i].transpose(1, 2, 0)
+        grid[top : top + H, left : left + W] = x[i].transpose(1, 2, 0)
     return grid[..., 0] if C == 1 else grid
 
 
@@ -181,5 +203,7 @@ def save_png(samples: torch.Tensor, path: str | Path, reference: torch.Tensor | 
         ax.set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), aspect="equal")
         ax.legend(loc="upper right", fontsize=7)
     else:
-        raise ValueError(f"cannot draw samples of shape {tuple(samples.shape)}: expected (N, C, H, W) images or (N, 2) points")
+        raise ValueError(
+            f"cannot draw samples of shape {tuple(samples.shape)}: expected (N, C, H, W) images or (N, 2) points"
+        )
     return save_figure(fig, path)

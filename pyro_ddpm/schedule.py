@@ -53,9 +53,23 @@ class ModelVariance(NamedTuple):
 
 # Every constant of the table above, in the order :func:`derive` returns them.
 CONSTANTS = (
-    "beta", "alpha", "abar", "abar_prev", "sqrt_abar", "sqrt_one_minus_abar", "beta_tilde", "coef_x0",
-    "coef_xt", "eps_coef", "recip_sqrt_alpha",
-    "sigma2_large", "w_large", "C_large", "sigma2_small", "w_small", "C_small",
+    "beta",
+    "alpha",
+    "abar",
+    "abar_prev",
+    "sqrt_abar",
+    "sqrt_one_minus_abar",
+    "beta_tilde",
+    "coef_x0",
+    "coef_xt",
+    "eps_coef",
+    "recip_sqrt_alpha",
+    "sigma2_large",
+    "w_large",
+    "C_large",
+    "sigma2_small",
+    "w_small",
+    "C_small",
 )
 
 
@@ -224,12 +238,12 @@ class Schedule(ScheduleBase, nn.Module):
 
     # ----------------------------------------------------------------- constructors
     @classmethod
-    def linear(cls, T: int = 1000, beta_1: float = 1e-4, beta_T: float = 0.02) -> "Schedule":
+    def linear(cls, T: int = 1000, beta_1: float = 1e-4, beta_T: float = 0.02) -> Schedule:
         """The paper's schedule: beta increasing linearly from 1e-4 to 0.02 over T = 1000 steps."""
         return cls(np.linspace(beta_1, beta_T, int(T), dtype=np.float64))
 
     @classmethod
-    def cosine(cls, T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> "Schedule":
+    def cosine(cls, T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Schedule:
         """Nichol and Dhariwal (2021, Eq. 17): abar_t = f(t)/f(0), f(t) = cos^2((t/T + s)/(1 + s) pi/2).
 
         beta_t = 1 - abar_t / abar_{t-1}, clipped at ``max_beta``.
@@ -240,7 +254,7 @@ class Schedule(ScheduleBase, nn.Module):
         return cls(np.minimum(1.0 - abar[1:] / abar[:-1], max_beta))
 
     @classmethod
-    def from_name(cls, name: str, T: int) -> "Schedule":
+    def from_name(cls, name: str, T: int) -> Schedule:
         """``linear`` or ``cosine`` with T steps (the CLI's and checkpoints' spelling)."""
         constructors = {"linear": cls.linear, "cosine": cls.cosine}
         if name not in constructors:

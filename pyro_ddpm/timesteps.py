@@ -73,10 +73,14 @@ class TimestepSampler(nn.Module, abc.ABC):
         if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
             raise ValueError(f"timestep sampler: timesteps t must be an integer tensor, got dtype {t.dtype}")
         if t.shape != values.shape:
-            raise ValueError(f"timestep sampler: t has shape {tuple(t.shape)} but values have shape {tuple(values.shape)}")
+            raise ValueError(
+                f"timestep sampler: t has shape {tuple(t.shape)} but values have shape {tuple(values.shape)}"
+            )
         if t.numel() and (int(t.min()) < 1 or int(t.max()) > self.T):
-            raise ValueError(f"timestep sampler: timesteps t must lie in 1..T = 1..{self.T}, "
-                             f"got values in {int(t.min())}..{int(t.max())}")
+            raise ValueError(
+                f"timestep sampler: timesteps t must lie in 1..T = 1..{self.T}, "
+                f"got values in {int(t.min())}..{int(t.max())}"
+            )
         values = values.detach().to(dtype=torch.float64, device="cpu").reshape(-1)
         if not torch.isfinite(values).all():
             raise ValueError("timestep sampler: the term values must be finite")
@@ -90,8 +94,10 @@ class TimestepSampler(nn.Module, abc.ABC):
         own = self.state_dict()
         for name, value in own.items():
             if name in state_dict and tuple(torch.as_tensor(state_dict[name]).shape) != tuple(value.shape):
-                raise ValueError(f"timestep sampler: state {name!r} has shape {tuple(state_dict[name].shape)}, "
-                                 f"this sampler's has {tuple(value.shape)} (different T or history?)")
+                raise ValueError(
+                    f"timestep sampler: state {name!r} has shape {tuple(state_dict[name].shape)}, "
+                    f"this sampler's has {tuple(value.shape)} (different T or history?)"
+                )
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def extra_repr(self) -> str:
@@ -107,18 +113,22 @@ class FixedProposal(TimestepSampler):
     def __init__(self, probs):
         p = torch.as_tensor(probs, dtype=torch.float64).detach().cpu()
         if p.dim() != 1 or p.numel() < 1:
-            raise ValueError(f"fixed proposal: probabilities must be a non-empty 1-D array p_1..p_T, got shape {tuple(p.shape)}")
+            raise ValueError(
+                f"fixed proposal: probabilities must be a non-empty 1-D array p_1..p_T, got shape {tuple(p.shape)}"
+            )
         super().__init__(p.numel())
         if not torch.isfinite(p).all() or (p <= 0).any():
             bad = (~torch.isfinite(p) | (p <= 0)).nonzero().reshape(-1) + 1
-            raise ValueError(f"fixed proposal: every p_t must be finite and > 0 (weight 1/(T p_t)), "
-                             f"violated at t = {bad[:5].tolist()}")
+            raise ValueError(
+                f"fixed proposal: every p_t must be finite and > 0 (weight 1/(T p_t)), "
+                f"violated at t = {bad[:5].tolist()}"
+            )
         if abs(float(p.sum()) - 1.0) > 1e-6:
             raise ValueError(f"fixed proposal: probabilities must sum to 1, got {float(p.sum())!r}")
         self.register_buffer("p", p / p.sum())
 
     @classmethod
-    def uniform(cls, T: int) -> "UniformSampler":
+    def uniform(cls, T: int) -> UniformSampler:
         """p_t = 1/T: Algorithm 1's draw, with weights 1."""
         return UniformSampler(T)
 
@@ -126,7 +136,7 @@ class FixedProposal(TimestepSampler):
         return {"probs": [float(p) for p in self.p.tolist()]}
 
     @classmethod
-    def from_config(cls, *, probs) -> "FixedProposal":
+    def from_config(cls, *, probs) -> FixedProposal:
         return cls(probs)
 
     def probs(self) -> torch.Tensor:
@@ -145,7 +155,7 @@ class UniformSampler(FixedProposal):
         return {"T": self.T}
 
     @classmethod
-    def from_config(cls, *, T: int) -> "UniformSampler":
+    def from_config(cls, *, T: int) -> UniformSampler:
         return cls(T)
 
 
@@ -177,7 +187,7 @@ class LossAwareSampler(TimestepSampler):
         return {"T": self.T, "history": int(self.history.shape[1]), "uniform_fraction": self.uniform_fraction}
 
     @classmethod
-    def from_config(cls, **config) -> "LossAwareSampler":
+    def from_config(cls, **config) -> LossAwareSampler:
         return cls(**config)
 
     def warmed_up(self) -> bool:
@@ -208,5 +218,3 @@ class LossAwareSampler(TimestepSampler):
 
     def extra_repr(self) -> str:
         return f"T={self.T}, history={self.history.shape[1]}, uniform_fraction={self.uniform_fraction}"
-
-

@@ -51,11 +51,12 @@ from pyro.infer import SVI
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from pyro_ddpm import data as datasets, likelihoods, presets, protocol
+from pyro_ddpm import data as datasets
+from pyro_ddpm import likelihoods, presets, protocol
 from pyro_ddpm.checkpoint import FILENAME, TrainState, fingerprint, load_weights, write_bytes
 from pyro_ddpm.elbo import TermwiseELBO, objective
 from pyro_ddpm.files import RunLock, atomic_write, remove_stale_temporaries
-from pyro_ddpm.nets import build_network, network_config
+from pyro_ddpm.nets import build_network
 from pyro_ddpm.optim import JointOptimizer
 from pyro_ddpm.registry import GUIDES, LIKELIHOODS, MODELS, NETWORKS, TIMESTEPS
 from pyro_ddpm.sample import sample, save_png
@@ -116,10 +117,14 @@ class TrainConfig:
         if self.likelihood is not None:
             self.likelihood = LIKELIHOODS.name_of(LIKELIHOODS.resolve(self.likelihood, trust_code=trust_code))
         if self.objective not in model_class.objectives:
-            raise ValueError(f"{self.model} does not train on objective {self.objective!r}; "
-                             f"it supports {list(model_class.objectives)}")
+            raise ValueError(
+                f"{self.model} does not train on objective {self.objective!r}; "
+                f"it supports {list(model_class.objectives)}"
+            )
         if self.variance is not None and self.variance not in model_class.variances:
-            raise ValueError(f"{self.model} has no variance {self.variance!r}; it implements {list(model_class.variances)}")
+            raise ValueError(
+                f"{self.model} has no variance {self.variance!r}; it implements {list(model_class.variances)}"
+            )
         if not isinstance(getattr(torch.optim, self.optimizer, None), type):
             raise ValueError(f"unknown optimizer {self.optimizer!r}: not a class in torch.optim")
         if self.net is not None and self.net not in presets.NETWORKS:
@@ -156,14 +161,18 @@ class TrainConfig:
     def warmup_steps(self) -> int:
         return self.warmup if self.warmup is not None else min(5000, self.steps // 10)
 
-    def resolved(self, dataset) -> "TrainConfig":
+    def resolved(self, dataset) -> TrainConfig:
         """This config with the defaults it leaves open filled in (what a checkpoint stores)."""
         model_class = self.model_class()
         likelihood = self.likelihood or LIKELIHOODS.name_of(type(likelihoods.default_for(dataset)))
-        return dataclasses.replace(self, variance=self.variance or model_class.variances[0], warmup=self.warmup_steps,
-                                   lr_decay_steps=(self.lr_decay_steps or self.steps) if self.lr_decay != "constant"
-                                   else self.lr_decay_steps,
-                                   likelihood=likelihood, net=self.net or dataset.preset)
+        return dataclasses.replace(
+            self,
+            variance=self.variance or model_class.variances[0],
+            warmup=self.warmup_steps,
+            lr_decay_steps=(self.lr_decay_steps or self.steps) if self.lr_decay != "constant" else self.lr_decay_steps,
+            likelihood=likelihood,
+            net=self.net or dataset.preset,
+        )
 
 
 def check_device(device: str) -> None:
@@ -192,16 +201,27 @@ def build(config: TrainConfig, dataset: datasets.Dataset, trust_code: bool = Tru
     """
     model_class = config.model_class(trust_code)
     guide = GUIDES.resolve(config.guide, trust_code=trust_code).from_spec(config.T, config.schedule, len(dataset.shape))
-    likelihood = (likelihoods.default_for(dataset) if config.likelihood is None
-                  else likelihoods.by_name(config.likelihood, dataset, trust_code=trust_code))
+    likelihood = (
+        likelihoods.default_for(dataset)
+        if config.likelihood is None
+        else likelihoods.by_name(config.likelihood, dataset, trust_code=trust_code)
+    )
     spec = protocol.DataSpec(dataset.shape, int(dataset.levels or 0))
     preset = dict(presets.NETWORKS[config.net or dataset.preset], **config.net_overrides)
     net = build_network(model_class.network_config(preset, spec))
     if tuple(getattr(net, "shape", dataset.shape)) != dataset.shape:
-        raise ValueError(f"network preset {config.net!r} expects data of shape {net.shape}, "
-                         f"but {dataset.name} has shape {dataset.shape}")
-    model = model_class.from_config(eps=net, schedule=guide.schedule, likelihood=likelihood, variance=config.variance,
-                                    shape=list(dataset.shape), **config.model_options)
+        raise ValueError(
+            f"network preset {config.net!r} expects data of shape {net.shape}, "
+            f"but {dataset.name} has shape {dataset.shape}"
+        )
+    model = model_class.from_config(
+        eps=net,
+        schedule=guide.schedule,
+        likelihood=likelihood,
+        variance=config.variance,
+        shape=list(dataset.shape),
+        **config.model_options,
+    )
     model.to(config.device)
     guide.to(config.device)
     model.autocast = PRECISIONS[config.precision]
@@ -227,9 +247,13 @@ def make_optimizer(config: TrainConfig, guide=None) -> JointOptimizer:
     """``config.optimizer`` over all parameters, global-norm clipping, the learning rate of :func:`lr_factor`;
     the guide's parameters (if any) at ``lr * config.guide_lr_scale``."""
     scaled = {id(p) for p in guide.parameters()} if guide is not None and config.guide_lr_scale != 1.0 else set()
-    return JointOptimizer(getattr(torch.optim, config.optimizer), {"lr": config.lr}, clip_norm=config.grad_clip,
-                          lr_lambda=lr_factor(config),
-                          lr_scale=(lambda p: config.guide_lr_scale if id(p) in scaled else 1.0) if scaled else None)
+    return JointOptimizer(
+        getattr(torch.optim, config.optimizer),
+        {"lr": config.lr},
+        clip_norm=config.grad_clip,
+        lr_lambda=lr_factor(config),
+        lr_scale=(lambda p: config.guide_lr_scale if id(p) in scaled else 1.0) if scaled else None,
+    )
 
 
 class Processes:
@@ -286,7 +310,9 @@ class Processes:
         if not self.many:
             return
         flat = torch.cat([p.detach().double().reshape(-1) for p in net.parameters()]).cpu()
-        summary = torch.stack([flat.sum(), flat.abs().sum(), (flat * torch.arange(len(flat), dtype=torch.float64)).sum()])
+        summary = torch.stack(
+            [flat.sum(), flat.abs().sum(), (flat * torch.arange(len(flat), dtype=torch.float64)).sum()]
+        )
         gathered = [torch.zeros_like(summary) for _ in range(self.world)]
         dist.all_gather(gathered, summary)
         if not all(torch.equal(g, gathered[0]) for g in gathered):
@@ -392,8 +418,14 @@ class MetricsLog:
         elapsed = time.perf_counter() - self.t0
         losses = processes.mean(torch.tensor(self.losses, dtype=torch.float64)).tolist()
         loss, loss_se = self._mean_se(losses)
-        record = {"step": step, "objective": config.objective, "loss_per_image": loss, "loss_per_image_se": loss_se,
-                  "images_per_s": self.images * processes.world / elapsed, "window_steps": len(losses)}
+        record = {
+            "step": step,
+            "objective": config.objective,
+            "loss_per_image": loss,
+            "loss_per_image_se": loss_se,
+            "images_per_s": self.images * processes.world / elapsed,
+            "window_steps": len(losses),
+        }
         if self.bounds:
             b = processes.mean(torch.stack(self.bounds)) / (self.dims * math.log(2))  # (steps, 3) bits/dim
             for j, name in enumerate(("L_T", "rate", "L_0")):
@@ -413,14 +445,17 @@ class Interrupted(Exception):
     Attributes: ``signal`` (its name), ``step``, ``steps`` (the run's total), ``checkpoint`` and ``out``.
     """
 
-    def __init__(self, signal_name: str, step: int, steps: int, checkpoint: Path, out: Path,
-                 resume_hint: str | None = None):
+    def __init__(
+        self, signal_name: str, step: int, steps: int, checkpoint: Path, out: Path, resume_hint: str | None = None
+    ):
         self.signal, self.step, self.steps, self.checkpoint, self.out = signal_name, step, steps, checkpoint, out
         hint = resume_hint or f"pyro-ddpm train --out {out} --resume"
-        super().__init__(f"{signal_name} received: stopped at step {step} of {steps}; checkpoint saved to {checkpoint}; "
-                         f"resume with: {hint}")
+        super().__init__(
+            f"{signal_name} received: stopped at step {step} of {steps}; checkpoint saved to {checkpoint}; "
+            f"resume with: {hint}"
+        )
 
-    def with_hint(self, resume_hint: str) -> "Interrupted":
+    def with_hint(self, resume_hint: str) -> Interrupted:
         """The same stop with another resume instruction (e.g. re-running a comparison)."""
         return Interrupted(self.signal, self.step, self.steps, self.checkpoint, self.out, resume_hint)
 
@@ -514,8 +549,9 @@ def _check_stored_classes(config: TrainConfig, asked: dict, trust_code: bool | N
         registry.resolve(name, trust_code=False, origin=origin)
 
 
-def train(config: TrainConfig, out: str | Path, progress: bool = True, resume: bool = False,
-          trust_code: bool | None = None) -> Path:
+def train(
+    config: TrainConfig, out: str | Path, progress: bool = True, resume: bool = False, trust_code: bool | None = None
+) -> Path:
     """Train; write ``out/metrics.jsonl``, checkpoints ``out/checkpoint.pt`` and sample grids; return the checkpoint.
 
     With ``resume=True`` the run continues from ``out/checkpoint.pt``: the stored settings, with the
@@ -557,12 +593,16 @@ def train(config: TrainConfig, out: str | Path, progress: bool = True, resume: b
         config = config.resolved(dataset)
     processes = Processes(config.device)
     try:  # rank 0 writes and holds the run directory's lock; the other ranks only train
-        with (RunLock(out) if processes.rank == 0 else contextlib.nullcontext()), \
-                pyro.validation_enabled(config.validate), torch_threads(config.threads):
+        with (
+            RunLock(out) if processes.rank == 0 else contextlib.nullcontext(),
+            pyro.validation_enabled(config.validate),
+            torch_threads(config.threads),
+        ):
             if processes.rank == 0:
                 if state is None and ckpt_path.exists() or state is not None and _stamp(ckpt_path) != stamp:
-                    raise ValueError(f"{ckpt_path} was written by another process while this run was starting; "
-                                     "run the command again")
+                    raise ValueError(
+                        f"{ckpt_path} was written by another process while this run was starting; run the command again"
+                    )
                 remove_stale_temporaries(out)
             trust = trust_code is not False
             return _train(config, dataset, out, state, processes, progress, trust)
@@ -587,8 +627,10 @@ def _train(config, dataset, out: Path, state, processes: Processes, progress: bo
     pyro.set_rng_seed(config.seed)
     model, guide = build(config, dataset, trust_code=trust_code)
     if processes.many and any(p.requires_grad for p in guide.parameters()):
-        raise ValueError(f"{config.guide} has parameters: training it over {processes.world} processes is not "
-                         "supported (only the network's gradients are averaged across processes); use one process")
+        raise ValueError(
+            f"{config.guide} has parameters: training it over {processes.world} processes is not "
+            "supported (only the network's gradients are averaged across processes); use one process"
+        )
     net = model.eps
     sampler = TIMESTEPS.resolve(config.timesteps).from_config(T=model.T)
     generator = torch.Generator().manual_seed(config.seed)
@@ -598,8 +640,11 @@ def _train(config, dataset, out: Path, state, processes: Processes, progress: bo
         load_weights(guide, state.weights["guide"], "guide", state.origin)
         # the stored sampler's class may be imported only if it is the one the (checked) config names
         stored_sampler = state.programs["timesteps"]
-        sampler = state.timestep_sampler(trust_code=trust_code and isinstance(stored_sampler, dict)
-                                         and stored_sampler.get("class") == config.timesteps)
+        sampler = state.timestep_sampler(
+            trust_code=trust_code
+            and isinstance(stored_sampler, dict)
+            and stored_sampler.get("class") == config.timesteps
+        )
     ema = AveragedModel(net, multi_avg_fn=_ema_avg(config.ema_decay), use_buffers=True)  # a copy, before compiling
     if config.compile:
         net.compile()
@@ -609,7 +654,9 @@ def _train(config, dataset, out: Path, state, processes: Processes, progress: bo
     prefix = "$$$module." if processes.many else "$$$"
     if state is not None:
         training = state.training
-        optim.set_state(dict(training["optim"], names=[k.replace("$$$", prefix, 1) for k in training["optim"]["names"]]))
+        optim.set_state(
+            dict(training["optim"], names=[k.replace("$$$", prefix, 1) for k in training["optim"]["names"]])
+        )
         load_weights(ema.module, state.weights["ema"], "network (EMA)", state.origin)
         ema.n_averaged.fill_(int(training["ema_updates"]))
         generator.set_state(training["rng"]["generator"])
@@ -625,11 +672,20 @@ def _train(config, dataset, out: Path, state, processes: Processes, progress: bo
             log.path.unlink(missing_ok=True)
         else:
             log.truncate(start)
-    programs = {"model": MODELS.describe(model), "guide": GUIDES.describe(guide),
-                "likelihood": LIKELIHOODS.describe(model.likelihood), "network": NETWORKS.describe(net),
-                "timesteps": TIMESTEPS.describe(sampler)}
-    data_record = {"name": dataset.name, "shape": list(dataset.shape), "levels": dataset.levels,
-                   "source": dataset.source, "fingerprint": fingerprint(dataset.train)}
+    programs = {
+        "model": MODELS.describe(model),
+        "guide": GUIDES.describe(guide),
+        "likelihood": LIKELIHOODS.describe(model.likelihood),
+        "network": NETWORKS.describe(net),
+        "timesteps": TIMESTEPS.describe(sampler),
+    }
+    data_record = {
+        "name": dataset.name,
+        "shape": list(dataset.shape),
+        "levels": dataset.levels,
+        "source": dataset.source,
+        "fingerprint": fingerprint(dataset.train),
+    }
 
     def snapshot(step: int) -> bytes | None:
         """The checkpoint of this step as bytes (rank 0; None elsewhere), refused if any weight is not finite."""
@@ -638,22 +694,40 @@ def _train(config, dataset, out: Path, state, processes: Processes, progress: bo
             return None
         for what, module in (("network", net), ("EMA", ema.module), ("guide", guide)):
             if not all(bool(torch.isfinite(v).all()) for v in module.state_dict().values() if v.is_floating_point()):
-                raise FloatingPointError(f"training stopped: the {what} weights became non-finite at step {step}; "
-                                         f"{_kept(saved_at, ckpt_path)}")
+                raise FloatingPointError(
+                    f"training stopped: the {what} weights became non-finite at step {step}; "
+                    f"{_kept(saved_at, ckpt_path)}"
+                )
         return TrainState(
-            step=step, config=dataclasses.asdict(config), programs=programs, data=data_record,
-            weights={"net": _cpu(net.state_dict()), "ema": _cpu(ema.module.state_dict()),
-                     "guide": _cpu(guide.state_dict()), "timesteps": _cpu(sampler.state_dict())},
-            training={"optim": (lambda o: dict(o, names=[k.replace(prefix, "$$$", 1) for k in o["names"]]))(optim.get_state()),
-                      "ema_updates": int(ema.n_averaged), "order": order, "losses": losses[-LOSS_HISTORY:],
-                      "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state(),
-                              "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                      "world_size": processes.world},
+            step=step,
+            config=dataclasses.asdict(config),
+            programs=programs,
+            data=data_record,
+            weights={
+                "net": _cpu(net.state_dict()),
+                "ema": _cpu(ema.module.state_dict()),
+                "guide": _cpu(guide.state_dict()),
+                "timesteps": _cpu(sampler.state_dict()),
+            },
+            training={
+                "optim": (lambda o: dict(o, names=[k.replace(prefix, "$$$", 1) for k in o["names"]]))(
+                    optim.get_state()
+                ),
+                "ema_updates": int(ema.n_averaged),
+                "order": order,
+                "losses": losses[-LOSS_HISTORY:],
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "generator": generator.get_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                },
+                "world_size": processes.world,
+            },
             finished=step >= config.steps,
         ).to_bytes()
 
     x_train = dataset.train
-    N, D = len(x_train), dataset.dims
+    N = len(x_train)
     per_epoch = max(1, N // B)
     bound_stride = max(1, config.log_every // 8)  # steps whose batch gives a bound estimate, other objectives
     net.train()
@@ -661,13 +735,19 @@ def _train(config, dataset, out: Path, state, processes: Processes, progress: bo
     # have then been seen to give a finite, non-diverging loss (the final one and one on a signal are
     # written at once). ``pending`` is the (step, contents) waiting for that.
     saved_at, pending = start, None
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"train {config.objective}",
-               disable=not progress or not writes, dynamic_ncols=True)
+    bar = tqdm(
+        range(start, config.steps),
+        initial=start,
+        total=config.steps,
+        desc=f"train {config.objective}",
+        disable=not progress or not writes,
+        dynamic_ncols=True,
+    )
     with stop_on_signals() as stop:
         for step in bar:
             if step % per_epoch == 0:
                 order = torch.randperm(N, generator=generator)
-            x0 = x_train[order[(step % per_epoch) * B:(step % per_epoch + 1) * B]]
+            x0 = x_train[order[(step % per_epoch) * B : (step % per_epoch + 1) * B]]
             if dataset.flip:
                 x0 = datasets.random_flip(x0, generator)
             t, proposal = sampler.draw(B, K, generator=generator)
@@ -680,8 +760,10 @@ def _train(config, dataset, out: Path, state, processes: Processes, progress: bo
             optim.step()  # the learning-rate schedule
             terms, t_flat = svi.elbo.last_terms, t.reshape(-1)
             if sampler.learns:
-                sampler.update(processes.gather(t_flat).cpu(),
-                               processes.gather(pair_losses(terms, t_flat, proposal, K, processes.world)).cpu())
+                sampler.update(
+                    processes.gather(t_flat).cpu(),
+                    processes.gather(pair_losses(terms, t_flat, proposal, K, processes.world)).cpu(),
+                )
             ema.update_parameters(net)
             done = step + 1
             per_image = loss / x0.shape[0] / processes.world
@@ -720,8 +802,11 @@ def _commit(pending: tuple[int, bytes | None], ckpt_path: Path) -> int:
 
 
 def _kept(saved_at: int, ckpt_path: Path) -> str:
-    return (f"the last good checkpoint (step {saved_at}) is kept at {ckpt_path}" if saved_at
-            else "no checkpoint was written")
+    return (
+        f"the last good checkpoint (step {saved_at}) is kept at {ckpt_path}"
+        if saved_at
+        else "no checkpoint was written"
+    )
 
 
 # The divergence check starts once this many losses are known (one: the first step's loss is the reference).
@@ -736,8 +821,10 @@ def _check_loss(per_image: float, step: int, history: list[float], saved_at: int
     if len(history) >= DIVERGENCE_MIN_HISTORY:
         median = statistics.median(history)
         if abs(per_image - median) > DIVERGENCE_FACTOR * max(abs(median), 1.0):
-            raise FloatingPointError(f"training stopped: the loss diverged at step {step} ({per_image:.4g} per image, "
-                                     f"running median {median:.4g}); {kept} (lower --lr?)")
+            raise FloatingPointError(
+                f"training stopped: the loss diverged at step {step} ({per_image:.4g} per image, "
+                f"running median {median:.4g}); {kept} (lower --lr?)"
+            )
 
 
 @torch.no_grad()
@@ -745,8 +832,13 @@ def _bound_of_batch(model, guide, x0, t, eps, proposal, K) -> torch.Tensor:
     """The bound's estimates on this step's batch, traced from the model itself (for objectives whose
     training program is another one), with the training run's random streams left alone."""
     with _own_rng():
-        terms = TermwiseELBO().terms(model.per_timestep, protocol.FixedNoise({protocol.X_t: eps})(guide.per_timestep),
-                                     x0, t, step_weight(None, proposal.to(x0.device)))
+        terms = TermwiseELBO().terms(
+            model.per_timestep,
+            protocol.FixedNoise({protocol.X_t: eps})(guide.per_timestep),
+            x0,
+            t,
+            step_weight(None, proposal.to(x0.device)),
+        )
     return bound_estimates(terms, t.reshape(-1), proposal, K, x0.shape[0])
 
 

@@ -31,8 +31,13 @@ class Decoder(nn.Module):
     def __init__(self, z_dim: int, shape: tuple[int, ...], hidden: int):
         super().__init__()
         self.shape = shape
-        self.net = nn.Sequential(nn.Linear(z_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, int(np.prod(shape))))
+        self.net = nn.Sequential(
+            nn.Linear(z_dim, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, int(np.prod(shape))),
+        )
         self.raw_scale = nn.Parameter(torch.full(shape, math.log(math.expm1(0.1))))  # scale 0.1 at the start
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,8 +51,13 @@ class Encoder(nn.Module):
     def __init__(self, z_dim: int, shape: tuple[int, ...], hidden: int):
         super().__init__()
         self.event_dim = len(shape)
-        self.net = nn.Sequential(nn.Linear(int(np.prod(shape)), hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, 2 * z_dim))
+        self.net = nn.Sequential(
+            nn.Linear(int(np.prod(shape)), hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, 2 * z_dim),
+        )
 
     def forward(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loc, raw = self.net(x0.flatten(-self.event_dim)).chunk(2, dim=-1)
@@ -83,8 +93,9 @@ class VAE(nn.Module):
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
 
-def train_vae(dataset, steps: int = 3000, z_dim: int = 16, hidden: int = 256, seed: int = 0,
-              batch_size: int = 128) -> tuple[VAE, list[float]]:
+def train_vae(
+    dataset, steps: int = 3000, z_dim: int = 16, hidden: int = 256, seed: int = 0, batch_size: int = 128
+) -> tuple[VAE, list[float]]:
     """SVI on the mean-field ELBO (analytic KL for z), minibatches of ``batch_size`` training images of the
     :class:`~pyro_ddpm.data.Dataset`; returns the VAE and the per-step loss in bits/dim. Pyro's param
     store is cleared before and after (the VAE keeps its modules)."""
@@ -112,5 +123,5 @@ def vae_bounds(vae: VAE, x0: torch.Tensor, draws: int, particles: int) -> dict[s
     rate = terms[0]["z"].value.double().numpy()  # analytic: the same for every draw
     distortion = np.mean([t[protocol.X_0].value.double().numpy() for t in terms], axis=0)
     iwae = RenyiELBO(alpha=0.0, num_particles=particles, vectorize_particles=True, max_plate_nesting=1)
-    iw = np.array([iwae.loss(vae.model, vae.guide, x0[i:i + 1]) for i in range(len(x0))])
+    iw = np.array([iwae.loss(vae.model, vae.guide, x0[i : i + 1]) for i in range(len(x0))])
     return {"rate": rate, "distortion": distortion, "elbo": rate + distortion, "iwae": iw}

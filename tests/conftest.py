@@ -54,10 +54,25 @@ def np_constants(betas) -> dict:
     abar = [1.0]
     for t in range(1, T + 1):
         abar.append(abar[-1] * alpha[t])
-    c = {k: [nan] * (T + 1) for k in (
-        "abar_prev", "sqrt_abar", "sqrt_one_minus_abar", "beta_tilde", "coef_x0", "coef_xt",
-        "eps_coef", "recip_sqrt_alpha",
-        "sigma2_large", "sigma2_small", "w_large", "w_small", "C_large", "C_small")}
+    c = {
+        k: [nan] * (T + 1)
+        for k in (
+            "abar_prev",
+            "sqrt_abar",
+            "sqrt_one_minus_abar",
+            "beta_tilde",
+            "coef_x0",
+            "coef_xt",
+            "eps_coef",
+            "recip_sqrt_alpha",
+            "sigma2_large",
+            "sigma2_small",
+            "w_large",
+            "w_small",
+            "C_large",
+            "C_small",
+        )
+    }
     for t in range(1, T + 1):
         c["abar_prev"][t] = abar[t - 1]
         c["sqrt_abar"][t] = math.sqrt(abar[t])

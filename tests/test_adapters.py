@@ -38,8 +38,11 @@ ABAR = np.concatenate([[1.0], np.cumprod(1 - BETAS)])
 
 
 # g_t: the optimal predictor's for N(m, s^2) data, times 1 +- 1/2 alternating in t (any g_t will do).
-G = np.array([np.nan] + [math.sqrt(1 - ABAR[t]) / (ABAR[t] * S**2 + 1 - ABAR[t]) * (1 + 0.5 * (-1) ** t)
-                         for t in range(1, T + 2 - 1)] + [np.nan])
+G = np.array(
+    [np.nan]
+    + [math.sqrt(1 - ABAR[t]) / (ABAR[t] * S**2 + 1 - ABAR[t]) * (1 + 0.5 * (-1) ** t) for t in range(1, T + 2 - 1)]
+    + [np.nan]
+)
 
 
 def g_of(t):
@@ -171,8 +174,9 @@ def test_improved_diffusion_learned_sigma_matches_the_native_path():
             return self.body(torch.cat([x, timesteps.float()[:, None] / 1000], 1))
 
     net = Net()
-    model, guide = adapters.from_improved_diffusion(net, BETAS, learn_sigma=True, levels=256, shape=(D,),
-                                                    rescale_timesteps=True)
+    model, guide = adapters.from_improved_diffusion(
+        net, BETAS, learn_sigma=True, levels=256, shape=(D,), rescale_timesteps=True
+    )
     assert isinstance(model, LearnedVarianceReverseProcess)
 
     class Hand(nn.Module):
@@ -183,7 +187,9 @@ def test_improved_diffusion_learned_sigma_matches_the_native_path():
         def forward(self, x, t):
             return self.net(x, (t - 1).double() * (1000.0 / T))
 
-    hand = LearnedVarianceReverseProcess(Hand(), Schedule(BETAS), "learned", DiscretizedGaussianLikelihood(256), shape=(D,))
+    hand = LearnedVarianceReverseProcess(
+        Hand(), Schedule(BETAS), "learned", DiscretizedGaussianLikelihood(256), shape=(D,)
+    )
     x0 = adapters.to_grid(np.random.default_rng(1).integers(0, 256, size=(6, D)))
     a = evaluate.bound(model, guide, x0).bound["L"].values
     net.seen.clear()
@@ -199,9 +205,16 @@ def test_improved_diffusion_learned_sigma_matches_the_native_path():
 def tiny_unet(out_channels=1):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    return diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=out_channels, block_out_channels=(8, 16),
-                                 layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    return diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=out_channels,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
 
 
 class ByHand(nn.Module):
@@ -298,6 +311,8 @@ def test_ode_and_importance_weighted_run_on_a_diffusers_unet(images):
     assert r["settings"]["divergence"] == "rademacher" and r["settings"]["levels"] == 256
     assert r["network_calls"] == 12 and np.isfinite(r["nats"]).all() and r["bits_per_dim"] > 0
     k = np.round((images[:2].numpy() + 1) * 127.5).astype(np.uint8)
-    np.testing.assert_allclose(ode_likelihood(model, torch.as_tensor(k), steps=3, seed=0)["nats"], r["nats"], rtol=1e-12)
+    np.testing.assert_allclose(
+        ode_likelihood(model, torch.as_tensor(k), steps=3, seed=0)["nats"], r["nats"], rtol=1e-12
+    )
     iw = importance_weighted(model, guide, images[:2], particles=2)
     assert np.isfinite(iw["nats"]).all() and iw["bits_per_dim"] > 0

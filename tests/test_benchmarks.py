@@ -10,13 +10,29 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(script: str, args: list[str]) -> str:
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], check=True, capture_output=True,
-                          text=True, timeout=300).stdout
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout
 
 
 def test_train_speed_script_prints_ratios_and_writes_the_table(tmp_path):
-    args = ["--preset", "digits", "--batch", "4", "--T", "10", "--repeats", "1", "--no-diffusers",
-            "--markdown", str(tmp_path / "t.md")]
+    args = [
+        "--preset",
+        "digits",
+        "--batch",
+        "4",
+        "--T",
+        "10",
+        "--repeats",
+        "1",
+        "--no-diffusers",
+        "--markdown",
+        str(tmp_path / "t.md"),
+    ]
     out = _run("train_speed.py", args)
     lines = [line for line in out.splitlines() if "ratio" in line]
     assert len(lines) == 3 and "ratio 1.000" in lines[0]
@@ -37,19 +53,38 @@ DIFFUSERS = "diffusers (UNet2DModel, DDPMScheduler.add_noise, AdamW)"
 
 def test_train_speed_diffusers_loop_and_fixed_cost(tmp_path):
     pytest.importorskip("diffusers")
-    args = ["--preset", "digits", "--batch", "4", "--T", "10", "--repeats", "1", "--no-memory", "--fixed-cost",
-            "--markdown", str(tmp_path / "t.md")]
+    args = [
+        "--preset",
+        "digits",
+        "--batch",
+        "4",
+        "--T",
+        "10",
+        "--repeats",
+        "1",
+        "--no-memory",
+        "--fixed-cost",
+        "--markdown",
+        str(tmp_path / "t.md"),
+    ]
     out = _run("train_speed.py", args)
     settings = next(line for line in out.splitlines() if line.startswith("settings"))
     assert "(176849 parameters; diffusers UNet2DModel 176849 parameters)" in settings  # the same size
     text = (tmp_path / "t.md").read_text()
-    rows = {c[0]: c[1:] for c in ([x.strip() for x in line.split("|")[1:-1]] for line in text.splitlines()
-                                  if line.startswith("| ") and "ms/step" not in line)}
+    rows = {
+        c[0]: c[1:]
+        for c in (
+            [x.strip() for x in line.split("|")[1:-1]]
+            for line in text.splitlines()
+            if line.startswith("| ") and "ms/step" not in line
+        )
+    }
     assert float(rows[DIFFUSERS][0]) > 0 and float(rows[DIFFUSERS][1]) > 0 and float(rows[DIFFUSERS][2]) > 0
     fixed = [name for name in rows if name.endswith("1-parameter network")]
     assert fixed == [f"{name}, 1-parameter network" for name in ("plain torch", "SVI elbo", "SVI simple")]
     assert rows[fixed[0]][1] == "" and float(rows[fixed[1]][1]) == pytest.approx(
-        float(rows[fixed[1]][0]) - float(rows[fixed[0]][0]), abs=0.011)  # the fixed cost: SVI - plain torch
+        float(rows[fixed[1]][0]) - float(rows[fixed[0]][0]), abs=0.011
+    )  # the fixed cost: SVI - plain torch
     assert "176849 parameters; diffusers UNet2DModel 176849 parameters" in text.splitlines()[0]
 
 
@@ -70,8 +105,19 @@ def test_the_diffusers_network_has_the_presets_parameter_count():
 
 
 def test_evaluate_speed_script_writes_the_table(tmp_path):
-    args = ["--preset", "digits", "--T", "5", "--images", "4", "--repeats", "1", "--no-memory",
-            "--markdown", str(tmp_path / "e.md")]
+    args = [
+        "--preset",
+        "digits",
+        "--T",
+        "5",
+        "--images",
+        "4",
+        "--repeats",
+        "1",
+        "--no-memory",
+        "--markdown",
+        str(tmp_path / "e.md"),
+    ]
     out = _run("evaluate_speed.py", args)
     assert "bound / baseline" in out
     text = (tmp_path / "e.md").read_text()

@@ -52,8 +52,26 @@ def test_evaluate_prints_terms_that_add_up(digits_run, capsys):
 def test_evaluate_options_and_outputs(digits_run, capsys):
     import arviz as az
 
-    assert main(["evaluate", str(digits_run), "--limit", "4", "--draws", "2", "--clip-denoised", "--cdf", "tanh",
-                 "--no-figures", "--no-progress", "--T", "10"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(digits_run),
+                "--limit",
+                "4",
+                "--draws",
+                "2",
+                "--clip-denoised",
+                "--cdf",
+                "tanh",
+                "--no-figures",
+                "--no-progress",
+                "--T",
+                "10",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "tanh-approximated CDF, clip_denoised=True" in printed and "progressive coding" in printed
     idata = az.from_netcdf(digits_run / "bound_test.nc")
@@ -63,10 +81,13 @@ def test_evaluate_options_and_outputs(digits_run, capsys):
     assert summary["draws"] == 2 and "se_noise" in summary["total"]
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--data", "swiss_roll"], "shape \\(2,\\), the checkpoint was trained on shape \\(1, 8, 8\\)"),
-    (["--T", "20"], "T = 10"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--data", "swiss_roll"], "shape \\(2,\\), the checkpoint was trained on shape \\(1, 8, 8\\)"),
+        (["--T", "20"], "T = 10"),
+    ],
+)
 def test_evaluate_refuses_mismatches_before_computing(digits_run, capsys, argv, message):
     import re
 
@@ -93,8 +114,27 @@ def test_sample_writes_png_grid(digits_run, tmp_path, capsys):
 
 def test_simple_objective_and_toy_data(tmp_path):
     run = tmp_path / "roll"
-    assert main(["train", "--data", "swiss_roll", "--steps", "5", "--objective", "simple", "--out", str(run),
-                 "--T", "10", "--batch-size", "32", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                "swiss_roll",
+                "--steps",
+                "5",
+                "--objective",
+                "simple",
+                "--out",
+                str(run),
+                "--T",
+                "10",
+                "--batch-size",
+                "32",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert main(["sample", str(run), "--n", "50"]) == 0
     assert (run / "samples.png").stat().st_size > 1000
     assert main(["evaluate", str(run), "--limit", "4", "--no-progress"]) == 0
@@ -135,5 +175,6 @@ def test_bad_training_arguments(tmp_path, capsys):
     assert main(["train", "--data", "digits", "--steps", "0", "--out", str(tmp_path / "r"), *TINY]) == 2
     assert "steps must be a positive integer, got 0" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
-    assert main(["train", "--data", "digits", "--steps", "2", "--device", "cuda:7", "--out", str(tmp_path / "r"),
-                 *TINY]) == (0 if torch.cuda.device_count() > 7 else 2)
+    assert main(
+        ["train", "--data", "digits", "--steps", "2", "--device", "cuda:7", "--out", str(tmp_path / "r"), *TINY]
+    ) == (0 if torch.cuda.device_count() > 7 else 2)

@@ -11,8 +11,24 @@ from pyro_ddpm import checkpoint
 from pyro_ddpm.cli import main
 from pyro_ddpm.compare import aggregate, markdown
 
-TINY = ["--T", "10", "--steps", "4", "--batch-size", "16", "--ch", "8", "--log-every", "2", "--samples", "40",
-        "--limit", "40", "--no-progress", "--no-vae"]
+TINY = [
+    "--T",
+    "10",
+    "--steps",
+    "4",
+    "--batch-size",
+    "16",
+    "--ch",
+    "8",
+    "--log-every",
+    "2",
+    "--samples",
+    "40",
+    "--limit",
+    "40",
+    "--no-progress",
+    "--no-vae",
+]
 ARMS = ["eps-elbo", "eps-simple", "eps-hybrid"]
 RUN_FILES = ["checkpoint.pt", "metrics.jsonl", "bound_test.nc", "bound_test.json", "samples.pt"]
 
@@ -32,8 +48,11 @@ def test_every_output_file_is_written(compared):
             assert (compared / arm / name).exists(), (arm, name)
         assert torch.load(compared / arm / "samples.pt").shape == (40, 1, 8, 8)
     config = checkpoint.load(compared / "eps-hybrid").config
-    assert (config["model"], config["objective"], config["variance"]) == ("LearnedVarianceReverseProcess", "hybrid",
-                                                                         "learned")
+    assert (config["model"], config["objective"], config["variance"]) == (
+        "LearnedVarianceReverseProcess",
+        "hybrid",
+        "learned",
+    )
     assert checkpoint.load(compared / "eps-elbo").config["timesteps"] == "importance"
 
 
@@ -61,7 +80,11 @@ def test_the_table_carries_the_runs_numbers_the_baseline_and_the_metrics_floor(c
     bits = -np.log2(p[np.arange(64), k_test]).mean(1)
     assert record["pixel_categorical_baseline"]["bits_per_dim"] == pytest.approx(bits.mean(), rel=1e-9)
     text = (compared / "comparison.md").read_text()
-    assert sum(line.startswith("| ") for line in text.splitlines()) == 6 and "per-pixel categorical" in text and "not comparable to Inception" in text
+    assert (
+        sum(line.startswith("| ") for line in text.splitlines()) == 6
+        and "per-pixel categorical" in text
+        and "not comparable to Inception" in text
+    )
     curve = record["runs"]["eps-elbo"][0]["training"]
     assert curve["step"] == [2, 4] and all(math.isfinite(v) for v in curve["bound_bits_per_dim"])
 
@@ -70,15 +93,23 @@ def test_running_again_measures_without_retraining_and_other_settings_are_refuse
     before = (compared / "eps-elbo" / "checkpoint.pt").stat().st_mtime_ns
     assert main(["compare", "--data", "digits", *TINY, "--arms", "eps-elbo", "--out", str(compared)]) == 0
     assert (compared / "eps-elbo" / "checkpoint.pt").stat().st_mtime_ns == before
-    assert main(["compare", "--data", "digits", *TINY, "--lr", "0.1", "--arms", "eps-elbo", "--out", str(compared)]) == 2
+    assert (
+        main(["compare", "--data", "digits", *TINY, "--lr", "0.1", "--arms", "eps-elbo", "--out", str(compared)]) == 2
+    )
     assert "lr = 0.001 (asked 0.1)" in capsys.readouterr().err
 
 
 def test_several_seeds_report_the_mean_and_standard_error_over_seeds():
-    runs = [{"bound": {k: {"bits_per_dim": v + i, "se": 0.5} for k, v in
-                       (("total", 3.0), ("prior_L_T", 0.0), ("rate_L_1_to_L_T-1", 3.0), ("distortion_L_0", 0.0))},
-             "quality": {"fd": 10.0 * (i + 1), "fd_se": 1.0, "kid": 1.0, "kid_se": 0.1, "score": 5.0, "score_se": 0.2}}
-            for i in range(3)]
+    runs = [
+        {
+            "bound": {
+                k: {"bits_per_dim": v + i, "se": 0.5}
+                for k, v in (("total", 3.0), ("prior_L_T", 0.0), ("rate_L_1_to_L_T-1", 3.0), ("distortion_L_0", 0.0))
+            },
+            "quality": {"fd": 10.0 * (i + 1), "fd_se": 1.0, "kid": 1.0, "kid_se": 0.1, "score": 5.0, "score_se": 0.2},
+        }
+        for i in range(3)
+    ]
     row = aggregate({"elbo": runs})["elbo"]
     assert row["total"] == pytest.approx((4.0, 1.0 / math.sqrt(3)))  # values 3, 4, 5: sd 1
     assert row["fd"] == pytest.approx((20.0, 10.0 / math.sqrt(3)))
@@ -87,9 +118,33 @@ def test_several_seeds_report_the_mean_and_standard_error_over_seeds():
 
 
 def test_continuous_data_reports_nats_and_skips_the_classifier_scores(tmp_path):
-    assert main(["compare", "--data", "swiss_roll-continuous", "--T", "10", "--steps", "2", "--batch-size", "16",
-                 "--log-every", "1", "--samples", "40", "--limit", "40", "--arms", "eps-elbo", "--no-progress",
-                 "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "--data",
+                "swiss_roll-continuous",
+                "--T",
+                "10",
+                "--steps",
+                "2",
+                "--batch-size",
+                "16",
+                "--log-every",
+                "1",
+                "--samples",
+                "40",
+                "--limit",
+                "40",
+                "--arms",
+                "eps-elbo",
+                "--no-progress",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     text = (tmp_path / "comparison.md").read_text()
     assert "total nats/dim" in text and "FD" not in text and "per-pixel" not in text
 
@@ -99,7 +154,9 @@ def test_example_script_quick_run(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "examples" / "elbo_vs_lsimple.py"
-    result = runpy.run_path(str(script))["main"](["--quick", "--arms", "eps-elbo", "eps-simple", "--out", str(tmp_path)])
+    result = runpy.run_path(str(script))["main"](
+        ["--quick", "--arms", "eps-elbo", "eps-simple", "--out", str(tmp_path)]
+    )
     assert set(result["table"]) == {"eps-elbo", "eps-simple"} and (tmp_path / "comparison.md").exists()
 
 
@@ -112,7 +169,9 @@ def test_the_main_command_defaults_to_the_digits_preset():
     assert args.arms is None and not hasattr(args, "steps") and not hasattr(args, "lr")  # the preset's apply
     config, arms, default = compare_config(_given(args))
     assert config.data == "digits" and default == DATASETS["digits"]["compare"]["default_arms"]
-    assert (config.steps, config.lr) == (DATASETS["digits"]["compare"]["train"]["steps"],
-                                         DATASETS["digits"]["compare"]["train"]["lr"])
+    assert (config.steps, config.lr) == (
+        DATASETS["digits"]["compare"]["train"]["steps"],
+        DATASETS["digits"]["compare"]["train"]["lr"],
+    )
     config, _, _ = compare_config(_given(parser().parse_args(["compare", "--out", "x", "--steps", "7"])))
     assert config.steps == 7

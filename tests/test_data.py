@@ -225,8 +225,14 @@ def test_empty_folder(tmp_path):
         load(str(tmp_path))
     msg = str(e.value)
     assert str(tmp_path) in msg
-    for wanted in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte", "cifar-10-python.tar.gz",
-                   "cifar-10-batches-py", "data_batch_1", "test_batch"):
+    for wanted in (
+        "train-images-idx3-ubyte",
+        "t10k-images-idx3-ubyte",
+        "cifar-10-python.tar.gz",
+        "cifar-10-batches-py",
+        "data_batch_1",
+        "test_batch",
+    ):
         assert wanted in msg
     with pytest.raises(ValueError, match="no MNIST data in .*t10k-images-idx3-ubyte"):
         load(f"mnist:{tmp_path}")
@@ -391,5 +397,6 @@ def test_continuous_toy_loaders_take_levels():
         assert set(torch.unique(coarse.train).tolist()) <= {-1.0, -0.5, 0.0, 0.5, 1.0}
         real = loader(seed=2, n=400, levels=0)
         assert real.name == f"{loader.__name__}-continuous" and real.continuous
-        assert torch.equal(torch.as_tensor(data.quantize(real.train.double().numpy(), 5), dtype=torch.float32),
-                           coarse.train)
+        assert torch.equal(
+            torch.as_tensor(data.quantize(real.train.double().numpy(), 5), dtype=torch.float32), coarse.train
+        )

@@ -38,9 +38,9 @@ from pyro_ddpm.likelihoods import (
     default_for,
     default_likelihood,
 )
-from pyro_ddpm.registry import LIKELIHOODS
 from pyro_ddpm.models import ReverseProcess
 from pyro_ddpm.nets import MLP
+from pyro_ddpm.registry import LIKELIHOODS
 from pyro_ddpm.schedule import Schedule
 
 pytestmark = [
@@ -147,7 +147,9 @@ def test_bernoulli_is_the_gaussian_restricted_to_the_two_signs():
     s = np.array([0.1, 0.5, 1.0, 2.0])
     mu, s = np.meshgrid(mu, s)
     for x in (-1.0, 1.0):
-        expected = stats.norm.logpdf(x, mu, s) - np.logaddexp(stats.norm.logpdf(1.0, mu, s), stats.norm.logpdf(-1.0, mu, s))
+        expected = stats.norm.logpdf(x, mu, s) - np.logaddexp(
+            stats.norm.logpdf(1.0, mu, s), stats.norm.logpdf(-1.0, mu, s)
+        )
         got = SignedBernoulli(torch.tensor(mu), torch.tensor(s)).log_prob(torch.full(mu.shape, x))
         np.testing.assert_allclose(np_(got), expected, rtol=1e-10, atol=1e-13)
 
@@ -158,8 +160,15 @@ def test_decoder_is_normalized(decoder, mu, s):
     """Masses sum to 1 over the support ({-1, +1}, the grid); the density integrates to 1 over R."""
     d = DECODERS[decoder]()(torch.tensor(mu), torch.tensor(s))
     if decoder == "continuous":
-        total, err = integrate.quad(lambda v: math.exp(d.log_prob(torch.tensor(v)).item()), -np.inf, np.inf,
-                                    points=None, epsabs=1e-12, epsrel=1e-12, limit=200)
+        total, err = integrate.quad(
+            lambda v: math.exp(d.log_prob(torch.tensor(v)).item()),
+            -np.inf,
+            np.inf,
+            points=None,
+            epsabs=1e-12,
+            epsrel=1e-12,
+            limit=200,
+        )
         assert total == pytest.approx(1.0, abs=1e-8)
         return
     support = torch.tensor([-1.0, 1.0]) if decoder == "bernoulli" else torch.linspace(-1.0, 1.0, K)
@@ -232,7 +241,9 @@ def test_training_form_L0_averages_exactly_to_the_chain_L0_over_timesteps(decode
     for s in range(1, T + 1):
         t = torch.full((B, 1), s)
         x_t = guide_tr.nodes[f"x_{s}"]["value"]
-        term = TermwiseELBO().terms(conditioned(model.per_timestep, x_t), conditioned(guide.per_timestep, x_t), x0, t)[protocol.X_0]
+        term = TermwiseELBO().terms(conditioned(model.per_timestep, x_t), conditioned(guide.per_timestep, x_t), x0, t)[
+            protocol.X_0
+        ]
         assert float(term.scale) == pytest.approx(T, rel=1e-15)  # T / K
         if s > 1:
             assert torch.equal(term.value, torch.zeros(B, dtype=term.value.dtype))
@@ -311,8 +322,14 @@ def test_bernoulli_draw_frequencies(mu, s):
     count = int((x > 0).sum())
     assert abs(count - n * p) < 5.0 * math.sqrt(n * p * (1 - p)) + 1e-9
     d = SignedBernoulli(torch.zeros(2, 3), torch.ones(2, 3))
-    assert d.sample().shape == (2, 3) and d.sample((4,)).shape == (4, 2, 3) and d.expand((5, 2, 3)).sample().shape == (5, 2, 3)
-    np.testing.assert_allclose(np_(SignedBernoulli(torch.tensor(mu), torch.tensor(s)).mean), 2 * p - 1, rtol=1e-12, atol=1e-15)
+    assert (
+        d.sample().shape == (2, 3)
+        and d.sample((4,)).shape == (4, 2, 3)
+        and d.expand((5, 2, 3)).sample().shape == (5, 2, 3)
+    )
+    np.testing.assert_allclose(
+        np_(SignedBernoulli(torch.tensor(mu), torch.tensor(s)).mean), 2 * p - 1, rtol=1e-12, atol=1e-15
+    )
 
 
 @pytest.mark.parametrize("mu,s", [(0.1, 0.3), (-2.0, 0.05), (0.7, 1.5)])
@@ -395,8 +412,12 @@ def test_grid_decoders_and_quantize_need_a_grid():
 # --------------------------------------------------------------------------- f. configuration and defaults
 @pytest.mark.parametrize(
     "lik,discrete",
-    [(BernoulliLikelihood(), True), (DiscretizedGaussianLikelihood(K), True),
-     (TanhDiscretizedGaussianLikelihood(256), True), (GaussianLikelihood(), False)],
+    [
+        (BernoulliLikelihood(), True),
+        (DiscretizedGaussianLikelihood(K), True),
+        (TanhDiscretizedGaussianLikelihood(256), True),
+        (GaussianLikelihood(), False),
+    ],
     ids=["bernoulli", "discretized", "tanh", "continuous"],
 )
 def test_config_round_trip_and_kind(lik, discrete):
@@ -463,8 +484,12 @@ def test_evaluator_L0_and_units(decoder, ref):
     s = summarize(idata)
     assert s["discrete"] is (decoder != "continuous")
     assert s["unit"] == ("nats_per_dim" if decoder == "continuous" else "bits_per_dim")
-    parts = {"total": L.sum(-1), "prior_L_T": L[..., -1], "rate_L_1_to_L_T-1": L[..., 1:-1].sum(-1),
-             "distortion_L_0": L[..., 0]}
+    parts = {
+        "total": L.sum(-1),
+        "prior_L_T": L[..., -1],
+        "rate_L_1_to_L_T-1": L[..., 1:-1].sum(-1),
+        "distortion_L_0": L[..., 0],
+    }
     for name, v in parts.items():
         per_image = v.mean(0)
         e = s[name]

@@ -19,14 +19,25 @@ from pyro_ddpm.elbo import Term, TermwiseELBO, check_against_pyro, objective
 from pyro_ddpm.registry import GUIDES, MODELS
 from pyro_ddpm.train import TrainConfig, build
 
-SPECS = {"ForwardProcess": "linear", "LinearForwardProcess": "linear", "CosineForwardProcess": "cosine",
-         "LearnedForwardProcess": "learned", "UserBetasForwardProcess": "0.01,0.02,0.05,0.1,0.15,0.2"}
+SPECS = {
+    "ForwardProcess": "linear",
+    "LinearForwardProcess": "linear",
+    "CosineForwardProcess": "cosine",
+    "LearnedForwardProcess": "learned",
+    "UserBetasForwardProcess": "0.01,0.02,0.05,0.1,0.15,0.2",
+}
 PAIRS = [(m, g) for m in MODELS.names() if ":" not in m for g in GUIDES.names() if g in SPECS]
 
 
 def _programs(model_name, guide_name):
-    config = TrainConfig(data="digits", model=model_name, guide=guide_name, schedule=SPECS[guide_name], T=6,
-                         net_overrides={"ch": 8, "dropout": 0.0})
+    config = TrainConfig(
+        data="digits",
+        model=model_name,
+        guide=guide_name,
+        schedule=SPECS[guide_name],
+        T=6,
+        net_overrides={"ch": 8, "dropout": 0.0},
+    )
     config.check()
     return build(config, data.load("digits"))
 

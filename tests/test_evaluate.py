@@ -62,10 +62,13 @@ def test_terms_equal_the_chain_forms_traced_kls_for_the_same_noise(schedule, var
     chain_terms = TermwiseELBO().terms(model.chain, poutine.replay(guide.chain, trace=guide_trace), x0)
     # the chain's x_t, t = 1..T, as the evaluator's standard-normal noise
     abar = np.cumprod(1 - schedule.betas.numpy())
-    noise = torch.stack([
-        (guide_trace.nodes[f"x_{t}"]["value"] - math.sqrt(abar[t - 1]) * x0) / math.sqrt(1 - abar[t - 1])
-        for t in range(1, T + 1)
-    ], dim=1)[None]
+    noise = torch.stack(
+        [
+            (guide_trace.nodes[f"x_{t}"]["value"] - math.sqrt(abar[t - 1]) * x0) / math.sqrt(1 - abar[t - 1])
+            for t in range(1, T + 1)
+        ],
+        dim=1,
+    )[None]
     L = torch.as_tensor(bound(model, guide, x0, noise=noise).bound["L"].values[0])
     for s in range(T + 1):
         torch.testing.assert_close(L[:, s], chain_terms[f"x_{s}"].value, rtol=1e-10, atol=1e-10)
@@ -147,8 +150,10 @@ def test_clipped_mean_is_eq11_inside_the_box_and_posterior_mean_of_the_clip_outs
 
 def official_tanh_log_prob(x, loc, scale, levels):
     """The official code's discretized_gaussian_log_likelihood, generalized to K levels (numpy)."""
+
     def cdf(z):
-        return 0.5 * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (z + 0.044715 * z ** 3)))
+        return 0.5 * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (z + 0.044715 * z**3)))
+
     h = 1.0 / (levels - 1)
     cdf_plus, cdf_min = cdf((x - loc + h) / scale), cdf((x - loc - h) / scale)
     log_cdf_plus = np.log(np.maximum(cdf_plus, 1e-12))

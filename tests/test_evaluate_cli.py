@@ -30,8 +30,26 @@ def run(tmp_path_factory):
 
 
 def test_ode_and_importance_weighted_estimates_beside_the_bound(run, capsys):
-    assert main(["evaluate", str(run), "--limit", "6", "--no-progress", "--no-figures", "--ode", "--ode-steps", "20",
-                 "--particles", "4", "--seed", "3"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(run),
+                "--limit",
+                "6",
+                "--no-progress",
+                "--no-figures",
+                "--ode",
+                "--ode-steps",
+                "20",
+                "--particles",
+                "4",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "probability-flow ODE" in printed and "importance-weighted, K = 4" in printed
     ode = json.loads((run / "ode_test.json").read_text())
@@ -50,15 +68,37 @@ def test_ode_and_importance_weighted_estimates_beside_the_bound(run, capsys):
 def test_a_diffusers_pipeline_is_evaluated_like_a_run(tmp_path, capsys):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                                 layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    unet = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
     scheduler = diffusers.DDPMScheduler(num_train_timesteps=10, variance_type="fixed_small")
     pipe = tmp_path / "pipe"
     diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(pipe)
     out = tmp_path / "eval"
-    assert main(["evaluate", "--diffusers", str(pipe), "--data", "digits", "--limit", "5", "--out", str(out),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--diffusers",
+                str(pipe),
+                "--data",
+                "digits",
+                "--limit",
+                "5",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "bound_test.json").read_text())
     x = data.load("digits").test[:5]
     _, want = adapters.bound_of(str(pipe), x, levels=17)

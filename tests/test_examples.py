@@ -175,16 +175,23 @@ def test_vae_terms_are_the_closed_form_kl_and_the_discretized_gaussian(ref):
 
 def test_diffusion_vs_vae_refuses_a_ddpm_trained_on_other_data(swiss, tmp_path):
     swiss_out, _ = swiss
-    with pytest.raises(ValueError, match=r"digits has images of shape \(1, 8, 8\), the checkpoint was trained on shape \(2,\)"):
-        load_example("diffusion_vs_vae").main(["--quick", "--ddpm-checkpoint", str(swiss_out / "elbo"), "--out", str(tmp_path)])
+    with pytest.raises(
+        ValueError, match=r"digits has images of shape \(1, 8, 8\), the checkpoint was trained on shape \(2,\)"
+    ):
+        load_example("diffusion_vs_vae").main(
+            ["--quick", "--ddpm-checkpoint", str(swiss_out / "elbo"), "--out", str(tmp_path)]
+        )
 
 
-@pytest.mark.parametrize("name, argv, match", [
-    ("bound_is_weighted_eps_loss", ["--steps", "0"], "--steps must be positive"),
-    ("bound_is_weighted_eps_loss", ["--T", "1"], "--T must be at least 2"),
-    ("swiss_roll", ["--directions", "0"], "--directions must be positive"),
-    ("diffusion_vs_vae", ["--particles", "0"], "--particles must be positive"),
-])
+@pytest.mark.parametrize(
+    "name, argv, match",
+    [
+        ("bound_is_weighted_eps_loss", ["--steps", "0"], "--steps must be positive"),
+        ("bound_is_weighted_eps_loss", ["--T", "1"], "--T must be at least 2"),
+        ("swiss_roll", ["--directions", "0"], "--directions must be positive"),
+        ("diffusion_vs_vae", ["--particles", "0"], "--particles must be positive"),
+    ],
+)
 def test_bad_arguments_raise_one_clear_error(name, argv, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         load_example(name).main(argv + ["--out", str(tmp_path)])

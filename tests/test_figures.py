@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import matplotlib.image
 import numpy as np
@@ -26,8 +27,16 @@ def tiny_bound(kind: str, seed: int = 0, T: int = 5, n: int = 3):
     if kind == "flat":
         net, levels, std = MLP(dim=2, hidden=16, depth=2, temb_dim=8), 256, 0.3
     else:
-        net = UNet(resolution=4, in_channels=1 if kind == "gray" else 3, ch=8, ch_mult=(1, 2), num_res_blocks=1,
-                   attn_resolutions=(2,), dropout=0.0, groups=4)
+        net = UNet(
+            resolution=4,
+            in_channels=1 if kind == "gray" else 3,
+            ch=8,
+            ch_mult=(1, 2),
+            num_res_blocks=1,
+            attn_resolutions=(2,),
+            dropout=0.0,
+            groups=4,
+        )
         levels, std = 17, 0.15
     with torch.no_grad():  # the nets zero-initialise their output layers: make eps_theta non-trivial
         for p in net.parameters():

@@ -176,5 +176,6 @@ def test_evaluator_matches_closed_forms(variance, data, ref):
     summary = summarize(idata)
     nll_bpd = -float(p @ np.log(p)) / np.log(2)
     assert summary["total"]["bits_per_dim"] > nll_bpd - 4 * summary["total"]["se"]
-    assert summary["total"]["bits_per_dim"] * D * np.log(2) == pytest.approx(sum(expected.values()),
-                                                                           abs=4 * summary["total"]["se"] * D * np.log(2))
+    assert summary["total"]["bits_per_dim"] * D * np.log(2) == pytest.approx(
+        sum(expected.values()), abs=4 * summary["total"]["se"] * D * np.log(2)
+    )

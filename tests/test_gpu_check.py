@@ -17,8 +17,14 @@ ONE = ["--presets", "digits", "--objectives", "elbo", "--precisions", "fp32", "-
 def run(*args, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     env.pop("OUT", None)
-    return subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--small", *args], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--small", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
 
 
 def test_small_cpu_mode_passes_every_check_and_writes_the_reports(tmp_path):
@@ -53,11 +59,14 @@ def test_small_cpu_mode_passes_every_check_and_writes_the_reports(tmp_path):
     assert len(list(out.iterdir())) <= 8  # what the device tool brings back from $OUT
 
 
-@pytest.mark.parametrize("inject, what, why", [
-    ("bad-setting", "train digits/elbo/fp32", "lr must be a positive number, got nan"),
-    ("resume", "resume digits/elbo/fp32", "weights differ from the uninterrupted run's"),
-    ("sample", "sample digits/elbo ancestral", "samples leave the 17-level grid"),
-])
+@pytest.mark.parametrize(
+    "inject, what, why",
+    [
+        ("bad-setting", "train digits/elbo/fp32", "lr must be a positive number, got nan"),
+        ("resume", "resume digits/elbo/fp32", "weights differ from the uninterrupted run's"),
+        ("sample", "sample digits/elbo ancestral", "samples leave the 17-level grid"),
+    ],
+)
 def test_a_forced_failure_stops_with_one_line_and_exit_code_1(tmp_path, inject, what, why):
     out = tmp_path / "out"
     done = run("--out", str(out), *ONE, "--inject", inject, timeout=120)
@@ -80,8 +89,23 @@ def test_an_impossible_tolerance_fails_the_bound_check(tmp_path):
 
 def test_the_wrapper_passes_a_failure_on(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), OMP_NUM_THREADS="1")
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--small", *ONE,
-                           "--inject", "bad-setting"], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    done = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "benchmarks" / "gpu_check.sh"),
+            "--device",
+            "cpu",
+            "--small",
+            *ONE,
+            "--inject",
+            "bad-setting",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=ROOT,
+    )
     assert done.returncode == 1
     assert done.stdout.strip().splitlines()[-1].startswith("gpu_check: FAILED train digits/elbo/fp32: ")
     assert "gpu_check: FAILED train digits/elbo/fp32" in (tmp_path / "gpu_check.log").read_text()

@@ -53,8 +53,15 @@ def values(K):
 def np_posterior(logits, x_t, abar, K):
     """w_k ∝ exp(l_k) N(x_t; sqrt(abar) v_k, 1 - abar), per pixel, with scipy's normal density."""
     v = values(K)
-    w = np.array([[math.exp(logits[d, k]) * stats.norm.pdf(x_t[d], math.sqrt(abar) * v[k], math.sqrt(1 - abar))
-                   for k in range(K)] for d in range(len(x_t))])
+    w = np.array(
+        [
+            [
+                math.exp(logits[d, k]) * stats.norm.pdf(x_t[d], math.sqrt(abar) * v[k], math.sqrt(1 - abar))
+                for k in range(K)
+            ]
+            for d in range(len(x_t))
+        ]
+    )
     return w / w.sum(1, keepdims=True)
 
 
@@ -73,8 +80,9 @@ def test_posterior_weights_and_the_mean_are_bayes_rule(K, t, ref):
     w = np_posterior(logits, x_t[0], c["abar"][t], K)
     np.testing.assert_allclose(model.log_posterior(torch.tensor(x_t), tt, out)[0].exp().detach().numpy(), w, rtol=1e-10)
     x0_hat = (w * values(K)).sum(1)
-    np.testing.assert_allclose(model.predict_x0(torch.tensor(x_t), tt, out)[0].detach().numpy(), x0_hat, rtol=1e-10,
-                               atol=1e-14)
+    np.testing.assert_allclose(
+        model.predict_x0(torch.tensor(x_t), tt, out)[0].detach().numpy(), x0_hat, rtol=1e-10, atol=1e-14
+    )
     loc, scale = (v.detach() for v in model.transition(torch.tensor(x_t), tt))
     mean = c["coef_x0"][t] * x0_hat + c["coef_xt"][t] * x_t[0]  # Eq. 7 at x0_hat
     np.testing.assert_allclose(loc[0].numpy(), mean, rtol=1e-10, atol=1e-14)
@@ -110,8 +118,9 @@ def test_moment_matched_variance_is_the_mixtures_and_minimizes_the_expected_kl(t
     c = ref.constants(schedule.betas.numpy())
     rng = np.random.default_rng(t)
     logits = rng.normal(size=(1, K))
-    model = MomentMatchedGridReverseProcess(Logits(logits), schedule, likelihood=DiscretizedGaussianLikelihood(K),
-                                            shape=(1,))
+    model = MomentMatchedGridReverseProcess(
+        Logits(logits), schedule, likelihood=DiscretizedGaussianLikelihood(K), shape=(1,)
+    )
     x_t = np.array([[0.3]])
     loc, scale = (v.detach() for v in model.transition(torch.tensor(x_t), torch.tensor([t])))
     w = np_posterior(logits, x_t[0], c["abar"][t], K)[0]
@@ -140,8 +149,9 @@ def test_moment_matched_decoder_scale_at_t1_floors_at_beta_tilde_2(ref):
     schedule = Schedule.linear(T, 0.02, 0.3)
     c = ref.constants(schedule.betas.numpy())
     logits = np.zeros((1, K))
-    model = MomentMatchedGridReverseProcess(Logits(logits), schedule, likelihood=DiscretizedGaussianLikelihood(K),
-                                            shape=(1,))
+    model = MomentMatchedGridReverseProcess(
+        Logits(logits), schedule, likelihood=DiscretizedGaussianLikelihood(K), shape=(1,)
+    )
     x_t = np.array([[0.1]])
     _, scale = (v.detach() for v in model.transition(torch.tensor(x_t), torch.tensor([1])))
     w = np_posterior(logits, x_t[0], c["abar"][1], K)[0]
@@ -149,7 +159,9 @@ def test_moment_matched_decoder_scale_at_t1_floors_at_beta_tilde_2(ref):
     assert float(scale) ** 2 == pytest.approx(c["beta_tilde"][2] + var, rel=1e-9)  # coef_x0_1 = 1
 
 
-@pytest.mark.parametrize("cls,variance", [(GridPosteriorReverseProcess, "small"), (MomentMatchedGridReverseProcess, None)])
+@pytest.mark.parametrize(
+    "cls,variance", [(GridPosteriorReverseProcess, "small"), (MomentMatchedGridReverseProcess, None)]
+)
 def test_the_bound_of_independent_categorical_data_is_above_its_exact_nll_and_close(cls, variance):
     """Pixels drawn independently from categoricals p_d; logits log p_d make the model the exact reverse of that
     distribution but for its Gaussian transitions, so its bound is >= the exact NLL (cross-entropy), and the
@@ -188,15 +200,17 @@ def test_grid_models_refuse_continuous_data():
 
 def test_network_output_of_the_wrong_size_is_one_clear_error():
     schedule = Schedule.linear(10)
-    model = GridPosteriorReverseProcess(MLP(dim=3, out_channels=3), schedule, "large", DiscretizedGaussianLikelihood(17),
-                                        shape=(3,))
+    model = GridPosteriorReverseProcess(
+        MLP(dim=3, out_channels=3), schedule, "large", DiscretizedGaussianLikelihood(17), shape=(3,)
+    )
     with pytest.raises(ValueError, match=r"returned shape \(2, 3\).*expected \(2, 51\)"):
         model.transition(torch.zeros(2, 3), torch.tensor([1, 2]))
 
 
 @pytest.mark.parametrize("cls", MODELS)
 def test_simple_objective_is_algorithm_1_on_the_implied_eps(cls):
-    """The gradient of ``simple`` is that of sum ||eps - eps_hat(x_t, t)||^2, eps_hat implied by x0_hat (K = 1 per image)."""
+    """The gradient of ``simple`` is that of sum ||eps - eps_hat(x_t, t)||^2, eps_hat implied by x0_hat
+    (K = 1 per image)."""
     K_levels, D, B, T = 5, 3, 6, 10
     schedule = Schedule.linear(T, 0.01, 0.2)
     torch.manual_seed(0)
@@ -210,7 +224,8 @@ def test_simple_objective_is_algorithm_1_on_the_implied_eps(cls):
     eps = torch.randn(B, D)
     program, weight = objective("simple", model)
     loss = TraceMeanField_ELBO().differentiable_loss(
-        program.per_timestep, protocol.FixedNoise({protocol.X_t: eps})(guide.per_timestep), x0, t, weight)
+        program.per_timestep, protocol.FixedNoise({protocol.X_t: eps})(guide.per_timestep), x0, t, weight
+    )
     grads = torch.autograd.grad(loss, list(net.parameters()))
     pyro.clear_param_store()
     tf = t.reshape(-1)
@@ -222,7 +237,8 @@ def test_simple_objective_is_algorithm_1_on_the_implied_eps(cls):
     if cls is MomentMatchedGridReverseProcess:  # its bound is another thing: elbo's gradient differs
         elbo_program, _ = objective("elbo", model)
         loss = TraceMeanField_ELBO().differentiable_loss(
-            elbo_program.per_timestep, protocol.FixedNoise({protocol.X_t: eps})(guide.per_timestep), x0, t)
+            elbo_program.per_timestep, protocol.FixedNoise({protocol.X_t: eps})(guide.per_timestep), x0, t
+        )
         g = torch.autograd.grad(loss, list(net.parameters()))
         assert not all(torch.allclose(a, b, rtol=1e-6) for a, b in zip(g, grads))
 
@@ -243,8 +259,9 @@ def test_ddim_and_ancestral_sampling_land_on_the_grid(cls):
 
 def test_summary_reports_the_models_own_variance_rule():
     schedule = Schedule.linear(10, 0.01, 0.2)
-    model = MomentMatchedGridReverseProcess(MLP(dim=3, out_channels=15).double(), schedule,
-                                            likelihood=DiscretizedGaussianLikelihood(5), shape=(3,))
+    model = MomentMatchedGridReverseProcess(
+        MLP(dim=3, out_channels=15).double(), schedule, likelihood=DiscretizedGaussianLikelihood(5), shape=(3,)
+    )
     x0 = torch.tensor([[-1.0, 0.0, 1.0]])
     idata = bound(model, ForwardProcess(schedule), x0)
     assert idata.bound.attrs["variance"] == "moment_matched" and model.variance == "moment_matched"

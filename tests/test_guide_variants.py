@@ -29,11 +29,11 @@ from pyro_ddpm.guides import (
     LinearForwardProcess,
     UserBetasForwardProcess,
 )
-from pyro_ddpm.timesteps import FixedProposal, LossAwareSampler
 from pyro_ddpm.likelihoods import DiscretizedGaussianLikelihood
 from pyro_ddpm.models import ReverseProcess
 from pyro_ddpm.nets import MLP
 from pyro_ddpm.schedule import Schedule
+from pyro_ddpm.timesteps import FixedProposal, LossAwareSampler
 
 pytestmark = [
     pytest.mark.usefixtures("float64"),
@@ -91,16 +91,22 @@ def random_learned(T=6, seed=1, hidden=4, gamma_min=-7.0, gamma_max=4.0, spread=
 # name -> (guide factory, independent betas)
 GUIDES = {
     "linear": (lambda: LinearForwardProcess(6, 0.05, 0.4), lambda ref, g: ref.linear_betas(6, 0.05, 0.4)),
-    "linear-config": (lambda: LinearForwardProcess.from_spec(5, "linear", 1),
-                      lambda ref, g: ref.linear_betas(5, 1e-4, 0.02)),
+    "linear-config": (
+        lambda: LinearForwardProcess.from_spec(5, "linear", 1),
+        lambda ref, g: ref.linear_betas(5, 1e-4, 0.02),
+    ),
     "cosine": (lambda: CosineForwardProcess(7), lambda ref, g: ref.cosine_betas(7)),
     "cosine-base-config": (lambda: ForwardProcess.from_spec(6, "cosine", 1), lambda ref, g: ref.cosine_betas(6)),
     "user": (lambda: UserBetasForwardProcess(USER_BETAS), lambda ref, g: USER_BETAS.copy()),
-    "user-config": (lambda: UserBetasForwardProcess.from_spec(5, ", ".join(repr(float(b)) for b in USER_BETAS), 1),
-                    lambda ref, g: USER_BETAS.copy()),
+    "user-config": (
+        lambda: UserBetasForwardProcess.from_spec(5, ", ".join(repr(float(b)) for b in USER_BETAS), 1),
+        lambda ref, g: USER_BETAS.copy(),
+    ),
     "learned": (lambda: LearnedForwardProcess(random_learned()), lambda ref, g: ref_learned_betas(g.schedule)),
-    "learned-config": (lambda: LearnedForwardProcess.from_spec(5, "learned", 1),
-                       lambda ref, g: ref_learned_betas(g.schedule)),
+    "learned-config": (
+        lambda: LearnedForwardProcess.from_spec(5, "learned", 1),
+        lambda ref, g: ref_learned_betas(g.schedule),
+    ),
     # the table starts exactly at the schedule it is built from; moved, its betas follow its parameters
     "table-start": (lambda: LearnedTableForwardProcess.from_spec(6, "cosine", 1), lambda ref, g: ref.cosine_betas(6)),
     "table-moved": (lambda: moved_table(), lambda ref, g: ref_table_betas(g.schedule)),
@@ -169,8 +175,10 @@ def reference_chain_terms(c, net, variance, ref, x0, xs):
     out = {f"x_{T}": ref.kl_normal(math.sqrt(abar[T]) * x0, 1 - abar[T], 0.0, 1.0).sum(1)}
     for s in range(1, T):
         t = s + 1
-        m_q = (math.sqrt(abar[t - 1]) * beta[t] / (1 - abar[t]) * x0
-               + math.sqrt(alpha[t]) * (1 - abar[t - 1]) / (1 - abar[t]) * xs[t])
+        m_q = (
+            math.sqrt(abar[t - 1]) * beta[t] / (1 - abar[t]) * x0
+            + math.sqrt(alpha[t]) * (1 - abar[t - 1]) / (1 - abar[t]) * xs[t]
+        )
         out[f"x_{s}"] = ref.kl_normal(m_q, bt[t], mu_theta(xs[t], t), sigma2(t)).sum(1)
     out["x_0"] = -ref.disc_log_prob(x0, mu_theta(xs[1], 1), math.sqrt(bt[2]), LEVELS).sum(1)
     return out
@@ -281,9 +289,15 @@ def test_bad_input_raises(name):
 # ------------------------------------------------------------------------ b. from_spec and state_dict
 @pytest.mark.parametrize(
     "cls,schedule",
-    [(ForwardProcess, "linear"), (ForwardProcess, "cosine"), (LinearForwardProcess, "linear"),
-     (CosineForwardProcess, "cosine"), (UserBetasForwardProcess, "0.1,0.2,0.3,0.4"),
-     (LearnedForwardProcess, "learned"), (LearnedTableForwardProcess, "linear")],
+    [
+        (ForwardProcess, "linear"),
+        (ForwardProcess, "cosine"),
+        (LinearForwardProcess, "linear"),
+        (CosineForwardProcess, "cosine"),
+        (UserBetasForwardProcess, "0.1,0.2,0.3,0.4"),
+        (LearnedForwardProcess, "learned"),
+        (LearnedTableForwardProcess, "linear"),
+    ],
 )
 def test_from_spec_and_state_dict_round_trip(cls, schedule):
     guide = cls.from_spec(4, schedule, 2)
@@ -303,11 +317,16 @@ def test_from_spec_and_state_dict_round_trip(cls, schedule):
 
 @pytest.mark.parametrize(
     "cls,schedule,match",
-    [(ForwardProcess, "quadratic", "unknown schedule"), (LinearForwardProcess, "cosine", "linear"),
-     (CosineForwardProcess, "linear", "cosine"), (LearnedForwardProcess, "linear", "learned"),
-     (LearnedTableForwardProcess, "quadratic", "unknown schedule"),
-     (UserBetasForwardProcess, "0.1,0.2,0.3", "T = 4"), (UserBetasForwardProcess, "0.1,zero,0.3,0.4", "cannot read"),
-     (UserBetasForwardProcess, "0.1,0.2,1.3,0.4", "0 < beta_t < 1")],
+    [
+        (ForwardProcess, "quadratic", "unknown schedule"),
+        (LinearForwardProcess, "cosine", "linear"),
+        (CosineForwardProcess, "linear", "cosine"),
+        (LearnedForwardProcess, "linear", "learned"),
+        (LearnedTableForwardProcess, "quadratic", "unknown schedule"),
+        (UserBetasForwardProcess, "0.1,0.2,0.3", "T = 4"),
+        (UserBetasForwardProcess, "0.1,zero,0.3,0.4", "cannot read"),
+        (UserBetasForwardProcess, "0.1,0.2,1.3,0.4", "0 < beta_t < 1"),
+    ],
 )
 def test_from_spec_bad_input(cls, schedule, match):
     with pytest.raises(ValueError, match=match):
@@ -439,9 +458,13 @@ def test_no_grad_reuse_follows_parameter_changes(ref):
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [(dict(T=1), "T >= 2"), (dict(T=4.5), "T >= 2"), (dict(T=4, hidden=0), "hidden"),
-     (dict(T=4, gamma_min=2.0, gamma_max=1.0), "gamma_min < gamma_max"),
-     (dict(T=4, gamma_min=float("nan")), "gamma_min < gamma_max")],
+    [
+        (dict(T=1), "T >= 2"),
+        (dict(T=4.5), "T >= 2"),
+        (dict(T=4, hidden=0), "hidden"),
+        (dict(T=4, gamma_min=2.0, gamma_max=1.0), "gamma_min < gamma_max"),
+        (dict(T=4, gamma_min=float("nan")), "gamma_min < gamma_max"),
+    ],
 )
 def test_learned_schedule_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -557,8 +580,14 @@ def test_loss_aware_history_and_proposal():
 
 @pytest.mark.parametrize(
     "probs,match",
-    [([0.2, 0.2, 0.2], "sum to 1"), ([0.5, 0.0, 0.5], "> 0"), ([0.6, -0.1, 0.5], "> 0"),
-     ([0.5, float("nan"), 0.5], "finite"), ([[0.5, 0.5]], "1-D"), ([], "1-D")],
+    [
+        ([0.2, 0.2, 0.2], "sum to 1"),
+        ([0.5, 0.0, 0.5], "> 0"),
+        ([0.6, -0.1, 0.5], "> 0"),
+        ([0.5, float("nan"), 0.5], "finite"),
+        ([[0.5, 0.5]], "1-D"),
+        ([], "1-D"),
+    ],
     ids=["sum", "zero", "negative", "nan", "2d", "empty"],
 )
 def test_fixed_proposal_bad_probabilities(probs, match):
@@ -582,7 +611,10 @@ def test_sampler_bad_input():
     for batch, K in ((0, 2), (2, 0), (2.5, 1)):
         with pytest.raises(ValueError, match="batch|K"):
             s.draw(batch, K)
-    for kwargs, match in ((dict(history=0), "history"), (dict(uniform_fraction=0.0), "uniform_fraction"),
-                          (dict(uniform_fraction=1.5), "uniform_fraction")):
+    for kwargs, match in (
+        (dict(history=0), "history"),
+        (dict(uniform_fraction=0.0), "uniform_fraction"),
+        (dict(uniform_fraction=1.5), "uniform_fraction"),
+    ):
         with pytest.raises(ValueError, match=match):
             LossAwareSampler(4, **kwargs)

@@ -70,7 +70,14 @@ def setup():
         guide = ForwardProcess(model.schedule, event_dim=1)
         bound = evaluate.bound(model, guide, x0).bound["L"].values.mean(0).sum(-1)
         iw = {K: importance_weighted(model, guide, x0, particles=K, seed=K) for K in (1, 4, 16)}
-        return {"x0": x0, "model": model, "guide": guide, "bound": bound, "iw": iw, "nll": exact_nll(x0.numpy(), "small")}
+        return {
+            "x0": x0,
+            "model": model,
+            "guide": guide,
+            "bound": bound,
+            "iw": iw,
+            "nll": exact_nll(x0.numpy(), "small"),
+        }
     finally:
         torch.set_default_dtype(old)
 
@@ -117,12 +124,15 @@ def test_log_weights_of_one_chain_by_hand():
         eps = math.sqrt(1 - ABAR[t]) * (x - math.sqrt(ABAR[t]) * M) / (ABAR[t] * S**2 + 1 - ABAR[t])
         return (x - beta[t] / math.sqrt(1 - ABAR[t]) * eps) / math.sqrt(1 - beta[t])
 
-    log_p = logn(xs[T], 0.0, 1.0) + sum(logn(xs[t - 1], mu_theta(xs[t], t), bt[2] if t == 1 else beta[t])
-                                        for t in range(T, 0, -1))
+    log_p = logn(xs[T], 0.0, 1.0) + sum(
+        logn(xs[t - 1], mu_theta(xs[t], t), bt[2] if t == 1 else beta[t]) for t in range(T, 0, -1)
+    )
     log_q = logn(xs[T], math.sqrt(ABAR[T]) * xs[0], 1 - ABAR[T])
     for t in range(T, 1, -1):
-        loc = (math.sqrt(ABAR[t - 1]) * beta[t] / (1 - ABAR[t]) * xs[0]
-               + math.sqrt(1 - beta[t]) * (1 - ABAR[t - 1]) / (1 - ABAR[t]) * xs[t])
+        loc = (
+            math.sqrt(ABAR[t - 1]) * beta[t] / (1 - ABAR[t]) * xs[0]
+            + math.sqrt(1 - beta[t]) * (1 - ABAR[t - 1]) / (1 - ABAR[t]) * xs[t]
+        )
         log_q += logn(xs[t - 1], loc, bt[t])
     assert lw == pytest.approx(log_p - log_q, rel=1e-10)
 

@@ -285,8 +285,9 @@ def test_unlabeled_data_sets_are_refused(name):
 def test_sample_quality_on_digits_with_a_small_classifier(tmp_path):
     data = load("digits")
     train_y, test_y = metrics.labels(data)
-    net = metrics.fit_classifier(data.train, train_y, data.test, test_y, name="digits", epochs=2, width=4,
-                                 feature_dim=16, cache_dir=tmp_path)
+    net = metrics.fit_classifier(
+        data.train, train_y, data.test, test_y, name="digits", epochs=2, width=4, feature_dim=16, cache_dir=tmp_path
+    )
     good = metrics.sample_quality(data.test, data, net=net, resamples=5)
     noise = torch.rand(360, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     bad = metrics.sample_quality(noise, data, net=net, resamples=5)

@@ -9,13 +9,13 @@ mean, training form against chain form, unbiasedness, sampling, bad input.
 from __future__ import annotations
 
 import numpy as np
+import pyro
 import pytest
 import torch
 from pyro import poutine
 from pyro.infer import SVI, Predictive, TraceMeanField_ELBO
 from scipy import stats
 
-import pyro
 from pyro_ddpm import protocol
 from pyro_ddpm.elbo import TermwiseELBO, objective
 from pyro_ddpm.guides import ForwardProcess
@@ -76,8 +76,20 @@ def make_net(kind: str, out_factor: int = 1, seed: int = 0):
     torch.manual_seed(seed)
     if kind == "mlp":
         return randomize(MLP(dim=3, hidden=16, depth=2, temb_dim=8, out_channels=3 * out_factor), 0.3)
-    return randomize(UNet(resolution=4, in_channels=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(2,),
-                          dropout=0.0, groups=4, out_channels=out_factor), 0.15)
+    return randomize(
+        UNet(
+            resolution=4,
+            in_channels=1,
+            ch=8,
+            ch_mult=(1, 2),
+            num_res_blocks=1,
+            attn_resolutions=(2,),
+            dropout=0.0,
+            groups=4,
+            out_channels=out_factor,
+        ),
+        0.15,
+    )
 
 
 def shape_of(net):
@@ -231,9 +243,12 @@ class TwoHeads(torch.nn.Module):
 
 CHAIN_CASES = [
     pytest.param(v, s, lik, "mlp", id=f"{v}-{s}-{lik}")
-    for v in VARIANTS for s in SCHEDULES for lik in ("disc17", "gauss")
+    for v in VARIANTS
+    for s in SCHEDULES
+    for lik in ("disc17", "gauss")
 ] + [
-    pytest.param(v, "linear", "disc256", "unet", id=f"unet-{v}-linear-disc256") for v in ("x0-small", "v-large", "learned")
+    pytest.param(v, "linear", "disc256", "unet", id=f"unet-{v}-linear-disc256")
+    for v in ("x0-small", "v-large", "learned")
 ]
 
 
@@ -283,8 +298,9 @@ def test_x0_and_v_parameterizations_give_the_eps_models_terms(kind, variance, sc
     other_terms = terms_on(other, guide_tr, guide, x0)
     assert set(other_terms) == set(eps_terms)
     for name in eps_terms:
-        np.testing.assert_allclose(np_(other_terms[name].value), np_(eps_terms[name].value), rtol=1e-10, atol=1e-12,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            np_(other_terms[name].value), np_(eps_terms[name].value), rtol=1e-10, atol=1e-12, err_msg=name
+        )
     # the implied output really is the other parameterization (not eps passed through)
     out = call(other.eps, xs[3], 3)
     assert np.abs(out - call(eps_net, xs[3], 3)).max() > 0.05
@@ -304,8 +320,13 @@ def test_learned_variance_at_the_ends_of_its_range(v, variance, schedule, likeli
     guide_tr, xs, fixed_terms = chain_draw(fixed, guide, x0)
     learned_terms = terms_on(learned, guide_tr, guide, x0)
     for s in range(1, sched.T + 1):  # every L_{t-1}, t >= 2, and L_T
-        np.testing.assert_allclose(np_(learned_terms[f"x_{s}"].value), np_(fixed_terms[f"x_{s}"].value),
-                                   rtol=1e-10, atol=1e-12, err_msg=f"x_{s}")
+        np.testing.assert_allclose(
+            np_(learned_terms[f"x_{s}"].value),
+            np_(fixed_terms[f"x_{s}"].value),
+            rtol=1e-10,
+            atol=1e-12,
+            err_msg=f"x_{s}",
+        )
     # t = 1: the lower end is the clipped beta_tilde_2 (as the fixed models), the upper end beta_1
     mu = mu_eps_np(c, call(eps_net, xs[1], 1), xs[1], np.ones(5, dtype=int))
     var = c["beta_tilde"][2] if v < 0 else c["beta"][1]
@@ -370,8 +391,9 @@ def _hybrid_setup(schedule, likelihood, ref, seed=0):
     sched = SCHEDULES[schedule][0]()
     c = ref.constants(SCHEDULES[schedule][1](ref))
     eps_head, v_head = make_net("mlp", seed=seed), make_net("mlp", seed=seed + 1)
-    model = LearnedVarianceReverseProcess(TwoHeads(eps_head, v_head), sched, "learned", LIKELIHOODS[likelihood](),
-                                          shape=(3,))
+    model = LearnedVarianceReverseProcess(
+        TwoHeads(eps_head, v_head), sched, "learned", LIKELIHOODS[likelihood](), shape=(3,)
+    )
     B, K, T = 5, 3, sched.T
     x0 = grid_data(B, (3,), levels_of(likelihood), seed=6)
     t = protocol.draw_timesteps(B, K, T, generator=torch.Generator().manual_seed(3))
@@ -413,8 +435,9 @@ def test_hybrid_gradient_of_the_mean_is_the_simple_objectives(schedule, likeliho
     _close(g_hybrid, g_mse)
     # and the package's "simple" objective on the eps head alone, for either fixed variance
     for variance in ("large", "small"):
-        simple_model, simple_weight = objective("simple", ReverseProcess(eps_head, model.schedule, variance,
-                                                                         model.likelihood))
+        simple_model, simple_weight = objective(
+            "simple", ReverseProcess(eps_head, model.schedule, variance, model.likelihood)
+        )
         _close(g_hybrid, torch.autograd.grad(_loss(simple_model, guide, x0, t, x_t, simple_weight), params))
     # without the stop-gradient the mean would also get lambda times the bound's gradient: detectable
     g_elbo = torch.autograd.grad(_loss(model, guide, x0, t, x_t, None), params)
@@ -442,8 +465,9 @@ def test_hybrid_terms_are_the_closed_forms(schedule, likelihood, ref):
     B, K = t.shape
     T = model.T
     train_model, weight = objective("hybrid", model)
-    terms = TermwiseELBO().terms(conditioned(train_model.per_timestep, x_t), conditioned(guide.per_timestep, x_t),
-                                 x0, t, weight)
+    terms = TermwiseELBO().terms(
+        conditioned(train_model.per_timestep, x_t), conditioned(guide.per_timestep, x_t), x0, t, weight
+    )
     assert set(terms) == {protocol.X_T, "L_simple", protocol.X_PREV, protocol.X_0}
     tf, xt, x0p = np_(t.reshape(-1)).astype(int), np_(x_t), np.repeat(np_(x0), K, axis=0)
     out = call(model.eps, xt, tf)
@@ -452,8 +476,9 @@ def test_hybrid_terms_are_the_closed_forms(schedule, likelihood, ref):
     np.testing.assert_allclose(np_(torch.as_tensor(terms["L_simple"].scale)), T / K, rtol=1e-14)
     np.testing.assert_allclose(np_(terms[protocol.X_PREV].scale), 1e-3 * T / K, rtol=1e-14)
     mu, var = transition_np(c, "learned", "learned", out, xt, tf)
-    kl = flat_sum(ref.kl_normal(mu_tilde_np(c, x0p, xt, tf), np.where(tf == 1, 1.0, c["beta_tilde"][tf])[:, None],
-                                mu, var))
+    kl = flat_sum(
+        ref.kl_normal(mu_tilde_np(c, x0p, xt, tf), np.where(tf == 1, 1.0, c["beta_tilde"][tf])[:, None], mu, var)
+    )
     late = tf >= 2
     np.testing.assert_allclose(np_(terms[protocol.X_PREV].value)[late], kl[late], rtol=1e-10)
     assert np.all(np_(terms[protocol.X_PREV].value)[~late] == 0.0)

@@ -66,8 +66,7 @@ def flow_log_density(x, m, Sigma):
     Mmat = V @ np.diag(np.sqrt((w + S2) / w)) @ V.T
     yT = m + (x - m) @ Mmat.T
     D = x.shape[1]
-    return (-0.5 * (yT**2).sum(1) / (1 + S2) - 0.5 * D * np.log(2 * np.pi * (1 + S2))
-            + 0.5 * np.log((w + S2) / w).sum())
+    return -0.5 * (yT**2).sum(1) / (1 + S2) - 0.5 * D * np.log(2 * np.pi * (1 + S2)) + 0.5 * np.log((w + S2) / w).sum()
 
 
 def correlated_gaussian(D=3, seed=0):
@@ -88,17 +87,21 @@ def test_continuous_schedule_interpolates_the_discrete_one():
         assert cs.t_of_sigma(cs.sigma_of_t(t)) == pytest.approx(t, rel=1e-9)
 
 
-@pytest.mark.parametrize("method,kwargs,tol", [
-    ("rk4", {"steps": 200}, 1e-5),
-    ("dopri5", {"rtol": 1e-8, "atol": 1e-8}, 1e-6),
-])
+@pytest.mark.parametrize(
+    "method,kwargs,tol",
+    [
+        ("rk4", {"steps": 200}, 1e-5),
+        ("dopri5", {"rtol": 1e-8, "atol": 1e-8}, 1e-6),
+    ],
+)
 def test_ode_log_density_equals_the_closed_form_flow(method, kwargs, tol):
     if method != "rk4":
         pytest.importorskip("torchdiffeq")  # the optional extra "ode"; rk4 is this module's own
     m, Sigma, rng = correlated_gaussian()
     x = rng.multivariate_normal(m, Sigma, size=8)
-    got = log_density(GaussianEps(m, Sigma), torch.tensor(x), Schedule(BETAS), divergence="exact",
-                      method=method, **kwargs).numpy()
+    got = log_density(
+        GaussianEps(m, Sigma), torch.tensor(x), Schedule(BETAS), divergence="exact", method=method, **kwargs
+    ).numpy()
     want = flow_log_density(x, m, Sigma)
     assert np.abs(got - want).max() < tol
     # and the flow's density is the data density up to the prior mismatch O(|m| sqrt(abar_T)) ~ 1e-4
@@ -109,8 +112,10 @@ def test_rk4_converges_at_fourth_order():
     m, Sigma, rng = correlated_gaussian()
     x = rng.multivariate_normal(m, Sigma, size=4)
     want = flow_log_density(x, m, Sigma)
-    err = [np.abs(log_density(GaussianEps(m, Sigma), torch.tensor(x), Schedule(BETAS), steps=n).numpy() - want).max()
-           for n in (25, 50)]
+    err = [
+        np.abs(log_density(GaussianEps(m, Sigma), torch.tensor(x), Schedule(BETAS), steps=n).numpy() - want).max()
+        for n in (25, 50)
+    ]
     assert 8 < err[0] / err[1] < 32  # 2^4 = 16 for a fourth-order method
 
 
@@ -153,6 +158,7 @@ def test_hutchinson_is_unbiased_for_a_nonlinear_network():
 
 def test_flow_density_integrates_to_one():
     """D = 1, a network that is not the optimal one: the change of variables must still normalize."""
+
     def eps(x, t):
         a = abar_at(t).to(x)[:, None]
         star = (1 - a).sqrt() * (x - a.sqrt() * 0.1) / (a * 0.09 + 1 - a)
@@ -202,7 +208,10 @@ def test_dequantization_term_matches_its_closed_form(quantized):
     """E_u[-log p(x + u)] - D log Delta for the flow's Gaussian N(m', s'^2): with E u^2 = Delta^2 / 12,
     per dimension (x - m')^2 / 2s'^2 + Delta^2 / 24 s'^2 + log(2 pi s'^2) / 2 - log Delta."""
     S2 = math.expm1(GAMMA[-1])
-    mp, sp2 = M * (1 - S / math.sqrt(S**2 + S2)), S**2 * (1 + S2) / (S**2 + S2)  # y_0 = m + s (y_T - m) / sqrt(s^2 + S^2)
+    mp, sp2 = (
+        M * (1 - S / math.sqrt(S**2 + S2)),
+        S**2 * (1 + S2) / (S**2 + S2),
+    )  # y_0 = m + s (y_T - m) / sqrt(s^2 + S^2)
     delta = 2.0 / (K - 1)
     x = quantized["x0"].numpy()
     closed = ((x - mp) ** 2 / (2 * sp2) + delta**2 / (24 * sp2) + 0.5 * np.log(2 * np.pi * sp2) - np.log(delta)).sum(1)
@@ -244,7 +253,9 @@ def test_bad_input_is_named():
     from pyro_ddpm.models import X0PredictionReverseProcess
 
     with pytest.raises(ValueError, match="needs an eps network"):  # its network predicts x_0, not eps
-        ode_likelihood(X0PredictionReverseProcess(eps, s, "large", shape=(3,)), torch.zeros(2, 3, dtype=torch.float64), levels=0)
+        ode_likelihood(
+            X0PredictionReverseProcess(eps, s, "large", shape=(3,)), torch.zeros(2, 3, dtype=torch.float64), levels=0
+        )
     with pytest.raises(ValueError, match="x0 an"):
         ode_likelihood(eps, s, torch.zeros(2, 3, dtype=torch.float64))  # the arguments swapped
     with pytest.raises(ValueError, match="divergence"):

@@ -15,8 +15,21 @@ from pyro_ddpm import checkpoint, data
 from pyro_ddpm.cli import main
 
 NAME = "outside_grid:OutsideGridModel"
-TINY = ["--data", "digits", "--T", "10", "--ch", "8", "--batch-size", "16", "--log-every", "2", "--no-progress",
-        "--model", NAME]
+TINY = [
+    "--data",
+    "digits",
+    "--T",
+    "10",
+    "--ch",
+    "8",
+    "--batch-size",
+    "16",
+    "--log-every",
+    "2",
+    "--no-progress",
+    "--model",
+    NAME,
+]
 
 
 def test_an_outside_program_trains_resumes_evaluates_and_samples(tmp_path, capsys):
@@ -38,7 +51,9 @@ def test_an_outside_program_trains_resumes_evaluates_and_samples(tmp_path, capsy
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"'{NAME}'" in err and "--trust-code" in err
     for flags in ([], ["--clip-denoised"]):
-        assert main(["evaluate", str(run), "--limit", "4", "--no-progress", "--no-figures", "--trust-code", *flags]) == 0
+        assert (
+            main(["evaluate", str(run), "--limit", "4", "--no-progress", "--no-figures", "--trust-code", *flags]) == 0
+        )
         summary = json.loads((run / "bound_test.json").read_text())
         assert summary["model"] == NAME and summary["clip_denoised"] == bool(flags)
         assert 0 < summary["total"]["bits_per_dim"] < 20

@@ -10,8 +10,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_wheel_maps_models_and_guides_under_the_package(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
     )
     (wheel,) = tmp_path.glob("pyro_ddpm-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

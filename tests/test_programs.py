@@ -7,6 +7,7 @@ the network eps_theta is called directly, never through the model.
 from __future__ import annotations
 
 import numpy as np
+import pyro
 import pytest
 import torch
 from pyro import poutine
@@ -20,8 +21,6 @@ from pyro_ddpm.likelihoods import DiscretizedGaussianLikelihood, GaussianLikelih
 from pyro_ddpm.models import ReverseProcess
 from pyro_ddpm.nets import MLP, UNet
 from pyro_ddpm.schedule import Schedule
-
-import pyro
 
 pytestmark = [
     pytest.mark.usefixtures("float64"),
@@ -50,8 +49,16 @@ def make_net(kind: str):
         net = MLP(dim=3, hidden=16, depth=2, temb_dim=8)
         std = 0.3
     else:
-        net = UNet(resolution=4, in_channels=1, ch=8, ch_mult=(1, 2), num_res_blocks=1,
-                   attn_resolutions=(2,), dropout=0.0, groups=4)
+        net = UNet(
+            resolution=4,
+            in_channels=1,
+            ch=8,
+            ch_mult=(1, 2),
+            num_res_blocks=1,
+            attn_resolutions=(2,),
+            dropout=0.0,
+            groups=4,
+        )
         std = 0.15
     net = net.double()
     # the nets zero-initialize their last layers: make eps_theta non-trivial
@@ -77,7 +84,7 @@ def levels_of(likelihood):
 def grid_data(B, shape, K, seed=0):
     g = torch.Generator().manual_seed(seed)
     k = torch.randint(0, K, (B,) + tuple(shape), generator=g)
-    return (k.double() * 2.0 / (K - 1) - 1.0)
+    return k.double() * 2.0 / (K - 1) - 1.0
 
 
 def shape_of(net):
@@ -165,8 +172,7 @@ def conditioned(fn, x_t):
 
 
 PROGRAM_CASES = [
-    pytest.param(s, v, lik, "mlp", id=f"{s}-{v}-{lik}")
-    for s in SCHEDULES for v in VARIANCES for lik in LIKELIHOODS
+    pytest.param(s, v, lik, "mlp", id=f"{s}-{v}-{lik}") for s in SCHEDULES for v in VARIANCES for lik in LIKELIHOODS
 ] + [
     pytest.param("linear", "large", "disc17", "unet", id="unet-linear-large-disc17"),
     pytest.param("cosine", "small", "gauss", "unet", id="unet-cosine-small-gauss"),

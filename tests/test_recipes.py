@@ -52,8 +52,14 @@ def load_example(name: str):
 
 def run_script(name: str, out: Path) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py"), "--quick", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / f"{name}.py"), "--quick", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -128,18 +134,24 @@ def test_logistic_log_prob_equals_the_hand_formula(lik, K):
     np.testing.assert_allclose(got[big], want[big], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("x,mu,s,K", [
-    (0.5, -1.0, 0.01, 17),    # far in the upper tail: expit(b) - expit(a) cancels to 0 in float64
-    (-0.375, 1.5, 0.02, 17),  # far in the lower tail
-    (1.0, -0.9, 0.01, 17),    # edge bin, far
-    (-1.0, 0.9, 0.01, 17),
-    (0.0, 0.0, 50.0, 17),     # a bin far narrower than the scale
-    (0.2, 0.2, 1e-4, 256),    # the bin far wider than the scale
-])
+@pytest.mark.parametrize(
+    "x,mu,s,K",
+    [
+        (0.5, -1.0, 0.01, 17),  # far in the upper tail: expit(b) - expit(a) cancels to 0 in float64
+        (-0.375, 1.5, 0.02, 17),  # far in the lower tail
+        (1.0, -0.9, 0.01, 17),  # edge bin, far
+        (-1.0, 0.9, 0.01, 17),
+        (0.0, 0.0, 50.0, 17),  # a bin far narrower than the scale
+        (0.2, 0.2, 1e-4, 256),  # the bin far wider than the scale
+    ],
+)
 def test_logistic_log_prob_is_exact_in_the_tails(lik, x, mu, s, K):
     f64 = dict(dtype=torch.float64)
-    got = lik.DiscretizedLogistic(torch.tensor([mu], **f64), torch.tensor([s], **f64), K).log_prob(
-        torch.tensor([x], **f64)).item()
+    got = (
+        lik.DiscretizedLogistic(torch.tensor([mu], **f64), torch.tensor([s], **f64), K)
+        .log_prob(torch.tensor([x], **f64))
+        .item()
+    )
     assert got == pytest.approx(mp_log_mass(x, mu, s, K), rel=1e-10, abs=1e-13)
 
 
@@ -302,10 +314,15 @@ def test_endpoint_guide_at_its_start_is_the_fixed_guide(tab):
     x = data.load("digits").test[:3]
     fixed = Schedule.linear(T)
     table = tab.EndpointForwardProcess.from_spec(T, "linear", 3)
-    a = bound_terms(ReverseProcess(net, fixed, "large", DiscretizedGaussianLikelihood(17)).eval(),
-                    ForwardProcess(fixed, 3), x, seed=3)
-    b = bound_terms(ReverseProcess(net, table.schedule, "large", DiscretizedGaussianLikelihood(17)).eval(),
-                    table, x, seed=3)
+    a = bound_terms(
+        ReverseProcess(net, fixed, "large", DiscretizedGaussianLikelihood(17)).eval(),
+        ForwardProcess(fixed, 3),
+        x,
+        seed=3,
+    )
+    b = bound_terms(
+        ReverseProcess(net, table.schedule, "large", DiscretizedGaussianLikelihood(17)).eval(), table, x, seed=3
+    )
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -339,10 +356,14 @@ def test_custom_guide_example_learns_a_monotone_schedule_that_round_trips(tab, g
     assert state.step == 20
     T = r["T"]
     # the schedule before training is the named one; training moved it; it is still monotone
-    np.testing.assert_allclose(np.asarray(r["abar_before"])[1:], np.cumprod(1.0 - ref.linear_betas(T, 1e-4, 0.02)),
-                               rtol=1e-9)
-    after = np_endpoints(np.asarray(state.programs["guide"]["config"]["start"]), state.weights["guide"]["schedule.g_1"].item(),
-                         state.weights["guide"]["schedule.d"].item())
+    np.testing.assert_allclose(
+        np.asarray(r["abar_before"])[1:], np.cumprod(1.0 - ref.linear_betas(T, 1e-4, 0.02)), rtol=1e-9
+    )
+    after = np_endpoints(
+        np.asarray(state.programs["guide"]["config"]["start"]),
+        state.weights["guide"]["schedule.g_1"].item(),
+        state.weights["guide"]["schedule.d"].item(),
+    )
     np.testing.assert_allclose(r["gamma_after"], after["gamma"], rtol=1e-12)
     np.testing.assert_allclose(r["abar_after"], after["abar"], rtol=1e-12)
     assert np.all(np.diff(after["gamma"]) > 0) and np.all(np.diff(after["abar"]) < 0)
@@ -358,7 +379,7 @@ def test_custom_guide_example_learns_a_monotone_schedule_that_round_trips(tab, g
     assert b["total"] == pytest.approx(b["prior_L_T"] + b["rate_L_1_to_L_T-1"] + b["distortion_L_0"], rel=1e-12)
     assert 0 < b["total"] < 20 and set(r["samples_levels"]) <= set(range(17))
     # L_T before and after: KL(N(sqrt(abar_T) x_0, 1 - abar_T) || N(0, 1)) summed over pixels (closed form)
-    x = data.load("digits").test[:r["test_images"]].double().numpy().reshape(r["test_images"], -1)
+    x = data.load("digits").test[: r["test_images"]].double().numpy().reshape(r["test_images"], -1)
     for abar_T, got in ((r["abar_before"][-1], r["L_T_before"]), (r["abar_after"][-1], b["prior_L_T"])):
         kl = ref.kl_normal(math.sqrt(abar_T) * x, 1.0 - abar_T, 0.0, 1.0).sum(1).mean()
         assert got == pytest.approx(kl / (x.shape[1] * math.log(2)), rel=1e-5)

@@ -26,7 +26,8 @@ import pytest
 import torch
 from pyro.infer.util import is_validation_enabled
 
-from pyro_ddpm import checkpoint, data, files, presets, train as trainer
+from pyro_ddpm import checkpoint, data, files, presets
+from pyro_ddpm import train as trainer
 from pyro_ddpm.checkpoint import TrainState
 from pyro_ddpm.cli import main, parser
 from pyro_ddpm.evaluate import bound, bound_of_network
@@ -49,7 +50,7 @@ def one_error(err: str) -> str:
     lines = err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("pyro-ddpm: error: "), err
     assert "Traceback" not in err
-    return lines[0][len("pyro-ddpm: error: "):]
+    return lines[0][len("pyro-ddpm: error: ") :]
 
 
 def tree(root: Path) -> dict[str, bytes]:
@@ -69,8 +70,25 @@ def train_cli(capsys, out: Path, *extra) -> tuple[int, str, str]:
 def run(tmp_path_factory) -> Path:
     """A finished tiny run (6 steps, logs every 2, checkpoints every 3). Tests copy it before changing anything."""
     out = tmp_path_factory.mktemp("run") / "digits"
-    assert main(["train", *TINY, "--steps", str(STEPS), "--log-every", "2", "--checkpoint-every", "3",
-                 "--warmup", "2", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *TINY,
+                "--steps",
+                str(STEPS),
+                "--log-every",
+                "2",
+                "--checkpoint-every",
+                "3",
+                "--warmup",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -97,7 +115,7 @@ def interrupt_at(monkeypatch, step: int, sig=signal.SIGINT) -> None:
 
 
 # =========================================================================== a checkpoint must not run code
-EVIL_MODULE = '''
+EVIL_MODULE = """
 import pathlib
 pathlib.Path(__file__).with_name("imported").write_text("the module ran")
 
@@ -105,7 +123,7 @@ pathlib.Path(__file__).with_name("imported").write_text("the module ran")
 class Evil:
     def __init__(self, *args, **kwargs):
         pathlib.Path(__file__).with_name("called").write_text("the class ran")
-'''
+"""
 
 
 @pytest.fixture
@@ -120,15 +138,20 @@ def evil(tmp_path, monkeypatch) -> Path:
 
 
 def not_registered(kind: str, name: str, ckpt: Path) -> str:
-    return (f"the {kind} class {name!r} (named by checkpoint {ckpt}) is not registered, and importing it would run "
-            "its code: pass --trust-code (trust_code=True) if you trust it, or import and register it")
+    return (
+        f"the {kind} class {name!r} (named by checkpoint {ckpt}) is not registered, and importing it would run "
+        "its code: pass --trust-code (trust_code=True) if you trust it, or import and register it"
+    )
 
 
 def test_a_malicious_checkpoint_executes_nothing_and_says_so_in_one_line(run, tmp_path, evil, capsys):
     marker = tmp_path / "f"
 
     def popen(raw):
-        raw["programs"]["likelihood"] = {"class": "subprocess:Popen", "config": {"args": ["sh", "-c", f"id > {marker}"]}}
+        raw["programs"]["likelihood"] = {
+            "class": "subprocess:Popen",
+            "config": {"args": ["sh", "-c", f"id > {marker}"]},
+        }
 
     bad = crafted(run, tmp_path / "popen", popen)
     expected = not_registered("likelihood", "subprocess:Popen", bad / "checkpoint.pt")
@@ -140,8 +163,10 @@ def test_a_malicious_checkpoint_executes_nothing_and_says_so_in_one_line(run, tm
     assert str(e.value) == expected
     # with --trust-code the import is the user's say-so, but a class that is no pyro-ddpm program is never called
     rc, _, err = cli(capsys, "sample", bad, "--n", "2", "--no-progress", "--trust-code")
-    assert rc == 2 and one_error(err) == (f"'subprocess:Popen' (named by checkpoint {bad / 'checkpoint.pt'}) is not a "
-                                          "pyro-ddpm program class: it has no from_config/config (see pyro_ddpm.registry)")
+    assert rc == 2 and one_error(err) == (
+        f"'subprocess:Popen' (named by checkpoint {bad / 'checkpoint.pt'}) is not a "
+        "pyro-ddpm program class: it has no from_config/config (see pyro_ddpm.registry)"
+    )
     time.sleep(0.2)  # a started shell would have written by now
     assert not marker.exists()
     assert sorted(p.name for p in bad.iterdir()) == ["checkpoint.pt"]
@@ -167,16 +192,29 @@ def test_resuming_a_checkpoint_that_names_unregistered_code_imports_nothing(run,
     assert rc == 2 and one_error(err) == not_registered("model", "evil_mod:Evil", bad / "checkpoint.pt")
     assert "evil_mod" not in sys.modules and not (evil / "imported").exists()
     with pytest.raises(ValueError, match="is not registered, and importing it would run its code"):
-        trainer.train(TrainConfig(**{**{f: None for f in TrainConfig.__dataclass_fields__}, "steps": STEPS + 2}), bad,
-                      progress=False, resume=True)
+        trainer.train(
+            TrainConfig(**{**{f: None for f in TrainConfig.__dataclass_fields__}, "steps": STEPS + 2}),
+            bad,
+            progress=False,
+            resume=True,
+        )
     assert "evil_mod" not in sys.modules
 
 
-@pytest.mark.parametrize("config, message", [
-    ({"variance": "large", "shape": [1, 8, 8], "eps": "x"}, "config keys ['eps'] are objects the caller provides, not stored data"),
-    ({"variance": "large", "shape": [1, 8, 8], "command": "id"}, "unknown config keys ['command']"),
-    ({"variance": "large", "shape": torch.tensor([1, 8, 8])}, "only plain data (numbers, strings, lists, dicts) is allowed, got Tensor"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (
+            {"variance": "large", "shape": [1, 8, 8], "eps": "x"},
+            "config keys ['eps'] are objects the caller provides, not stored data",
+        ),
+        ({"variance": "large", "shape": [1, 8, 8], "command": "id"}, "unknown config keys ['command']"),
+        (
+            {"variance": "large", "shape": torch.tensor([1, 8, 8])},
+            "only plain data (numbers, strings, lists, dicts) is allowed, got Tensor",
+        ),
+    ],
+)
 def test_stored_arguments_are_plain_data_checked_against_the_class_schema(run, tmp_path, capsys, config, message):
     def model(raw):
         raw["programs"]["model"] = {"class": "ReverseProcess", "config": config}
@@ -204,15 +242,18 @@ def test_cifar_batches_are_unpickled_as_plain_data_only(tmp_path):
         pickle.dump({b"data": _Evil(marker), b"labels": []}, f)
     with pytest.raises(ValueError) as e:
         data.load(folder)
-    assert str(e.value) == (f"CIFAR-10 batch {batch} is not a plain-data pickle: it names posix.system, which is not "
-                            "plain data (numpy arrays, lists, dicts, bytes, str): refused, nothing was run")
+    assert str(e.value) == (
+        f"CIFAR-10 batch {batch} is not a plain-data pickle: it names posix.system, which is not "
+        "plain data (numpy arrays, lists, dicts, bytes, str): refused, nothing was run"
+    )
     assert not marker.exists()
     # what real batches hold loads, whichever protocol and numpy module path wrote it
     images = cifar_images()
     for protocol in (2, 5):
         rows = images["data_batch_3"].reshape(2, 3072)
-        raw = pickle.dumps({b"batch_label": b"x", b"labels": [0, 1], b"data": rows, b"filenames": [b"a", b"b"]},
-                           protocol=protocol)
+        raw = pickle.dumps(
+            {b"batch_label": b"x", b"labels": [0, 1], b"data": rows, b"filenames": [b"a", b"b"]}, protocol=protocol
+        )
         if protocol == 2:  # a batch pickled under numpy 1 names numpy.core
             raw = raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
         with open(batch, "wb") as f:
@@ -235,25 +276,47 @@ def test_resume_keeps_the_stored_checkpoint_and_log_intervals(tmp_path, capsys, 
     assert (stored["checkpoint_every"], stored["log_every"], stored["steps"]) == (3, 2, 8)
     # set again, they apply
     snapshots.clear()
-    rc, _, _ = cli(capsys, "train", "--out", out, "--resume", "--steps", "10", "--checkpoint-every", "1",
-                   "--log-every", "1", "--device", "cpu", "--threads", "1", "--no-progress")
+    rc, _, _ = cli(
+        capsys,
+        "train",
+        "--out",
+        out,
+        "--resume",
+        "--steps",
+        "10",
+        "--checkpoint-every",
+        "1",
+        "--log-every",
+        "1",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--no-progress",
+    )
     assert rc == 0 and snapshots == [9, 10] and [r["step"] for r in records(out)][-2:] == [9, 10]
 
 
-@pytest.mark.parametrize("flags, difference", [
-    (["--lr", "0.5"], "lr = 0.001 (asked 0.5)"),
-    (["--objective", "simple"], "objective = 'elbo' (asked 'simple')"),
-    (["--data", "two_moons"], "data = 'digits' (asked 'two_moons')"),
-    (["--ch", "32"], "net_overrides.ch = 8 (asked 32)"),
-    (["--T", "100"], "T = 10 (asked 100)"),
-    (["--schedule", "cosine"], "schedule = 'linear' (asked 'cosine')"),
-])
+@pytest.mark.parametrize(
+    "flags, difference",
+    [
+        (["--lr", "0.5"], "lr = 0.001 (asked 0.5)"),
+        (["--objective", "simple"], "objective = 'elbo' (asked 'simple')"),
+        (["--data", "two_moons"], "data = 'digits' (asked 'two_moons')"),
+        (["--ch", "32"], "net_overrides.ch = 8 (asked 32)"),
+        (["--T", "100"], "T = 10 (asked 100)"),
+        (["--schedule", "cosine"], "schedule = 'linear' (asked 'cosine')"),
+    ],
+)
 def test_resume_refuses_changed_settings_naming_stored_and_asked_values(run, capsys, flags, difference):
     before = tree(run)
     rc, out, err = cli(capsys, "train", "--out", run, "--resume", "--steps", "8", "--no-progress", *flags)
     assert rc == 2 and out == ""
-    assert one_error(err) == ("cannot resume: the run was trained with different settings: " + difference
-                              + "; only steps, device, log_every, sample_every, checkpoint_every, validate, threads may change")
+    assert one_error(err) == (
+        "cannot resume: the run was trained with different settings: "
+        + difference
+        + "; only steps, device, log_every, sample_every, checkpoint_every, validate, threads may change"
+    )
     assert tree(run) == before
 
 
@@ -288,8 +351,12 @@ def test_the_stored_default_warmup_is_kept_when_steps_are_raised(tmp_path, capsy
     assert TrainState.load(resumed).config["warmup"] == 2
     assert cli(capsys, "train", "--out", resumed, "--resume", "--steps", "40", "--no-progress")[0] == 0
     assert TrainState.load(resumed).config["warmup"] == 2
-    assert train_cli(capsys, straight, "--steps", "40", "--warmup", "2", "--log-every", "10",
-                     "--checkpoint-every", "20")[0] == 0
+    assert (
+        train_cli(capsys, straight, "--steps", "40", "--warmup", "2", "--log-every", "10", "--checkpoint-every", "20")[
+            0
+        ]
+        == 0
+    )
     _same_run(straight, resumed)
 
 
@@ -307,15 +374,18 @@ def test_changed_data_under_the_same_path_is_refused_on_resume(tmp_path, capsys)
     rc, _, err = cli(capsys, "train", "--out", out, "--resume", "--steps", "4", "--no-progress")
     assert rc == 2 and one_error(err) == (
         f"cannot resume: the training data changed since the checkpoint (5 images, sha256 {stored['sha256'][:12]}...; "
-        f"now 5 images, sha256 {now['sha256'][:12]}...)")
+        f"now 5 images, sha256 {now['sha256'][:12]}...)"
+    )
     assert tree(out) == before
 
 
 def test_a_second_writer_is_refused_naming_the_holder_and_a_stale_lock_is_not(run, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    expected = (f"the run directory {out} is in use by another pyro-ddpm process (PID {os.getpid()}); wait for it to "
-                "finish or choose another --out")
+    expected = (
+        f"the run directory {out} is in use by another pyro-ddpm process (PID {os.getpid()}); wait for it to "
+        "finish or choose another --out"
+    )
     with files.RunLock(out):  # another writer holds the directory (flock: per open file, so this process counts)
         rc, _, err = train_cli(capsys, out, "--steps", "2")
         assert rc == 2 and one_error(err) == expected
@@ -344,7 +414,8 @@ def test_stale_temporaries_of_interrupted_saves_are_removed_on_start_and_resume(
     assert cli(capsys, "train", "--out", out, "--resume", "--steps", "3", "--no-progress")[0] == 0
     assert not any(p.exists() for p in stale) and (out / "notes.tmp").exists()
     assert sorted(p.name for p in out.rglob("*")) == sorted(
-        [".pyro-ddpm.lock", "checkpoint.pt", "metrics.jsonl", "notes.tmp", "samples", "step_0000002.png"])
+        [".pyro-ddpm.lock", "checkpoint.pt", "metrics.jsonl", "notes.tmp", "samples", "step_0000002.png"]
+    )
 
 
 class Killed(BaseException):
@@ -370,11 +441,15 @@ def test_metrics_get_no_duplicate_row_after_a_kill_and_resume(tmp_path, capsys, 
     capsys.readouterr()
     assert TrainState.load(killed).step == 4 and [r["step"] for r in records(killed)] == [1, 2, 3, 4, 5]
     # an unfinished run says so when sampled or evaluated
-    note = (f"pyro-ddpm: note: {killed / 'checkpoint.pt'} is at step 4 of 8: the run is not finished (still training, "
-            "or interrupted)")
+    note = (
+        f"pyro-ddpm: note: {killed / 'checkpoint.pt'} is at step 4 of 8: the run is not finished (still training, "
+        "or interrupted)"
+    )
     rc, _, err = cli(capsys, "sample", killed, "--n", "2", "--no-progress", "--out", tmp_path / "s.png")
     assert rc == 0 and err.splitlines() == [note]
-    rc, _, err = cli(capsys, "evaluate", killed, "--limit", "2", "--no-progress", "--no-figures", "--out", tmp_path / "ev")
+    rc, _, err = cli(
+        capsys, "evaluate", killed, "--limit", "2", "--no-progress", "--no-figures", "--out", tmp_path / "ev"
+    )
     assert rc == 0 and err.splitlines() == [note]
     assert cli(capsys, "train", "--out", killed, "--resume", "--no-progress")[0] == 0
     rows = records(killed)
@@ -397,8 +472,11 @@ def test_a_diverging_loss_stops_and_the_kept_checkpoint_holds_no_exploding_loss(
     rc, _, err = train_cli(capsys, out, "--steps", "8", "--checkpoint-every", "2")
     message = one_error(err)
     assert rc == 2 and re.fullmatch(
-        r"training stopped: the loss diverged at step 5 \(\S+ per image, running median \S+\); the last good checkpoint "
-        rf"\(step 2\) is kept at {re.escape(str(out / 'checkpoint.pt'))} \(lower --lr\?\)", message), message
+        r"training stopped: the loss diverged at step 5 \(\S+ per image, running median \S+\); "
+        r"the last good checkpoint "
+        rf"\(step 2\) is kept at {re.escape(str(out / 'checkpoint.pt'))} \(lower --lr\?\)",
+        message,
+    ), message
     # step 4's parameters gave the exploding loss of step 5: its checkpoint was never written
     state = TrainState.load(out)
     losses = state.training["losses"]
@@ -438,21 +516,34 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, capsys, monkeypatch
     monkeypatch.setattr(AveragedModel, "update_parameters", update)
     out = tmp_path / "run"
     rc, _, err = train_cli(capsys, out, "--steps", "8", "--checkpoint-every", "2")
-    assert rc == 2 and one_error(err) == "training stopped: the network weights became non-finite at step 2; no checkpoint was written"
+    assert (
+        rc == 2
+        and one_error(err)
+        == "training stopped: the network weights became non-finite at step 2; no checkpoint was written"
+    )
     assert not (out / "checkpoint.pt").exists()
 
 
 def test_sample_and_evaluate_report_non_finite_network_outputs_in_one_line(run, tmp_path, capsys):
     def nan_weights(raw):
         for key in ("net", "ema"):
-            raw["weights"][key]["conv_out.weight"] = torch.full_like(raw["weights"][key]["conv_out.weight"], float("nan"))
+            raw["weights"][key]["conv_out.weight"] = torch.full_like(
+                raw["weights"][key]["conv_out.weight"], float("nan")
+            )
 
     bad = crafted(run, tmp_path / "nan", nan_weights)
     cause = "its weights are not finite (1 tensors, e.g. conv_out.weight): the checkpoint holds a diverged model"
     rc, _, err = cli(capsys, "sample", bad, "--n", "2", "--no-progress")
-    assert rc == 2 and one_error(err) == f"the network returned non-finite values at t = 10 (128 NaN, 0 infinite of 128); {cause}"
+    assert (
+        rc == 2
+        and one_error(err) == f"the network returned non-finite values at t = 10 (128 NaN, 0 infinite of 128); {cause}"
+    )
     rc, _, err = cli(capsys, "evaluate", bad, "--limit", "2", "--no-progress")
-    assert rc == 2 and one_error(err) == f"the network returned non-finite values at t = 1..10 (1280 NaN, 0 infinite of 1280); {cause}"
+    assert (
+        rc == 2
+        and one_error(err)
+        == f"the network returned non-finite values at t = 1..10 (1280 NaN, 0 infinite of 1280); {cause}"
+    )
     assert sorted(p.name for p in bad.iterdir()) == ["checkpoint.pt"]  # no samples.png, no bound_test.*
 
 
@@ -461,8 +552,13 @@ def test_sample_and_evaluate_report_non_finite_network_outputs_in_one_line(run, 
 def test_train_restores_pyro_validation_and_torch_threads(tmp_path, validation):
     pyro.enable_validation(validation)
     threads = torch.get_num_threads()
-    trainer.train(TrainConfig(data="digits", T=10, batch_size=16, steps=2, net_overrides={"ch": 8}, threads=1,
-                              validate=not validation), tmp_path / "run", progress=False)
+    trainer.train(
+        TrainConfig(
+            data="digits", T=10, batch_size=16, steps=2, net_overrides={"ch": 8}, threads=1, validate=not validation
+        ),
+        tmp_path / "run",
+        progress=False,
+    )
     assert is_validation_enabled() is validation and torch.get_num_threads() == threads
 
 
@@ -484,7 +580,9 @@ def test_the_library_checks_its_inputs_whatever_pyros_validation_flag(run):
 
 def test_threads_option_and_its_default(tmp_path, capsys, monkeypatch):
     seen, real = [], trainer.SVI.step
-    monkeypatch.setattr(trainer.SVI, "step", lambda self, *a, **k: seen.append(torch.get_num_threads()) or real(self, *a, **k))
+    monkeypatch.setattr(
+        trainer.SVI, "step", lambda self, *a, **k: seen.append(torch.get_num_threads()) or real(self, *a, **k)
+    )
     before = torch.get_num_threads()
     assert train_cli(capsys, tmp_path / "run", "--steps", "2", "--threads", "1")[0] == 0
     assert seen == [1, 1] and torch.get_num_threads() == before
@@ -498,7 +596,8 @@ def test_threads_option_and_its_default(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("PYTEST_XDIST_WORKER")
     assert trainer.default_threads() is None
     assert "two jobs side by side on N cores: --threads N/2 each" in " ".join(
-        parser()._subparsers._group_actions[0].choices["train"].format_help().split())
+        parser()._subparsers._group_actions[0].choices["train"].format_help().split()
+    )
 
 
 # =========================================================================== one clear error, nothing written
@@ -509,19 +608,31 @@ def test_outputs_that_cannot_be_written_are_one_line_each_and_nothing_is_written
     folder.mkdir()
     cases = [
         (["train", *TINY, "--steps", "2", "--out", blocker], f"the output {blocker} is a file, not a run directory"),
-        (["train", *TINY, "--steps", "2", "--out", blocker / "run"],
-         f"cannot write {blocker / 'run'}: a file stands where a folder is needed"),
+        (
+            ["train", *TINY, "--steps", "2", "--out", blocker / "run"],
+            f"cannot write {blocker / 'run'}: a file stands where a folder is needed",
+        ),
         (["sample", run, "--n", "2", "--out", folder], f"the sample grid {folder} is a folder; give a file name"),
-        (["sample", run, "--n", "2", "--out", blocker / "x.png"], f"the folder of the sample grid {blocker} is a file, not a folder"),
+        (
+            ["sample", run, "--n", "2", "--out", blocker / "x.png"],
+            f"the folder of the sample grid {blocker} is a file, not a folder",
+        ),
         (["sample", run, "--n", "0", "--out", tmp_path / "new" / "x.png"], "--n must be a positive integer, got 0"),
         (["evaluate", run, "--out", blocker], f"the evaluation output folder {blocker} is a file, not a folder"),
-        (["evaluate", run, "--out", blocker / "sub"], f"cannot write {blocker / 'sub'}: a file stands where a folder is needed ({blocker})"),
+        (
+            ["evaluate", run, "--out", blocker / "sub"],
+            f"cannot write {blocker / 'sub'}: a file stands where a folder is needed ({blocker})",
+        ),
         (["evaluate", run, "--limit", "0"], "--limit must be a positive number of images, got 0"),
         (["evaluate", run, "--max-batch", "0"], "--max-batch must be a positive integer, got 0"),
     ]
     if not torch.cuda.is_available():
-        cases.append((["evaluate", run, "--device", "cuda"],
-                      "device 'cuda' requested but CUDA is not available in this torch build/machine"))
+        cases.append(
+            (
+                ["evaluate", run, "--device", "cuda"],
+                "device 'cuda' requested but CUDA is not available in this torch build/machine",
+            )
+        )
     before, run_before = tree(tmp_path), tree(run)
     for argv, message in cases:
         rc, out, err = cli(capsys, *argv, "--no-progress")
@@ -582,18 +693,31 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_file(run, tmp_path, capsy
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda raw: raw.pop("weights"), "{path} is a damaged pyro-ddpm checkpoint: it lacks 'weights'"),
-    (lambda raw: raw["weights"]["ema"].update({"temb.0.weight": torch.zeros(3, 3)}),
-     "checkpoint {path}: the network weights do not fit the network its config builds: shapes differ: "
-     "temb.0.weight (3, 3) vs (32, 8) (stored vs built)"),
-    (lambda raw: raw["weights"]["ema"].pop("temb.0.bias"),
-     "checkpoint {path}: the network weights do not fit the network its config builds: missing ['temb.0.bias']"),
-    (lambda raw: raw.update(config=[1, 2]), "{path} is a damaged pyro-ddpm checkpoint: its 'config' is a list, not a dict"),
-    (lambda raw: raw["data"].pop("shape"), "{path} is a damaged pyro-ddpm checkpoint: its 'data' lacks ['shape']"),
-    (lambda raw: raw.update(format=1), "{path} is a pyro-ddpm checkpoint of format 1; this version reads format 2 "
-                                       "(checkpoints of format 1 predate self-describing programs: train again)"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda raw: raw.pop("weights"), "{path} is a damaged pyro-ddpm checkpoint: it lacks 'weights'"),
+        (
+            lambda raw: raw["weights"]["ema"].update({"temb.0.weight": torch.zeros(3, 3)}),
+            "checkpoint {path}: the network weights do not fit the network its config builds: shapes differ: "
+            "temb.0.weight (3, 3) vs (32, 8) (stored vs built)",
+        ),
+        (
+            lambda raw: raw["weights"]["ema"].pop("temb.0.bias"),
+            "checkpoint {path}: the network weights do not fit the network its config builds: missing ['temb.0.bias']",
+        ),
+        (
+            lambda raw: raw.update(config=[1, 2]),
+            "{path} is a damaged pyro-ddpm checkpoint: its 'config' is a list, not a dict",
+        ),
+        (lambda raw: raw["data"].pop("shape"), "{path} is a damaged pyro-ddpm checkpoint: its 'data' lacks ['shape']"),
+        (
+            lambda raw: raw.update(format=1),
+            "{path} is a pyro-ddpm checkpoint of format 1; this version reads format 2 "
+            "(checkpoints of format 1 predate self-describing programs: train again)",
+        ),
+    ],
+)
 def test_damaged_checkpoints_are_one_line_each(run, tmp_path, capsys, change, message):
     bad = crafted(run, tmp_path / "bad", change)
     expected = message.format(path=bad / "checkpoint.pt")
@@ -613,8 +737,21 @@ def test_idx_files_of_zero_images_are_one_line(tmp_path, capsys, split):
     for name, stem in (("train", "train-images-idx3-ubyte"), ("test", "t10k-images-idx3-ubyte")):
         write_idx(folder / stem, np.zeros((counts[name], 28, 28), np.uint8))
     empty = folder / ("train-images-idx3-ubyte" if split == "train" else "t10k-images-idx3-ubyte")
-    rc, _, err = cli(capsys, "train", "--data", folder, "--T", "5", "--ch", "8", "--steps", "2", "--no-progress",
-                     "--out", tmp_path / "run")
+    rc, _, err = cli(
+        capsys,
+        "train",
+        "--data",
+        folder,
+        "--T",
+        "5",
+        "--ch",
+        "8",
+        "--steps",
+        "2",
+        "--no-progress",
+        "--out",
+        tmp_path / "run",
+    )
     assert rc == 2 and one_error(err) == f"MNIST IDX file {empty} holds 0 images: the {split} split would be empty"
     assert not (tmp_path / "run").exists()
 
@@ -623,24 +760,39 @@ def test_bad_python_inputs_are_one_value_error_without_pyros_trace_table(run):
     model, guide = TrainState.load(run).build()
     x = data.load("digits").test[:2]
     cases = [
-        (lambda: bound(model, guide, x.double()), "x_0 is torch.float64 but the network's parameters are torch.float32: "
-                                                  "convert the images (x0.to(torch.float32)) or the model"),
-        (lambda: bound(model, guide, x.half()), "x_0 is torch.float16 but the network's parameters are torch.float32: "
-                                                "convert the images (x0.to(torch.float32)) or the model"),
+        (
+            lambda: bound(model, guide, x.double()),
+            "x_0 is torch.float64 but the network's parameters are torch.float32: "
+            "convert the images (x0.to(torch.float32)) or the model",
+        ),
+        (
+            lambda: bound(model, guide, x.half()),
+            "x_0 is torch.float16 but the network's parameters are torch.float32: "
+            "convert the images (x0.to(torch.float32)) or the model",
+        ),
         (lambda: bound(model, guide, x.numpy()), "x_0 must be a torch tensor, got numpy.ndarray (use torch.as_tensor)"),
         (lambda: bound(model, guide, x[:0]), "x_0 is an empty batch (shape (0, 1, 8, 8))"),
         (lambda: bound(model, guide, x, max_batch=0), "max_batch must be a positive integer, got 0"),
-        (lambda: bound_of_network(model.eps, model.schedule, model.likelihood, torch.zeros(2, 1, 9, 9)),
-         "x_0 has shape (2, 1, 9, 9), but the data shape is (batch, 1, 8, 8)"),
-        (lambda: bound_of_network(model.eps, model.schedule, model.likelihood, torch.zeros(2, 8, 8)),
-         "x_0 has shape (2, 8, 8), but the data shape is (batch, 1, 8, 8)"),
-        (lambda: model.transition(x, torch.ones(2, 1, dtype=torch.long)), "timesteps t must have shape (2,), one per input, got (2, 1)"),
+        (
+            lambda: bound_of_network(model.eps, model.schedule, model.likelihood, torch.zeros(2, 1, 9, 9)),
+            "x_0 has shape (2, 1, 9, 9), but the data shape is (batch, 1, 8, 8)",
+        ),
+        (
+            lambda: bound_of_network(model.eps, model.schedule, model.likelihood, torch.zeros(2, 8, 8)),
+            "x_0 has shape (2, 8, 8), but the data shape is (batch, 1, 8, 8)",
+        ),
+        (
+            lambda: model.transition(x, torch.ones(2, 1, dtype=torch.long)),
+            "timesteps t must have shape (2,), one per input, got (2, 1)",
+        ),
     ]
     from pyro_ddpm.elbo import TermwiseELBO
 
-    for t, message in ((torch.ones(2, dtype=torch.long), "timesteps t must have shape (batch, K) = (2, K >= 1), got (2,)"),
-                       (torch.ones(3, 1, dtype=torch.long), "timesteps t must have shape (batch, K) = (2, K >= 1), got (3, 1)"),
-                       (torch.zeros(2, 1, dtype=torch.long), "timesteps t must lie in 1..T = 1..10, got values in 0..0")):
+    for t, message in (
+        (torch.ones(2, dtype=torch.long), "timesteps t must have shape (batch, K) = (2, K >= 1), got (2,)"),
+        (torch.ones(3, 1, dtype=torch.long), "timesteps t must have shape (batch, K) = (2, K >= 1), got (3, 1)"),
+        (torch.zeros(2, 1, dtype=torch.long), "timesteps t must lie in 1..T = 1..10, got values in 0..0"),
+    ):
         cases.append((lambda t=t: TermwiseELBO().terms(model.per_timestep, guide.per_timestep, x, t), message))
     for call, message in cases:
         with pytest.raises(ValueError) as e:
@@ -649,8 +801,10 @@ def test_bad_python_inputs_are_one_value_error_without_pyros_trace_table(run):
 
 
 # =========================================================================== what a newcomer hit
-RESUME_LINE = re.compile(r"pyro-ddpm: (SIGINT|SIGTERM) received: stopped at step (\d+) of 100000; checkpoint saved to "
-                         r"(\S+); resume with: pyro-ddpm train --out (\S+) --resume")
+RESUME_LINE = re.compile(
+    r"pyro-ddpm: (SIGINT|SIGTERM) received: stopped at step (\d+) of 100000; checkpoint saved to "
+    r"(\S+); resume with: pyro-ddpm train --out (\S+) --resume"
+)
 
 
 def test_sigint_and_sigterm_save_a_checkpoint_say_how_to_resume_and_resume(tmp_path, capsys):
@@ -658,8 +812,21 @@ def test_sigint_and_sigterm_save_a_checkpoint_say_how_to_resume_and_resume(tmp_p
     procs = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         out = tmp_path / sig.name
-        cmd = [sys.executable, "-m", "pyro_ddpm.cli", "train", *TINY, "--steps", "100000", "--log-every", "1",
-               "--checkpoint-every", "100000", "--out", str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pyro_ddpm.cli",
+            "train",
+            *TINY,
+            "--steps",
+            "100000",
+            "--log-every",
+            "1",
+            "--checkpoint-every",
+            "100000",
+            "--out",
+            str(out),
+        ]
         procs[sig] = (out, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     deadline = time.time() + 120
     for sig, (out, proc) in procs.items():
@@ -668,8 +835,10 @@ def test_sigint_and_sigterm_save_a_checkpoint_say_how_to_resume_and_resume(tmp_p
             time.sleep(0.05)
         # while it runs, a second writer on its folder is refused, naming it
         rc, _, err = train_cli(capsys, out, "--steps", "2")
-        assert rc == 2 and one_error(err) == (f"the run directory {out} is in use by another pyro-ddpm process "
-                                              f"(PID {proc.pid}); wait for it to finish or choose another --out")
+        assert rc == 2 and one_error(err) == (
+            f"the run directory {out} is in use by another pyro-ddpm process "
+            f"(PID {proc.pid}); wait for it to finish or choose another --out"
+        )
         proc.send_signal(sig)
     for sig, (out, proc) in procs.items():
         stdout, stderr = proc.communicate(timeout=120)
@@ -696,20 +865,45 @@ def test_sigterm_outside_training_stops_with_one_line_and_writes_nothing(run, ca
     monkeypatch.setattr(pyro_ddpm.cli, "bound", bound)
     before, handler = tree(run), signal.getsignal(signal.SIGTERM)
     rc, out, err = cli(capsys, "evaluate", run, "--no-progress")
-    assert rc == 130 and out == "" and err == ("pyro-ddpm: SIGTERM received: stopped; files are written atomically, "
-                                               "so none was left half-written\n")
+    assert (
+        rc == 130
+        and out == ""
+        and err
+        == ("pyro-ddpm: SIGTERM received: stopped; files are written atomically, so none was left half-written\n")
+    )
     assert tree(run) == before and signal.getsignal(signal.SIGTERM) is handler
 
 
 def test_an_interrupted_compare_resumes_its_unfinished_arm_when_run_again(tmp_path, capsys, monkeypatch):
-    argv = ["compare", "--data", "swiss_roll-continuous", "--T", "10", "--steps", "4", "--batch-size", "16",
-            "--log-every", "1", "--samples", "8", "--limit", "8", "--arms", "eps-elbo", "--no-progress", "--out", tmp_path]
+    argv = [
+        "compare",
+        "--data",
+        "swiss_roll-continuous",
+        "--T",
+        "10",
+        "--steps",
+        "4",
+        "--batch-size",
+        "16",
+        "--log-every",
+        "1",
+        "--samples",
+        "8",
+        "--limit",
+        "8",
+        "--arms",
+        "eps-elbo",
+        "--no-progress",
+        "--out",
+        tmp_path,
+    ]
     interrupt_at(monkeypatch, 2)
     rc, _, err = cli(capsys, *argv)
     ckpt = tmp_path / "eps-elbo" / "checkpoint.pt"
     assert rc == 130 and err.strip() == (
         f"pyro-ddpm: SIGINT received: stopped at step 2 of 4; checkpoint saved to {ckpt}; resume with: the same "
-        "pyro-ddpm compare command (finished arms are kept, unfinished ones resume)")
+        "pyro-ddpm compare command (finished arms are kept, unfinished ones resume)"
+    )
     assert TrainState.load(ckpt).step == 2
     monkeypatch.undo()
     rc, out, _ = cli(capsys, *argv)
@@ -720,7 +914,9 @@ def test_an_interrupted_compare_resumes_its_unfinished_arm_when_run_again(tmp_pa
     assert len(written) == 1
     for name in ("terms.png", "samples.png", "training.png", "comparison.md", "comparison.json"):
         assert str(tmp_path / name) in written[0] and (tmp_path / name).is_file()
-    assert f"runs (checkpoint.pt, metrics.jsonl, bound_test.nc/.json, samples.pt in each): {tmp_path / 'eps-elbo'}" in out
+    assert (
+        f"runs (checkpoint.pt, metrics.jsonl, bound_test.nc/.json, samples.pt in each): {tmp_path / 'eps-elbo'}" in out
+    )
 
 
 def test_sample_shows_a_progress_bar(run, tmp_path, capsys):
@@ -732,8 +928,11 @@ def test_sample_shows_a_progress_bar(run, tmp_path, capsys):
 def test_compare_help_shows_the_values_that_will_be_used():
     text = " ".join(parser()._subparsers._group_actions[0].choices["compare"].format_help().split())
     digits = presets.DATASETS["digits"]["compare"]
-    for flag, key in (("--steps STEPS total training steps", "steps"), ("--lr LR learning rate", "lr"),
-                      ("--batch-size BATCH_SIZE global batch", "batch_size")):
+    for flag, key in (
+        ("--steps STEPS total training steps", "steps"),
+        ("--lr LR learning rate", "lr"),
+        ("--batch-size BATCH_SIZE global batch", "batch_size"),
+    ):
         assert f"{flag} (default {digits['train'][key]}: the digits preset of pyro_ddpm.presets" in text
     # argparse may break a line after a hyphen inside an arm's name: compare without white space
     assert f"(defaultfordigits:{''.join(digits['default_arms'])};" in "".join(text.split())
@@ -760,14 +959,15 @@ def test_metrics_log_window_means_with_their_standard_errors(run):
     rows = records(run)
     assert [r["step"] for r in rows] == [2, 4, 6] and all(r["window_steps"] == 2 for r in rows)
     for k, r in enumerate(rows):
-        window = losses[2 * k:2 * k + 2]
+        window = losses[2 * k : 2 * k + 2]
         mean = sum(window) / 2
         assert r["loss_per_image"] == pytest.approx(mean, rel=1e-12)
         assert r["loss_per_image_se"] == pytest.approx(math.sqrt(sum((v - mean) ** 2 for v in window) / 2), rel=1e-9)
         for name in ("L_T", "rate", "L_0"):
             assert math.isfinite(r[f"{name}_bits_per_dim"]) and r[f"{name}_bits_per_dim_se"] >= 0
-        assert r["bits_per_dim"] == pytest.approx(r["L_T_bits_per_dim"] + r["rate_bits_per_dim"] + r["L_0_bits_per_dim"],
-                                                  rel=1e-9)
+        assert r["bits_per_dim"] == pytest.approx(
+            r["L_T_bits_per_dim"] + r["rate_bits_per_dim"] + r["L_0_bits_per_dim"], rel=1e-9
+        )
         assert r["bits_per_dim_se"] > 0 and r["bound_steps"] == 2
 
 
@@ -792,9 +992,9 @@ def test_sample_grids_are_scaled_up_and_padded(tmp_path):
     assert png.shape == (side, side, 3) and side >= 256
     colour = np.round(np.asarray(PAD_COLOR) * 255) / 255
     for gap in (0, PAD + tile):  # the frame and the gap after the first tile, across the whole grid
-        assert np.allclose(png[gap:gap + PAD], colour, atol=1 / 255)
-        assert np.allclose(png[:, gap:gap + PAD], colour, atol=1 / 255)
+        assert np.allclose(png[gap : gap + PAD], colour, atol=1 / 255)
+        assert np.allclose(png[:, gap : gap + PAD], colour, atol=1 / 255)
     # tile (row 1, column 2) is image 6, each pixel repeated 8 x 8 times
     top, left = PAD + 1 * (tile + PAD), PAD + 2 * (tile + PAD)
     expected = ((images[6, 0].numpy() + 1) / 2).repeat(8, 0).repeat(8, 1)
-    assert np.allclose(png[top:top + tile, left:left + tile, 0], expected, atol=1 / 255)
+    assert np.allclose(png[top : top + tile, left : left + tile, 0], expected, atol=1 / 255)

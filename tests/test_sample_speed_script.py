@@ -21,7 +21,20 @@ def cells(line):
 
 def test_sample_speed_script_writes_the_table(tmp_path):
     md = tmp_path / "bench" / "sample.md"
-    args = ["--preset", "digits", "--T", "10", "--images", "3", "--ddim-steps", "4", "--repeats", "2", "--markdown", str(md)]
+    args = [
+        "--preset",
+        "digits",
+        "--T",
+        "10",
+        "--images",
+        "3",
+        "--ddim-steps",
+        "4",
+        "--repeats",
+        "2",
+        "--markdown",
+        str(md),
+    ]
     out = run(*args)
     assert out.returncode == 0, out.stderr
     text = md.read_text()
@@ -29,8 +42,11 @@ def test_sample_speed_script_writes_the_table(tmp_path):
     assert lines[0].startswith("Sampling, preset digits (1, 8, 8)") and "3 images, T 10, DDIM 4 steps" in lines[0]
     assert "device cpu" in lines[0] and "torch " in lines[0]  # the machine is named
     assert lines[-1] == "`python benchmarks/sample_speed.py " + " ".join(args) + "`"
-    rows = {cells(line)[0]: cells(line) for line in lines if line.startswith("| ") and not line.startswith("| phase")
-            and not line.startswith("| time ratio")}
+    rows = {
+        cells(line)[0]: cells(line)
+        for line in lines
+        if line.startswith("| ") and not line.startswith("| phase") and not line.startswith("| time ratio")
+    }
     assert list(rows) == ["forward", "ancestral", "ddim", "ancestral / forward", "ancestral / ddim"]
     assert [rows[p][1] for p in ("forward", "ancestral", "ddim")] == ["10", "10", "4"]
     for phase in ("forward", "ancestral", "ddim"):

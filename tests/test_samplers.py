@@ -170,11 +170,13 @@ def test_respacing_with_S_equal_T_gives_the_plain_chain(float64):
 def test_respaced_chain_has_a_bound(float64):
     """The respaced model is a ReverseProcess over S steps: the evaluator runs on it unchanged."""
     model = tiny_unet_model(T=10)
-    x0 = (torch.randint(0, 17, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0)) / 8.0 - 1.0)
+    x0 = torch.randint(0, 17, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0)) / 8.0 - 1.0
     guide = ForwardProcess(model.schedule, event_dim=3)
     full = bound_terms(model, guide, x0)
     same = respace(model, 10)
-    assert torch.allclose(bound_terms(same, ForwardProcess(same.schedule, event_dim=3), x0), full, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(
+        bound_terms(same, ForwardProcess(same.schedule, event_dim=3), x0), full, rtol=1e-10, atol=1e-10
+    )
     short = respace(model, 4)
     L = bound_terms(short, ForwardProcess(short.schedule, event_dim=3), x0)
     assert L.shape == (2, 5) and torch.isfinite(L).all() and (L[:, 1:] >= -1e-9).all()
@@ -241,8 +243,16 @@ def test_ddim_eta1_is_respaced_ancestral_with_beta_tilde(ref, float64, T, S):
     torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["ReverseProcess", "ClippedReverseProcess", "X0PredictionReverseProcess",
-                                  "VPredictionReverseProcess", "LearnedVarianceReverseProcess"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ReverseProcess",
+        "ClippedReverseProcess",
+        "X0PredictionReverseProcess",
+        "VPredictionReverseProcess",
+        "LearnedVarianceReverseProcess",
+    ],
+)
 def test_ddim_reads_any_parameterization_off_the_transition_mean(float64, name):
     """eta = 1 reproduces each model's own respaced mean (whatever its network predicts), and x0_hat is
     the model's own x_0 prediction: the network's output for x_0-prediction, clipped for the clipped model."""
@@ -343,25 +353,28 @@ def test_sampling_program_kinds():
     assert isinstance(prog, DDIM) and prog.steps == 5 and prog.eta == 0.3 and prog.T == 10
 
 
-@pytest.mark.parametrize("call,message", [
-    (lambda m: sample(m, 0), "positive integer"),
-    (lambda m: sample(m, 2.5), "positive integer"),
-    (lambda m: sample(m, 2, batch_size=0), "batch_size"),
-    (lambda m: sample(m, 2, "euler"), "unknown sampler"),
-    (lambda m: sample(m, 2, steps=1), "2 <= S <= T"),
-    (lambda m: sample(m, 2, steps=11), "2 <= S <= T"),
-    (lambda m: sample(m, 2, "ddim", steps=11), "2 <= S <= T"),
-    (lambda m: sample(m, 2, steps=4.0), "must be an integer"),
-    (lambda m: sample(m, 2, eta=0.5), "eta applies to sampler='ddim'"),
-    (lambda m: sample(m, 2, "ddim", eta=-0.1), "eta must be a number in \\[0, 1\\]"),
-    (lambda m: sample(m, 2, "ddim", eta=1.5), "eta must be a number in \\[0, 1\\]"),
-    (lambda m: DDIM(m, 4, eta=float("nan")), "eta must be a number"),
-    (lambda m: respaced_schedule(m.schedule, [1, 5, 5, 10]), "increase strictly"),
-    (lambda m: respaced_schedule(m.schedule, [1, 5, 9]), "increase strictly"),
-    (lambda m: respaced_schedule(m.schedule, [0.5, 10.0]), "integers"),
-    (lambda m: DDIM(m, 4).chain(), "give x0 or num_images"),
-    (lambda m: DDIM(m, 4).chain(torch.zeros(2, 3)), "data shape"),
-])
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda m: sample(m, 0), "positive integer"),
+        (lambda m: sample(m, 2.5), "positive integer"),
+        (lambda m: sample(m, 2, batch_size=0), "batch_size"),
+        (lambda m: sample(m, 2, "euler"), "unknown sampler"),
+        (lambda m: sample(m, 2, steps=1), "2 <= S <= T"),
+        (lambda m: sample(m, 2, steps=11), "2 <= S <= T"),
+        (lambda m: sample(m, 2, "ddim", steps=11), "2 <= S <= T"),
+        (lambda m: sample(m, 2, steps=4.0), "must be an integer"),
+        (lambda m: sample(m, 2, eta=0.5), "eta applies to sampler='ddim'"),
+        (lambda m: sample(m, 2, "ddim", eta=-0.1), "eta must be a number in \\[0, 1\\]"),
+        (lambda m: sample(m, 2, "ddim", eta=1.5), "eta must be a number in \\[0, 1\\]"),
+        (lambda m: DDIM(m, 4, eta=float("nan")), "eta must be a number"),
+        (lambda m: respaced_schedule(m.schedule, [1, 5, 5, 10]), "increase strictly"),
+        (lambda m: respaced_schedule(m.schedule, [1, 5, 9]), "increase strictly"),
+        (lambda m: respaced_schedule(m.schedule, [0.5, 10.0]), "integers"),
+        (lambda m: DDIM(m, 4).chain(), "give x0 or num_images"),
+        (lambda m: DDIM(m, 4).chain(torch.zeros(2, 3)), "data shape"),
+    ],
+)
 def test_bad_input_is_named(call, message):
     with pytest.raises(ValueError, match=message):
         call(tiny_mlp_model(T=10))

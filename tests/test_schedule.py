@@ -25,8 +25,21 @@ SCHEDULES = {
 }
 
 BUFFERS_FROM_1 = [
-    "beta", "alpha", "abar", "abar_prev", "sqrt_abar", "sqrt_one_minus_abar", "beta_tilde", "coef_x0",
-    "coef_xt", "eps_coef", "recip_sqrt_alpha", "sigma2_large", "sigma2_small", "w_large", "w_small",
+    "beta",
+    "alpha",
+    "abar",
+    "abar_prev",
+    "sqrt_abar",
+    "sqrt_one_minus_abar",
+    "beta_tilde",
+    "coef_x0",
+    "coef_xt",
+    "eps_coef",
+    "recip_sqrt_alpha",
+    "sigma2_large",
+    "sigma2_small",
+    "w_large",
+    "w_small",
 ]
 
 
@@ -229,4 +242,6 @@ def test_derive_is_the_buffers_and_differentiable(name, ref):
     total = sum((derive(betas)[n] * (k + 1)).sum() for k, n in enumerate(CONSTANTS))
     (grad,) = torch.autograd.grad(total, betas)
     assert torch.isfinite(grad).all()
-    assert torch.autograd.gradcheck(lambda b: tuple(derive(b)[n] for n in CONSTANTS), (betas,), eps=1e-7, atol=1e-6, rtol=1e-5)
+    assert torch.autograd.gradcheck(
+        lambda b: tuple(derive(b)[n] for n in CONSTANTS), (betas,), eps=1e-7, atol=1e-6, rtol=1e-5
+    )

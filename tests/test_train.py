@@ -16,8 +16,9 @@ from pyro_ddpm import checkpoint
 from pyro_ddpm.cli import main
 from pyro_ddpm.train import TrainConfig, train
 
-TINY = dict(data="digits", T=10, batch_size=16, net_overrides={"ch": 8}, warmup=2, lr=1e-3, log_every=2,
-            checkpoint_every=3)
+TINY = dict(
+    data="digits", T=10, batch_size=16, net_overrides={"ch": 8}, warmup=2, lr=1e-3, log_every=2, checkpoint_every=3
+)
 
 
 def _states_equal(a: dict, b: dict) -> bool:
@@ -27,7 +28,11 @@ def _states_equal(a: dict, b: dict) -> bool:
 def _adam_state(ckpt) -> dict:
     """{parameter name: its Adam state} from a checkpoint's optimizer state."""
     optim = ckpt.training["optim"]
-    return {name: optim["optimizer"]["state"][i] for i, name in enumerate(optim["names"]) if i in optim["optimizer"]["state"]}
+    return {
+        name: optim["optimizer"]["state"][i]
+        for i, name in enumerate(optim["names"])
+        if i in optim["optimizer"]["state"]
+    }
 
 
 def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
@@ -92,8 +97,21 @@ def test_bf16_autocast_and_sample_grids(tmp_path):
     assert seen == [torch.bfloat16] and loc.dtype == torch.float32
 
 
-CLI_TINY = ["--data", "mnist5k", "--T", "10", "--ch", "8", "--batch-size", "8", "--warmup", "2", "--lr", "1e-3",
-            "--no-progress"]
+CLI_TINY = [
+    "--data",
+    "mnist5k",
+    "--T",
+    "10",
+    "--ch",
+    "8",
+    "--batch-size",
+    "8",
+    "--warmup",
+    "2",
+    "--lr",
+    "1e-3",
+    "--no-progress",
+]
 
 
 def test_mnist5k_train_kill_resume_sample(tmp_path):
@@ -103,8 +121,21 @@ def test_mnist5k_train_kill_resume_sample(tmp_path):
     """
     reference, run = tmp_path / "reference", tmp_path / "killed"
     assert main(["train", *CLI_TINY, "--steps", "40", "--checkpoint-every", "4", "--out", str(reference)]) == 0
-    proc = subprocess.Popen([sys.executable, "-m", "pyro_ddpm.cli", "train", *CLI_TINY, "--steps", "40",
-                             "--checkpoint-every", "4", "--out", str(run)])
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pyro_ddpm.cli",
+            "train",
+            *CLI_TINY,
+            "--steps",
+            "40",
+            "--checkpoint-every",
+            "4",
+            "--out",
+            str(run),
+        ]
+    )
     deadline = time.time() + 120
     while not (run / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
@@ -119,10 +150,39 @@ def test_mnist5k_train_kill_resume_sample(tmp_path):
 
 def _torchrun(nproc: int, out: Path, steps: int):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "pyro_ddpm.cli", "train", "--data", "digits", "--T", "10", "--ch", "8", "--dropout", "0",
-           "--batch-size", "16", "--steps", str(steps), "--warmup", "2", "--lr", "1e-3", "--checkpoint-every", "1",
-           "--log-every", "1", "--no-progress", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "pyro_ddpm.cli",
+        "train",
+        "--data",
+        "digits",
+        "--T",
+        "10",
+        "--ch",
+        "8",
+        "--dropout",
+        "0",
+        "--batch-size",
+        "16",
+        "--steps",
+        str(steps),
+        "--warmup",
+        "2",
+        "--lr",
+        "1e-3",
+        "--checkpoint-every",
+        "1",
+        "--log-every",
+        "1",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     subprocess.run(cmd, check=True, env=env, timeout=300, capture_output=True)
     return checkpoint.load(out)
 
@@ -167,8 +227,27 @@ def test_cifar10_folder_trains_with_flips_and_evaluates(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "random_flip", lambda x, g: flips.append(len(x)) or real_flip(x, g))
     folder = fake_cifar_dir(tmp_path / "data", cifar_images())
     run = tmp_path / "run"
-    assert main(["train", "--data", folder, "--T", "5", "--ch", "8", "--batch-size", "4", "--steps", "3",
-                 "--out", str(run), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                folder,
+                "--T",
+                "5",
+                "--ch",
+                "8",
+                "--batch-size",
+                "4",
+                "--steps",
+                "3",
+                "--out",
+                str(run),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     state = checkpoint.load(run)
     assert state.data["name"] == "cifar10" and state.data["shape"] == [3, 32, 32]
     assert state.data["source"] and state.config["data"] == folder

@@ -14,8 +14,9 @@ from pyro_ddpm import checkpoint, data
 from pyro_ddpm.evaluate import bound_terms
 from pyro_ddpm.train import TrainConfig, build, train
 
-TINY = dict(data="digits", T=10, batch_size=16, net_overrides={"ch": 8}, warmup=2, lr=1e-3, log_every=2,
-            checkpoint_every=3)
+TINY = dict(
+    data="digits", T=10, batch_size=16, net_overrides={"ch": 8}, warmup=2, lr=1e-3, log_every=2, checkpoint_every=3
+)
 
 VARIANTS = {
     "eps, elbo": {},
@@ -23,8 +24,9 @@ VARIANTS = {
     "x0 prediction": dict(model="X0PredictionReverseProcess"),
     "v prediction": dict(model="VPredictionReverseProcess", objective="simple"),
     "learned variance, hybrid": dict(model="LearnedVarianceReverseProcess", objective="hybrid"),
-    "learned variance, hybrid, importance-sampled": dict(model="LearnedVarianceReverseProcess", objective="hybrid",
-                                                         timesteps="importance"),
+    "learned variance, hybrid, importance-sampled": dict(
+        model="LearnedVarianceReverseProcess", objective="hybrid", timesteps="importance"
+    ),
     "cosine guide": dict(guide="CosineForwardProcess", schedule="cosine"),
     "learned schedule": dict(guide="LearnedForwardProcess", schedule="learned"),
     "importance-sampled timesteps": dict(timesteps="importance"),
@@ -82,6 +84,7 @@ def test_importance_sampled_run_resumes_exactly(tmp_path):
 
 def test_joint_optimizer_clips_the_global_norm():
     import pyro
+
     from pyro_ddpm.optim import JointOptimizer
 
     pyro.clear_param_store()
@@ -107,8 +110,9 @@ def test_bad_program_names_are_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="ReverseProcess does not train on objective 'hybrid'"):
         train(TrainConfig(objective="hybrid", **TINY), tmp_path / "c", progress=False)
     with pytest.raises(ValueError, match="has no variance 'small'; it implements \\['learned'\\]"):
-        train(TrainConfig(model="LearnedVarianceReverseProcess", variance="small", **TINY), tmp_path / "d",
-              progress=False)
+        train(
+            TrainConfig(model="LearnedVarianceReverseProcess", variance="small", **TINY), tmp_path / "d", progress=False
+        )
     with pytest.raises(ValueError, match="unknown timestep sampler 'fancy'"):
         train(TrainConfig(timesteps="fancy", **TINY), tmp_path / "e", progress=False)
     assert not any(tmp_path.iterdir())
@@ -118,16 +122,66 @@ def test_cli_trains_evaluates_and_samples_a_variant_with_ddim(tmp_path, capsys):
     from pyro_ddpm.cli import main
 
     run = tmp_path / "run"
-    assert main(["train", "--data", "digits", "--T", "10", "--ch", "8", "--batch-size", "8", "--steps", "2",
-                 "--model", "LearnedVarianceReverseProcess", "--objective", "elbo",
-                 "--guide", "LearnedForwardProcess", "--schedule", "learned", "--timesteps", "importance",
-                 "--optimizer", "AdamW", "--no-progress", "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                "digits",
+                "--T",
+                "10",
+                "--ch",
+                "8",
+                "--batch-size",
+                "8",
+                "--steps",
+                "2",
+                "--model",
+                "LearnedVarianceReverseProcess",
+                "--objective",
+                "elbo",
+                "--guide",
+                "LearnedForwardProcess",
+                "--schedule",
+                "learned",
+                "--timesteps",
+                "importance",
+                "--optimizer",
+                "AdamW",
+                "--no-progress",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     config = checkpoint.load(run).config
-    assert (config["model"], config["guide"], config["optimizer"]) == ("LearnedVarianceReverseProcess", "LearnedForwardProcess", "AdamW")
+    assert (config["model"], config["guide"], config["optimizer"]) == (
+        "LearnedVarianceReverseProcess",
+        "LearnedForwardProcess",
+        "AdamW",
+    )
     assert main(["evaluate", str(run), "--limit", "4", "--no-figures", "--no-progress"]) == 0
     assert "total" in capsys.readouterr().out
-    assert main(["sample", str(run), "--n", "4", "--sampler", "ddim", "--steps", "5", "--eta", "0.5",
-                 "--out", str(tmp_path / "ddim.png")]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                str(run),
+                "--n",
+                "4",
+                "--sampler",
+                "ddim",
+                "--steps",
+                "5",
+                "--eta",
+                "0.5",
+                "--out",
+                str(tmp_path / "ddim.png"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "ddim.png").stat().st_size > 100
     assert main(["sample", str(run), "--n", "4", "--sampler", "ddim", "--steps", "50"]) == 2  # S > T
     assert "steps" in capsys.readouterr().err
@@ -144,8 +198,15 @@ def test_cosine_decay_and_the_guide_learning_rate_scale():
     assert [f(0), f(1)] == pytest.approx([0.5 * 0.5 * (1 + math.cos(0.0)), 0.5 * (1 + math.cos(math.pi / 10))])
     assert f(5) == pytest.approx(0.5) and f(10) == pytest.approx(0.0) and f(20) == pytest.approx(0.0)
     assert lr_factor(TrainConfig(steps=10, warmup=2))(7) == 1.0  # constant after the warm-up
-    config = TrainConfig(data="digits", T=6, guide="LearnedTableForwardProcess", guide_lr_scale=0.1, lr=1e-2, warmup=2,
-                         net_overrides={"ch": 8})
+    config = TrainConfig(
+        data="digits",
+        T=6,
+        guide="LearnedTableForwardProcess",
+        guide_lr_scale=0.1,
+        lr=1e-2,
+        warmup=2,
+        net_overrides={"ch": 8},
+    )
     config.check()
     model, guide = build(config, data.load("digits"))
     opt = make_optimizer(config, guide)
