@@ -167,6 +167,16 @@ def _train_flags(compare_mode: bool):
         ),
         (("--grad-clip",), "grad_clip", dict(type=float, help=f"global gradient-norm clip (default {d.grad_clip})")),
         (("--ema-decay",), "ema_decay", dict(type=float, help=f"EMA decay (default {d.ema_decay})")),
+        (
+            ("--ema-ramp",),
+            "ema_ramp",
+            dict(
+                type=float,
+                help="the EMA decay after n updates is min(decay, (1 + n) / "
+                f"(ramp + n)): it averages about the last n / (ramp - 1) "
+                f"steps early on{note('ema_ramp')}",
+            ),
+        ),
         (("--seed",), "seed", dict(type=int, help=f"default {d.seed}")),
         (("--device",), "device", dict(help=f"default {d.device}")),
         (

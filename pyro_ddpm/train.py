@@ -13,7 +13,8 @@ schedule) are trained by the same SVI step.
 
 Optimizer: one torch optimizer (Adam by default) over all parameters with the paper's global-norm
 clipping and a linear warm-up (:class:`~pyro_ddpm.optim.JointOptimizer`). The EMA of the network
-(paper: 0.9999) uses the decay min(decay, (1 + n) / (10 + n)) after n updates, so short runs average
+(paper: 0.9999) uses the decay min(decay, (1 + n) / (r + n)) after n updates (r = ``ema_ramp``, 10 by
+default), so short runs average
 their recent past rather than their initialization; evaluation and sampling use it.
 
 Many processes: under ``torchrun`` (``torch.distributed`` initialized from the environment) each
@@ -95,6 +96,7 @@ class TrainConfig:
     guide_lr_scale: float = 1.0  # the guide's parameters (a learned schedule) train at lr * guide_lr_scale
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
+    ema_ramp: float = 10.0  # the EMA's decay after n updates is min(ema_decay, (1 + n) / (ema_ramp + n))
     seed: int = 0
     device: str = "cpu"
     precision: str = "fp32"  # "bf16": the network under torch.autocast; the bound's algebra stays fp32
@@ -153,6 +155,8 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        if not (math.isfinite(self.ema_ramp) and self.ema_ramp >= 1.0):
+            raise ValueError(f"ema_ramp must be a number >= 1, got {self.ema_ramp}")
         if not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be positive, got {self.grad_clip}")
         check_device(self.device)
@@ -512,7 +516,7 @@ def torch_threads(threads: int | None):
         torch.set_num_threads(before)
 
 
-def _ema_avg(decay: float):
+def _ema_avg(decay: float, ramp: float = 10.0):
     """``AveragedModel``'s ``multi_avg_fn``: one foreach update of all tensors of a dtype per step."""
 
     def avg(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
@@ -520,7 +524,7 @@ def _ema_avg(decay: float):
             torch._foreach_copy_(averaged, current)
             return
         n = float(num_averaged)
-        torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+        torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + n) / (ramp + n)))
 
     return avg
 
@@ -645,7 +649,9 @@ def _train(config, dataset, out: Path, state, processes: Processes, progress: bo
             and isinstance(stored_sampler, dict)
             and stored_sampler.get("class") == config.timesteps
         )
-    ema = AveragedModel(net, multi_avg_fn=_ema_avg(config.ema_decay), use_buffers=True)  # a copy, before compiling
+    ema = AveragedModel(
+        net, multi_avg_fn=_ema_avg(config.ema_decay, config.ema_ramp), use_buffers=True
+    )  # a copy, before compiling
     if config.compile:
         net.compile()
     program, objective_weight = objective(config.objective, model)
