@@ -1,6 +1,7 @@
 """A one-latent Pyro VAE beside the DDPM: the same decoder, the same unit, read term by term.
 
-p(z) = N(0, I), p_theta(x_0 | z) the discretized Gaussian of Eq. 13 at an MLP's mean with learned
+p(z) = N(0, I), p_theta(x_0 | z) the data's decoder (the discretized Gaussian of Eq. 13; for binary data the
+Bernoulli decoder of :mod:`pyro_ddpm.likelihoods`) at an MLP's mean with learned
 per-dimension scales, q_phi(z | x_0) a Gaussian MLP encoder: the DDPM's programs with one latent layer
 in place of T (the comparison of :mod:`pyro_ddpm.compare` and ``examples/diffusion_vs_vae.py`` put the
 two side by side). Trained with ``SVI`` on the mean-field ELBO (analytic KL for z); scored with the
@@ -22,7 +23,7 @@ from torch.nn import functional as F
 
 from pyro_ddpm import protocol
 from pyro_ddpm.elbo import TermwiseELBO
-from pyro_ddpm.likelihoods import DiscretizedGaussianLikelihood
+from pyro_ddpm.likelihoods import default_likelihood
 
 
 class Decoder(nn.Module):
@@ -76,7 +77,7 @@ class VAE(nn.Module):
         self.shape, self.z_dim = tuple(shape), int(z_dim)
         self.decoder = Decoder(self.z_dim, self.shape, hidden)
         self.encoder = Encoder(self.z_dim, self.shape, hidden)
-        self.likelihood = DiscretizedGaussianLikelihood(levels)
+        self.likelihood = default_likelihood(levels)  # Eq. 13 on a K-level grid; the Bernoulli decoder for K = 2
 
     def model(self, x0: torch.Tensor | None = None, num_images: int | None = None) -> torch.Tensor:
         pyro.module("decoder", self.decoder)
