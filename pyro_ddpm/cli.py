@@ -27,7 +27,7 @@ from pyro_ddpm.evaluate import bound, format_summary, save, summarize
 from pyro_ddpm.figures import save_all
 from pyro_ddpm.files import atomic_write, check_directory, check_output_file
 from pyro_ddpm.importance_weighted import importance_weighted
-from pyro_ddpm.likelihoods import TanhDiscretizedGaussianLikelihood
+from pyro_ddpm.likelihoods import by_name
 from pyro_ddpm.ode import ode_likelihood
 from pyro_ddpm.registry import GUIDES, LIKELIHOODS, MODELS, TIMESTEPS
 from pyro_ddpm.sample import SAMPLERS, sample, save_png
@@ -308,8 +308,8 @@ def cmd_evaluate(args) -> int:
         model, guide = model.to(args.device), guide.to(args.device)
         if args.clip_denoised:
             model = model.with_clipping()
-        if args.cdf == "tanh":
-            model = model.with_likelihood(TanhDiscretizedGaussianLikelihood(dataset.levels))
+        if args.likelihood is not None:
+            model = model.with_likelihood(by_name(args.likelihood, dataset, trust_code=args.trust_code))
         source = {
             "model": f"diffusers pipeline {args.diffusers}",
             "objective": "elsewhere",
@@ -331,7 +331,9 @@ def cmd_evaluate(args) -> int:
             device=args.device,
             trust_code=args.trust_code,
             clip_denoised=args.clip_denoised,
-            likelihood=TanhDiscretizedGaussianLikelihood(dataset.levels) if args.cdf == "tanh" else None,
+            likelihood=None
+            if args.likelihood is None
+            else by_name(args.likelihood, dataset, trust_code=args.trust_code),
         )
         source = {
             "model": state.programs["model"]["class"],
@@ -347,7 +349,7 @@ def cmd_evaluate(args) -> int:
         split=args.split,
         data=dataset.name,
         clip_denoised=int(args.clip_denoised),
-        cdf=args.cdf,
+        decoder=repr(model.likelihood),
         checkpoint=source["checkpoint"],
         step=-1 if source["step"] is None else source["step"],
         objective=source["objective"],
@@ -357,7 +359,7 @@ def cmd_evaluate(args) -> int:
         split=args.split,
         data=dataset.name,
         clip_denoised=args.clip_denoised,
-        cdf=args.cdf,
+        decoder=repr(model.likelihood),
         **{k: source[k] for k in ("objective", "step", "model")},
     )
     stem = f"bound_{args.split}"
@@ -387,7 +389,7 @@ def cmd_evaluate(args) -> int:
         paths.update(save_all(idata, out, stem))
     header = (
         f"{summary['data']} {summary['split']} split, {summary['model']}, objective {summary['objective']}, "
-        f"step {summary['step']}; {'exact log-CDF' if args.cdf == 'exact' else 'tanh-approximated CDF'}, "
+        f"step {summary['step']}; decoder {summary['decoder']}, "
         f"clip_denoised={args.clip_denoised}"
     )
     print(format_summary(summary, header))
@@ -467,10 +469,10 @@ def _eval_args(p: argparse.ArgumentParser, standalone: bool = True) -> None:
             help="clip the x_0 prediction to [-1, 1] in the mean, as the official evaluation does",
         )
         p.add_argument(
-            "--cdf",
-            default="exact",
-            choices=["exact", "tanh"],
-            help="decoder CDF: exact log-CDF or the official tanh approximation",
+            "--likelihood",
+            default=None,
+            help=f"evaluate with another decoder: {_names(LIKELIHOODS)} (tanh_discretized_gaussian: the official "
+            "code's tanh-approximated CDF) or 'module:Class' (default: the model's own)",
         )
         p.add_argument("--no-figures", action="store_true")
         p.add_argument("--split", default="test", choices=["train", "test"])

@@ -157,7 +157,7 @@ def aggregate(results: dict) -> dict:
 def _cell(v) -> str:
     if v is None:
         return ""
-    digits = 4 if abs(v[0]) < 100 else 1
+    digits = 4 if abs(v[0]) < 10 else 1  # bits/dim to 4 decimals; FD/KID-sized numbers to 1
     return f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}"
 
 

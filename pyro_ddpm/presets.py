@@ -12,6 +12,10 @@ settings. ``default_arms`` run by default; every arm is one ``--arms`` flag away
 
 from __future__ import annotations
 
+# The programs a training run uses unless told otherwise: the paper's eps model, the forward process over
+# its linear schedule, uniform timesteps (Algorithm 1). ``TrainConfig``'s defaults.
+PROGRAMS = dict(model="ReverseProcess", guide="ForwardProcess", schedule="linear", timesteps="uniform")
+
 NETWORKS = {
     # sklearn digits: 1 x 8 x 8, 17 levels.
     "digits": dict(

@@ -75,13 +75,13 @@ LOSS_HISTORY = 200
 class TrainConfig:
     data: str = "digits"
     objective: str = "elbo"  # one of the model class's objectives
-    model: str = "ReverseProcess"  # a registered model class, or an importable "module:Class"
-    guide: str = "ForwardProcess"  # a registered guide class, or an importable "module:Class"
-    schedule: str = "linear"  # what the guide class's from_spec(T, schedule) reads (a name, betas, ...)
+    model: str = presets.PROGRAMS["model"]  # a registered model class, or an importable "module:Class"
+    guide: str = presets.PROGRAMS["guide"]  # a registered guide class, or an importable "module:Class"
+    schedule: str = presets.PROGRAMS["schedule"]  # what the guide class reads (its from_spec(T, schedule))
     T: int = 1000
     variance: str | None = None  # one of the model class's variances; default: its first
     likelihood: str | None = None  # a registered decoder; default: the data set's (likelihoods.default_for)
-    timesteps: str = "uniform"  # a registered timestep sampler: "uniform" or "importance" (loss-aware)
+    timesteps: str = presets.PROGRAMS["timesteps"]  # a registered timestep sampler (pyro_ddpm.timesteps)
     model_options: dict = dataclasses.field(default_factory=dict)  # further keyword arguments of the model class
     steps: int = 3000
     batch_size: int = 128  # the global batch, over all processes

@@ -62,8 +62,8 @@ def test_evaluate_options_and_outputs(digits_run, capsys):
                 "--draws",
                 "2",
                 "--clip-denoised",
-                "--cdf",
-                "tanh",
+                "--likelihood",
+                "tanh_discretized_gaussian",
                 "--no-figures",
                 "--no-progress",
                 "--T",
@@ -73,10 +73,12 @@ def test_evaluate_options_and_outputs(digits_run, capsys):
         == 0
     )
     printed = capsys.readouterr().out
-    assert "tanh-approximated CDF, clip_denoised=True" in printed and "progressive coding" in printed
+    assert "decoder TanhDiscretizedGaussianLikelihood(levels=17), clip_denoised=True" in printed
+    assert "progressive coding" in printed
     idata = az.from_netcdf(digits_run / "bound_test.nc")
     assert idata.bound["L"].shape == (2, 4, 11)
-    assert idata.bound.attrs["clip_denoised"] == 1 and idata.bound.attrs["cdf"] == "tanh"
+    assert idata.bound.attrs["clip_denoised"] == 1
+    assert idata.bound.attrs["decoder"] == "TanhDiscretizedGaussianLikelihood(levels=17)"
     summary = json.loads((digits_run / "bound_test.json").read_text())
     assert summary["draws"] == 2 and "se_noise" in summary["total"]
 
