@@ -54,7 +54,7 @@ from pyro_ddpm.evaluate import bound, format_summary, summarize
 from pyro_ddpm.figures import new_figure, save_figure
 from pyro_ddpm.files import atomic_write
 from pyro_ddpm.guides import ForwardProcess
-from pyro_ddpm.guides.learned_schedule import GammaSchedule
+from pyro_ddpm.guides.learned_schedule import GammaSchedule, softplus_inverse
 from pyro_ddpm.registry import GUIDES
 from pyro_ddpm.sample import sample, save_png
 from pyro_ddpm.schedule import Schedule
@@ -74,14 +74,11 @@ class EndpointSchedule(GammaSchedule):
 
     def __init__(self, betas):
         super().__init__()
-        start = Schedule(betas)  # checks 0 < beta_t < 1, T >= 2
-        self.T = start.T
-        self.start = [float(b) for b in start.betas.tolist()]  # plain data: what config() records
-        gamma = torch.log1p(-start.abar[1:]) - torch.log(start.abar[1:])  # log((1 - abar) / abar)
+        gamma = self.start_at(betas)  # the fixed schedule's gamma_t; records T and the start
         span = gamma[-1] - gamma[0]
         self.register_buffer("shape", (gamma - gamma[0]) / span)  # s_t: 0 at t = 1, 1 at t = T
         self.g_1 = nn.Parameter(gamma[0].clone())
-        self.d = nn.Parameter(span + torch.log(-torch.expm1(-span)))  # softplus^{-1}(span)
+        self.d = nn.Parameter(softplus_inverse(span))
 
     def gamma_t(self) -> torch.Tensor:
         """gamma_1..gamma_T (float64), strictly increasing."""

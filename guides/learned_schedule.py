@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyro_ddpm.registry import GUIDES
-from pyro_ddpm.schedule import CONSTANTS, ScheduleBase, derive
+from pyro_ddpm.schedule import CONSTANTS, Schedule, ScheduleBase, derive
 
 from .forward_process import ForwardProcess
 
@@ -41,6 +41,11 @@ GAMMA_MIN, GAMMA_MAX = -13.3, 5.0
 
 def _softplus_inverse(y: float) -> float:
     return y + math.log(-math.expm1(-y))
+
+
+def softplus_inverse(y: torch.Tensor) -> torch.Tensor:
+    """The x with softplus(x) = y > 0 (elementwise, for starting a parameter at a given positive value)."""
+    return y + torch.log(-torch.expm1(-y))
 
 
 class GammaSchedule(ScheduleBase, nn.Module):
@@ -56,6 +61,14 @@ class GammaSchedule(ScheduleBase, nn.Module):
     def gamma_t(self) -> torch.Tensor:
         """gamma_1..gamma_T (float64, strictly increasing)."""
         raise NotImplementedError
+
+    def start_at(self, betas) -> torch.Tensor:
+        """Record the fixed schedule ``betas`` a learned one starts at (``T``; ``start``, plain data for its
+        ``config()``) and return that schedule's gamma_t = log((1 - abar_t) / abar_t), t = 1..T."""
+        start = Schedule(betas)  # checks 0 < beta_t < 1, T >= 2
+        self.T = start.T
+        self.start = [float(b) for b in start.betas.tolist()]
+        return torch.log1p(-start.abar[1:]) - torch.log(start.abar[1:])
 
     def beta_from_gamma(self) -> torch.Tensor:
         """beta_1..beta_T = 1 - abar_t / abar_{t-1}, abar_t = sigmoid(-gamma_t), abar_0 = 1."""

@@ -28,7 +28,7 @@ from pyro_ddpm.registry import GUIDES
 from pyro_ddpm.schedule import Schedule
 
 from .forward_process import ForwardProcess
-from .learned_schedule import GammaSchedule
+from .learned_schedule import GammaSchedule, softplus_inverse
 
 
 class TableSchedule(GammaSchedule):
@@ -39,13 +39,9 @@ class TableSchedule(GammaSchedule):
 
     def __init__(self, betas):
         super().__init__()
-        start = Schedule(betas)  # checks 0 < beta_t < 1, T >= 2
-        self.T = start.T
-        self.start = [float(b) for b in start.betas.tolist()]  # plain data: what config() records
-        gamma = torch.log1p(-start.abar[1:]) - torch.log(start.abar[1:])  # log((1 - abar) / abar)
-        step = torch.diff(gamma)
+        gamma = self.start_at(betas)
         self.g_1 = nn.Parameter(gamma[0].clone())
-        self.r = nn.Parameter(step + torch.log(-torch.expm1(-step)))  # softplus^{-1}(step)
+        self.r = nn.Parameter(softplus_inverse(torch.diff(gamma)))
 
     def gamma_t(self) -> torch.Tensor:
         """gamma_1..gamma_T (float64), strictly increasing."""

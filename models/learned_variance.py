@@ -178,12 +178,7 @@ class HybridReverseProcess(LearnedVarianceReverseProcess):
         ``weight`` (length T + 1) scales the L_vlb sites: lambda for the hybrid objective (times 1 / (T p_t)
         under importance sampling); the L_simple factor is scaled by weight / lambda.
         """
-        pyro.module("eps", self.eps)
-        self._check_data(x0, t)
-        B = x0.shape[0]
-        with pyro.plate(protocol.IMAGES, B):
-            pyro.sample(protocol.X_T, self.prior(B, x0))
-        x0, t = protocol.pairs(x0, t)
+        B, x0, t = self.begin_per_timestep(x0, t)
         s = self.schedule
         factor_weight = None if weight is None else weight / HYBRID_LAMBDA
         with protocol.timestep_plate(t.view(B, -1), self.T):

@@ -265,18 +265,23 @@ class ReverseProcess(nn.Module):
             return pyro.sample(protocol.X_0, self._event(self.likelihood(loc, scale)), obs=x0)
 
     # ------------------------------------------------------------------ the training form
+    def begin_per_timestep(self, x0: torch.Tensor, t: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """What every training form starts with: the network registered, the input checked, the site
+        ``x_T`` (L_T, per image); returns B and the pairs (x_0 repeated per timestep, flat t)."""
+        pyro.module("eps", self.eps)
+        self._check_data(x0, t)
+        B = x0.shape[0]
+        with pyro.plate(protocol.IMAGES, B):
+            pyro.sample(protocol.X_T, self.prior(B, x0))
+        return (B, *protocol.pairs(x0, t))
+
     def per_timestep(self, x0: torch.Tensor, t: torch.Tensor, weight: torch.Tensor | None = None) -> None:
         """The bound's terms at K timesteps per image, all scored with one network call.
 
         ``t`` is (B, K); see :mod:`pyro_ddpm.protocol`. The prior of the conditioning site ``x_t`` is
         a placeholder: the site is masked out in both programs and only carries the guide's draw.
         """
-        pyro.module("eps", self.eps)
-        self._check_data(x0, t)
-        B = x0.shape[0]
-        with pyro.plate(protocol.IMAGES, B):
-            pyro.sample(protocol.X_T, self.prior(B, x0))
-        x0, t = protocol.pairs(x0, t)
+        B, x0, t = self.begin_per_timestep(x0, t)
         with protocol.timestep_plate(t.view(B, -1), self.T), protocol.weighted(weight, t, x0):
             with poutine.mask(mask=False):
                 x_t = pyro.sample(protocol.X_t, self.prior(x0.shape[0], x0))
