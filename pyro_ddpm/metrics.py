@@ -52,7 +52,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from pyro_ddpm import presets
+from pyro_ddpm.data import Dataset, load
 from pyro_ddpm.files import atomic_write
+from pyro_ddpm.likelihoods import check_images
 
 CLASSIFIER_FORMAT = 1
 NOT_INCEPTION = (
@@ -258,8 +260,6 @@ def classifier(
 
 
 def _dataset(data, seed: int):
-    from pyro_ddpm.data import Dataset, load
-
     if isinstance(data, Dataset):
         return data
     if isinstance(data, str) and data not in presets.labeled():
@@ -488,8 +488,6 @@ def pixel_categorical_baseline(train: torch.Tensor, test: torch.Tensor, levels: 
     (mean over test images of -(1/D) sum_d log2 p_d(x_d)), ``se`` (std over test images (ddof=1) /
     sqrt(N_test)), ``alpha``, ``levels``, ``dims`` (D) and ``n_test``.
     """
-    from pyro_ddpm.likelihoods import check_images
-
     levels = int(levels)
     if levels < 2:
         raise ValueError(f"pixel_categorical_baseline: levels must be at least 2, got {levels}")
