@@ -65,7 +65,7 @@ class Dataset:
     train: torch.Tensor
     test: torch.Tensor
     levels: int  # K >= 2: values on the grid -1 + 2k/(K-1); 0 (CONTINUOUS): not quantized
-    preset: str  # the network preset of pyro_ddpm.nets.PRESETS that fits the data
+    preset: str  # the network preset of pyro_ddpm.presets.NETWORKS that fits the data
     flip: bool = False  # random horizontal flips apply in training (CIFAR-10)
     source: str = ""  # the absolute path a file-based set was read from; "" for registered sets
     train_labels: torch.Tensor | None = None  # class labels, where the source has them (digits, MNIST-5k)

@@ -37,11 +37,13 @@ What the rest of the package reads from a pair:
   model around ``model.eps``.
 
 How a program is built (so that ``pyro-ddpm train --model/--guide/--likelihood`` and checkpoints work
-for a class of one's own, named ``"module:Class"``): the guide by ``Guide.from_config(T, schedule,
-event_dim)``, its ``state_dict()`` stored and restored; the model as ``Model(network, guide.schedule,
-variance, likelihood, shape=shape)`` around the guide's schedule object (so a learned schedule is
-shared), the network preset adapted by ``Model.network_config(preset)``; a decoder by
-``Likelihood.for_data(dataset)``, rebuilt from its ``config()`` ``{"class": "module:Class", **kwargs}``.
+for a class of one's own, registered or named ``"module:Class"``; see :mod:`pyro_ddpm.registry`): the
+guide by ``Guide.from_spec(T, schedule, event_dim)`` for training and ``Guide.from_config(**config)``
+from a checkpoint, its ``state_dict()`` stored and restored; the model by ``Model.from_config(eps=network,
+schedule=guide.schedule, likelihood=..., **config)`` around the guide's schedule object (so a learned
+schedule is shared), the network preset given the output the class asks for by
+``Model.network_config(preset, data)`` (:class:`DataSpec`: the data's shape and levels); a decoder by
+``Likelihood.for_data(dataset)``, rebuilt from its ``config()``.
 """
 
 from __future__ import annotations
