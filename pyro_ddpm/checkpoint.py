@@ -131,9 +131,10 @@ class TrainState:
                 f"{what} has {levels} levels per dimension, the checkpoint was trained on {self.data['levels']}"
             )
 
-    def check_fingerprint(self, train_images: torch.Tensor) -> None:
-        """Raise ValueError unless the training split is the one the run was trained on (count and hash)."""
-        stored, now = self.data.get("fingerprint"), fingerprint(train_images)
+    def check_fingerprint(self, now: dict) -> None:
+        """Raise ValueError unless ``now`` (the :func:`fingerprint` of the training split) is the one the run
+        was trained on (count and hash)."""
+        stored = self.data.get("fingerprint")
         if stored is not None and stored != now:
             raise ValueError(
                 f"cannot resume: the training data changed since the checkpoint ({stored['count']} images, "

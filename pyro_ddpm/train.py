@@ -591,8 +591,9 @@ def train(
         raise ValueError(f"{out} already holds a checkpoint: resume it (--resume) or choose another output directory")
     config.check(trust_code=trust_code is not False)
     dataset = datasets.load(config.data, seed=0)
+    data_fingerprint = fingerprint(dataset.train)  # hashed once: checked on resume, stored in every checkpoint
     if state is not None:
-        state.check_fingerprint(dataset.train)
+        state.check_fingerprint(data_fingerprint)
     else:
         config = config.resolved(dataset)
     processes = Processes(config.device)
@@ -609,7 +610,7 @@ def train(
                     )
                 remove_stale_temporaries(out)
             trust = trust_code is not False
-            return _train(config, dataset, out, state, processes, progress, trust)
+            return _train(config, dataset, data_fingerprint, out, state, processes, progress, trust)
     finally:
         processes.close()
 
@@ -623,7 +624,9 @@ def _stamp(path: Path):
     return st.st_size, st.st_mtime_ns
 
 
-def _train(config, dataset, out: Path, state, processes: Processes, progress: bool, trust_code: bool) -> Path:
+def _train(
+    config, dataset, data_fingerprint: dict, out: Path, state, processes: Processes, progress: bool, trust_code: bool
+) -> Path:
     ckpt_path = out / FILENAME
     B, K = min(config.batch_size, len(dataset.train)), config.timesteps_per_image
     shard = processes.shard(B)
@@ -690,7 +693,7 @@ def _train(config, dataset, out: Path, state, processes: Processes, progress: bo
         "shape": list(dataset.shape),
         "levels": dataset.levels,
         "source": dataset.source,
-        "fingerprint": fingerprint(dataset.train),
+        "fingerprint": data_fingerprint,
     }
 
     def snapshot(step: int) -> bytes | None:
