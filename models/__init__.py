@@ -3,6 +3,7 @@
 from .ddim import DDIM
 from .grid_posterior import GridPosteriorReverseProcess
 from .learned_variance import HybridReverseProcess, LearnedVarianceReverseProcess
+from .logistic_grid import LogisticGridReverseProcess, MomentMatchedLogisticGridReverseProcess
 from .moment_matched import MomentMatchedGridReverseProcess
 from .reverse_process import ReverseProcess
 from .v_prediction import VPredictionReverseProcess
@@ -16,5 +17,7 @@ __all__ = [
     "HybridReverseProcess",
     "GridPosteriorReverseProcess",
     "MomentMatchedGridReverseProcess",
+    "LogisticGridReverseProcess",
+    "MomentMatchedLogisticGridReverseProcess",
     "DDIM",
 ]

@@ -98,10 +98,16 @@ class GridPosteriorReverseProcess(ReverseProcess):
             raise ValueError(f"{cls.__name__} needs grid data (levels K >= 2), got levels = {data.levels}")
         return int(data.levels) * data.channels
 
+    def prior_logits(self, out: torch.Tensor) -> torch.Tensor:
+        """The logits l_k(x_t, t) of Eq. 4's first factor, (B, C * K, ...), from the network output: the
+        output itself here; a class that parameterizes the K logits otherwise reads them off its output."""
+        return out
+
     def log_posterior(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """log q_theta(x_0^i = v_k | x_t): (B, C, K, ...)."""
         s = self.schedule
-        return grid_posterior(out, x_t, at(s.sqrt_abar, t, x_t), at(1.0 - s.abar, t, x_t), self.levels)
+        logits = self.prior_logits(out)
+        return grid_posterior(logits, x_t, at(s.sqrt_abar, t, x_t), at(1.0 - s.abar, t, x_t), self.levels)
 
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """x0_hat = E[x_0 | x_t] under the grid posterior."""

@@ -41,6 +41,8 @@ class MomentMatchedGridReverseProcess(GridPosteriorReverseProcess):
     """Grid-posterior mean (Eq. 7 at E[x_0 | x_t]) and per-pixel variance beta_tilde_t + coef_x0_t^2 Var[x_0 | x_t]."""
 
     variances = (MOMENT_MATCHED,)
+    # the program with the same mean and a fixed variance (what ``simple`` trains)
+    fixed_variance_class = GridPosteriorReverseProcess
 
     @property
     def sigma2(self) -> torch.Tensor:
@@ -52,10 +54,21 @@ class MomentMatchedGridReverseProcess(GridPosteriorReverseProcess):
         """``elbo``: this model. ``simple``: the grid-posterior program with the fixed small variance around
         the same network, with its lambda_t = 1/(T w_t): the eps-MSE of the implied eps."""
         if objective == "simple":
-            mean_only = GridPosteriorReverseProcess(self.eps, self.schedule, "small", self.likelihood, self.shape)
+            mean_only = self.fixed_variance_class(self.eps, self.schedule, "small", self.likelihood, self.shape)
             mean_only.autocast = self.autocast
             return mean_only.training_program("simple")
         return super().training_program(objective)
+
+    def mean_and_scale(
+        self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both from one posterior: mu_tilde_t(x_t, E[x_0 | x_t]) and the scale of :meth:`scale`."""
+        s = self.schedule
+        x0_hat, var = posterior_moments(self.log_posterior(x_t, t, out), self.levels)
+        if self.clip_denoised:  # a convex combination of grid values: already in [-1, 1]
+            x0_hat = x0_hat.clamp(-1.0, 1.0)
+        scale = (at(s.sigma2_small, t, x_t) + at(s.coef_x0, t, x_t) ** 2 * var).sqrt()
+        return s.posterior_mean(x0_hat, x_t, t), scale
 
     def scale(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """sqrt(beta_tilde_t + coef_x0_t^2 Var[x_0 | x_t]), with beta_tilde_1 clipped to beta_tilde_2."""

@@ -213,7 +213,12 @@ class ReverseProcess(nn.Module):
 
     def transition(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The mean mu_theta(x_t, t) and scale sigma_t of p_theta(x_{t-1} | x_t) (Eq. 1), from one network call."""
-        out = self.network_output(x_t, t)
+        return self.mean_and_scale(x_t, t, self.network_output(x_t, t))
+
+    def mean_and_scale(
+        self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`mean` and :meth:`scale` from one network output (a class whose two share work computes it once)."""
         return self.mean(x_t, t, out), self.scale(x_t, t, out)
 
     def _event(self, d):

@@ -57,11 +57,39 @@ def compare_config(given: dict) -> tuple[TrainConfig, dict, tuple]:
     base = dict(entry.get("train", {}))
     net_overrides = {**base.pop("net_overrides", {}), **given.get("net_overrides", {})}
     config = TrainConfig(**{**base, **given, "net_overrides": net_overrides, "data": name})
-    return config, dict(entry.get("arms", presets.ARMS)), tuple(entry.get("default_arms", presets.DEFAULT_ARMS))
+    arms = {arm: _under(settings, given) for arm, settings in entry.get("arms", presets.ARMS).items()}
+    return config, arms, tuple(entry.get("default_arms", presets.DEFAULT_ARMS))
+
+
+def _under(arm: dict, given: dict) -> dict:
+    """An arm's own settings under the user's: a setting the user gave applies to every arm (the network
+    overrides are merged key by key, the user's winning)."""
+    out = {k: v for k, v in arm.items() if k not in given or k == "net_overrides"}
+    if "net_overrides" in out:
+        out["net_overrides"] = {**out["net_overrides"], **given.get("net_overrides", {})}
+    return out
 
 
 def arm_config(base: TrainConfig, arm: dict, seed: int) -> TrainConfig:
+    """The base settings with the arm's on top (its network overrides merged into the base's)."""
+    arm = dict(arm)
+    if "net_overrides" in arm:
+        arm["net_overrides"] = {**base.net_overrides, **arm["net_overrides"]}
     return dataclasses.replace(base, **arm, seed=seed)
+
+
+def describe_arm(arm: dict) -> str:
+    """The arm's settings in a table cell: model, objective, timesteps, then any other setting it makes."""
+    first = [str(arm[k]) for k in ("model", "objective", "timesteps") if k in arm]
+    rest = []
+    for k, v in arm.items():
+        if k in ("model", "objective", "timesteps"):
+            continue
+        if isinstance(v, dict):
+            rest += [f"{kk} {vv}" for kk, vv in v.items()]
+        else:
+            rest.append(f"{k} {v}")
+    return ", ".join(first + rest)
 
 
 def _trained(config: TrainConfig, run: Path, progress: bool) -> Path:
@@ -177,11 +205,11 @@ def markdown(
     )
     if reference is not None:
         columns += list(QUALITY_COLUMNS)
-    head = ["arm", "model, objective, timesteps"] + [name for _, name in columns]
+    head = ["arm", "settings"] + [name for _, name in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm, row in table.items():
-        what = ", ".join(str(arms[arm].get(k, "")) for k in ("model", "objective", "timesteps") if k in arms[arm])
-        lines.append(f"| {arm} | {what} | " + " | ".join(_cell(row.get(k)) for k, _ in columns) + " |")
+        cells = " | ".join(_cell(row.get(k)) for k, _ in columns)
+        lines.append(f"| {arm} | {describe_arm(arms[arm])} | {cells} |")
     for label, value in baselines.items():
         lines.append(f"| {label} | | " + " | ".join([_cell(value)] + [""] * (len(columns) - 1)) + " |")
     if reference is not None:
