@@ -175,3 +175,17 @@ def test_the_main_command_defaults_to_the_digits_preset():
     )
     config, _, _ = compare_config(_given(parser().parse_args(["compare", "--out", "x", "--steps", "7"])))
     assert config.steps == 7
+
+
+def test_an_arms_own_settings_yield_to_the_users_flags():
+    from pyro_ddpm.compare import _under, arm_config
+    from pyro_ddpm.train import TrainConfig
+
+    arm = dict(model="M", lr=2e-3, schedule="cosine", net_overrides={"ch": 32, "dropout": 0.2})
+    assert _under(arm, {}) == arm
+    given = {"lr": 1e-4, "net_overrides": {"ch": 8}}
+    assert _under(arm, given) == dict(model="M", schedule="cosine", net_overrides={"ch": 8, "dropout": 0.2})
+    base = TrainConfig(data="digits", lr=1e-4, net_overrides={"ch": 8, "groups": 4})
+    config = arm_config(base, _under(arm, given), seed=3)
+    assert (config.lr, config.schedule, config.seed) == (1e-4, "cosine", 3)
+    assert config.net_overrides == {"ch": 8, "groups": 4, "dropout": 0.2}
