@@ -271,7 +271,7 @@ def to_grid(images, levels: int = 256, channels_last: bool = False) -> torch.Ten
     return x
 
 
-def bound_of(source, images, levels: int = 256, draws: int = 1, max_batch: int = 4096, seed: int = 0, **kwargs):
+def bound_of(source, images, levels: int = 256, draws: int = 1, max_batch: int = 1024, seed: int = 0, **kwargs):
     """The per-term bound and its summary for ``source`` on ``images``: ``(idata, summary)``.
 
     ``source`` is a ``(model, guide)`` pair (from any adapter) or the path of a saved diffusers

@@ -459,7 +459,11 @@ def cmd_compare(args) -> int:
 def _eval_args(p: argparse.ArgumentParser, standalone: bool = True) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of the split")
     p.add_argument(
-        "--max-batch", type=int, default=4096, help="(image, timestep) pairs per network call (default %(default)s)"
+        "--max-batch",
+        type=int,
+        default=1024,
+        help="(image, timestep) pairs per network call (default %(default)s; the results do not depend on it; on "
+        "CPU 1024 evaluated the digits 1.6x faster than 4096, a GPU may want more)",
     )
     p.add_argument("--draws", type=int, default=1, help="noise draws per term (default %(default)s)")
     if standalone:

@@ -292,7 +292,7 @@ def compare(
     *,
     num_samples: int = 256,
     draws: int = 1,
-    max_batch: int = 4096,
+    max_batch: int = 1024,
     limit: int | None = None,
     progress: bool = True,
     vae: bool = True,

@@ -77,7 +77,7 @@ def bound(
     guide,
     x0: torch.Tensor,
     draws: int = 1,
-    max_batch: int = 4096,
+    max_batch: int = 1024,
     seed: int = 0,
     image_ids=None,
     noise: torch.Tensor | None = None,
