@@ -93,10 +93,15 @@ class GridPosteriorReverseProcess(ReverseProcess):
 
     @classmethod
     def output_channels(cls, data: DataSpec) -> int:
-        """K logits per data channel."""
+        """:meth:`outputs_per_channel` per data channel, for grid data only."""
         if int(data.levels) < 2:
             raise ValueError(f"{cls.__name__} needs grid data (levels K >= 2), got levels = {data.levels}")
-        return int(data.levels) * data.channels
+        return cls.outputs_per_channel(int(data.levels)) * data.channels
+
+    @classmethod
+    def outputs_per_channel(cls, levels: int) -> int:
+        """Network channels per data channel: the K logits themselves here."""
+        return levels
 
     def prior_logits(self, out: torch.Tensor) -> torch.Tensor:
         """The logits l_k(x_t, t) of Eq. 4's first factor, (B, C * K, ...), from the network output: the

@@ -37,7 +37,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pyro_ddpm.protocol import DataSpec
 from pyro_ddpm.registry import MODELS
 
 from .grid_posterior import GridPosteriorReverseProcess, grid_values
@@ -68,17 +67,15 @@ class LogisticPrior:
     """The prior logits of a grid model as a mixture of :attr:`components` discretized logistics.
 
     Mixed into a grid-posterior class (ahead of it): it reads the network output (:meth:`prior_logits`)
-    and sizes it (:meth:`output_channels`). A different M is a subclass setting ``components``.
+    and sizes it (:meth:`outputs_per_channel`). A different M is a subclass setting ``components``.
     """
 
     components: int = 3
 
     @classmethod
-    def output_channels(cls, data: DataSpec) -> int:
-        """3M channels (mixture logits, locations, log scales) per data channel."""
-        if int(data.levels) < 2:
-            raise ValueError(f"{cls.__name__} needs grid data (levels K >= 2), got levels = {data.levels}")
-        return 3 * cls.components * data.channels
+    def outputs_per_channel(cls, levels: int) -> int:
+        """3M channels (mixture logits, locations, log scales) per data channel, whatever K."""
+        return 3 * cls.components
 
     def prior_logits(self, out: torch.Tensor) -> torch.Tensor:
         return logistic_mixture_logits(out, self.levels, self.components)

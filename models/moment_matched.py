@@ -63,15 +63,13 @@ class MomentMatchedGridReverseProcess(GridPosteriorReverseProcess):
         self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Both from one posterior: mu_tilde_t(x_t, E[x_0 | x_t]) and the scale of :meth:`scale`."""
-        s = self.schedule
         x0_hat, var = posterior_moments(self.log_posterior(x_t, t, out), self.levels)
-        if self.clip_denoised:  # a convex combination of grid values: already in [-1, 1]
-            x0_hat = x0_hat.clamp(-1.0, 1.0)
-        scale = (at(s.sigma2_small, t, x_t) + at(s.coef_x0, t, x_t) ** 2 * var).sqrt()
-        return s.posterior_mean(x0_hat, x_t, t), scale
+        return self.mean_at(x_t, t, x0_hat), self._scale_at(x_t, t, var)
 
     def scale(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """sqrt(beta_tilde_t + coef_x0_t^2 Var[x_0 | x_t]), with beta_tilde_1 clipped to beta_tilde_2."""
+        return self._scale_at(x_t, t, posterior_moments(self.log_posterior(x_t, t, out), self.levels)[1])
+
+    def _scale_at(self, x_t: torch.Tensor, t: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
         s = self.schedule
-        _, var = posterior_moments(self.log_posterior(x_t, t, out), self.levels)
         return (at(s.sigma2_small, t, x_t) + at(s.coef_x0, t, x_t) ** 2 * var).sqrt()

@@ -202,7 +202,10 @@ class ReverseProcess(nn.Module):
 
     def mean_at_x0(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """mu_tilde_t(x_t, x0_hat) (Eq. 7) at :meth:`predict_x0`, clipped to [-1, 1] when ``clip_denoised``."""
-        x0_hat = self.predict_x0(x_t, t, out)
+        return self.mean_at(x_t, t, self.predict_x0(x_t, t, out))
+
+    def mean_at(self, x_t: torch.Tensor, t: torch.Tensor, x0_hat: torch.Tensor) -> torch.Tensor:
+        """mu_tilde_t(x_t, x0_hat) (Eq. 7) at a given prediction of x_0, clipped to [-1, 1] when ``clip_denoised``."""
         if self.clip_denoised:
             x0_hat = x0_hat.clamp(-1.0, 1.0)
         return self.schedule.posterior_mean(x0_hat, x_t, t)
