@@ -442,6 +442,7 @@ def cmd_compare(args) -> int:
             limit=args.limit,
             progress=not args.no_progress,
             vae=not args.no_vae,
+            jobs=args.jobs,
         )
     except Interrupted as e:  # an arm's training stopped with its checkpoint: running the comparison again resumes it
         raise e.with_hint(
@@ -591,6 +592,13 @@ def parser() -> argparse.ArgumentParser:
         "--samples", type=int, default=256, help="samples per model for the sample scores (default %(default)s)"
     )
     p.add_argument("--no-vae", action="store_true", help="skip the Pyro VAE rows")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="runs trained and measured side by side, one process each (default on the CPU: one per core, "
+        "or per --threads cores, at most one per run; $OMP_NUM_THREADS caps the cores; 1 on a GPU)",
+    )
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_compare)
     return ap

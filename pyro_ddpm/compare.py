@@ -30,6 +30,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import multiprocessing
+import os
+import signal
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import wait as wait_for
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +46,9 @@ from pyro_ddpm.checkpoint import FILENAME, TrainState
 from pyro_ddpm.evaluate import bound, format_summary, save, summarize
 from pyro_ddpm.figures import new_figure, plot_terms, save_figure
 from pyro_ddpm.files import atomic_write, check_directory
-from pyro_ddpm.metrics import pixel_categorical_baseline, sample_quality
+from pyro_ddpm.metrics import classifier, pixel_categorical_baseline, sample_quality
 from pyro_ddpm.sample import image_grid, sample
-from pyro_ddpm.train import RESUMABLE, TrainConfig, train
+from pyro_ddpm.train import RESUMABLE, Interrupted, TrainConfig, default_threads, torch_threads, train
 from pyro_ddpm.vae import train_vae, vae_bounds
 
 VAE_SETTINGS = dict(steps=3000, z_dim=16, hidden=256, particles=256, draws=16)
@@ -142,6 +147,89 @@ def measure(
     except ValueError as e:  # e.g. a data set without class labels: no classifier to score samples with
         quality = {"unavailable": str(e)}
     return {"bound": summary, "quality": quality, "training": _training_curve(run), "idata": idata, "samples": samples}
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def parallelism(base: TrainConfig, runs: int, jobs: int | None = None) -> tuple[int, int]:
+    """(processes, torch threads per process) for ``runs`` runs of a comparison.
+
+    A small network gains little from a second thread (on 2 cores the digits eps model trains at the
+    same images/s with 1 thread as with 2), so on the CPU the runs share the cores out as processes:
+    as many as there are cores, or runs, each with an equal share of the threads. The thread budget is
+    ``base.threads`` per process when it is set, else ``$OMP_NUM_THREADS`` in all when it is set (one
+    process under pytest-xdist, whose workers already share the cores), else the usable cores. Runs on a
+    GPU share one process. ``jobs`` fixes the number of processes.
+    """
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
+    budget = default_threads() or usable_cores()
+    if jobs is None:
+        if base.device != "cpu":
+            jobs = 1
+        else:
+            jobs = budget // base.threads if base.threads else budget
+    jobs = max(1, min(jobs, runs))
+    return jobs, base.threads or max(1, budget // jobs)
+
+
+def _run_one(config: TrainConfig, run: Path, measuring: dict, progress: bool, dataset=None) -> dict:
+    """Train (or resume, or reuse) one run and measure it (see :func:`measure`)."""
+    dataset = dataset if dataset is not None else datasets.load(config.data)
+    _trained(config, run, progress)
+    return measure(run, dataset, seed=config.seed, progress=progress, **measuring)
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _start_worker(threads: int) -> None:
+    """A comparison's worker process: its own process group (the terminal's Ctrl-C goes to the comparison,
+    which stops its workers once, by SIGTERM: a training run then saves its checkpoint and stops, any
+    other stage stops at once, its files written atomically), ``threads`` torch threads."""
+    if hasattr(os, "setpgrp"):
+        os.setpgrp()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _stop)  # training replaces it with its own while it runs
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
+def _run_all(tasks: dict, measuring: dict, jobs: int, threads: int, progress: bool, dataset, report) -> dict:
+    """``{key: measured}`` for every ``key: (config, run)`` of ``tasks``; ``report(key, measured)`` is
+    called as each finishes."""
+    done = {}
+    if jobs == 1:
+        with torch_threads(threads):
+            for key, (config, run) in tasks.items():
+                done[key] = _run_one(config, run, measuring, progress, dataset)
+                report(key, done[key])
+        return done
+    context = multiprocessing.get_context("spawn")  # forking a process that has run torch's thread pools can hang
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker, initargs=(threads,)) as pool:
+        futures = {pool.submit(_run_one, config, run, measuring, False): key for key, (config, run) in tasks.items()}
+        try:
+            for future in as_completed(futures):
+                done[futures[future]] = future.result()
+                report(futures[future], done[futures[future]])
+        except BaseException as error:  # an interrupt, or a run's error: stop the others where they can resume
+            for future in futures:
+                future.cancel()
+            for child in multiprocessing.active_children():
+                child.terminate()
+            wait_for(futures)
+            stopped = [f.exception() for f in futures if not f.cancelled() and isinstance(f.exception(), Interrupted)]
+            if isinstance(error, KeyboardInterrupt) and stopped:
+                raise stopped[0] from None  # says where the runs stopped and how to resume them
+            raise
+    return done
 
 
 def _mean_se_over(values: list[float], ses: list[float]) -> tuple[float, float]:
@@ -297,11 +385,15 @@ def compare(
     progress: bool = True,
     vae: bool = True,
     vae_settings: dict | None = None,
+    jobs: int | None = None,
     log=print,
 ) -> dict:
     """Train, measure and report every arm and seed; return the aggregated table and the paths.
 
     :param arms: ``{name: TrainConfig overrides}`` (default: the data set's default arms).
+    :param jobs: how many runs (arm and seed) train and are measured side by side, each in its own
+        process (None: :func:`parallelism`'s choice). A run's numbers do not depend on which process
+        ran it, only on its torch thread count.
     """
     out = check_directory(out, "comparison folder")
     if arms is None:
@@ -318,25 +410,24 @@ def compare(
     for config in configs.values():
         config.check()  # every arm's settings are refused before the first one trains
     dataset = datasets.load(base.data)
-    results = {a: [] for a in arms}
-    for (arm, seed), config in configs.items():
-        run = out / (arm if len(seeds) == 1 else f"{arm}-seed{seed}")
-        _trained(config, run, progress)
-        r = measure(
-            run,
-            dataset,
-            num_samples=num_samples,
-            draws=draws,
-            max_batch=max_batch,
-            limit=limit,
-            device=base.device,
-            seed=seed,
-            progress=progress,
-        )
+    jobs, threads = parallelism(base, len(configs), jobs)
+    tasks = {
+        key: (config, out / (key[0] if len(seeds) == 1 else f"{key[0]}-seed{key[1]}"))
+        for key, config in configs.items()
+    }
+    measuring = dict(num_samples=num_samples, draws=draws, max_batch=max_batch, limit=limit, device=base.device)
+
+    def report(key, r):
         q = r["quality"]
         scores = q.get("unavailable") or ", ".join(f"{k} {q[k]:.4g} ± {q[k + '_se']:.2g}" for k, _ in QUALITY_COLUMNS)
-        log(f"\n== arm {arm}, seed {seed} ==\n{format_summary(r['bound'])}\nsample scores: {scores}")
-        results[arm].append(r)
+        log(f"\n== arm {key[0]}, seed {key[1]} ==\n{format_summary(r['bound'])}\nsample scores: {scores}")
+
+    if jobs > 1:
+        log(f"{len(tasks)} runs in {jobs} processes of {threads} torch thread(s) each")
+        if dataset.name in presets.labeled():
+            classifier(dataset)  # trained (and cached) once here, not by every process at once
+    done = _run_all(tasks, measuring, jobs, threads, progress, dataset, report)
+    results = {a: [done[a, s] for s in seeds] for a in arms}
 
     table = aggregate(results)
     discrete = not dataset.continuous

@@ -453,11 +453,15 @@ class Interrupted(Exception):
         self, signal_name: str, step: int, steps: int, checkpoint: Path, out: Path, resume_hint: str | None = None
     ):
         self.signal, self.step, self.steps, self.checkpoint, self.out = signal_name, step, steps, checkpoint, out
+        self.resume_hint = resume_hint
         hint = resume_hint or f"pyro-ddpm train --out {out} --resume"
         super().__init__(
             f"{signal_name} received: stopped at step {step} of {steps}; checkpoint saved to {checkpoint}; "
             f"resume with: {hint}"
         )
+
+    def __reduce__(self):  # it crosses processes (a comparison's workers): rebuilt from its fields, not its message
+        return Interrupted, (self.signal, self.step, self.steps, self.checkpoint, self.out, self.resume_hint)
 
     def with_hint(self, resume_hint: str) -> Interrupted:
         """The same stop with another resume instruction (e.g. re-running a comparison)."""

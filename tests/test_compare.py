@@ -36,7 +36,13 @@ RUN_FILES = ["checkpoint.pt", "metrics.jsonl", "bound_test.nc", "bound_test.json
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
-    assert main(["compare", "--data", "digits", *TINY, "--arms", *ARMS, "--out", str(out)]) == 0
+    # side by side: two processes of one thread (the serial run of the same arms must give the same table)
+    assert (
+        main(
+            ["compare", "--data", "digits", *TINY, "--arms", *ARMS, "--jobs", "2", "--threads", "1", "--out", str(out)]
+        )
+        == 0
+    )
     return out
 
 
@@ -189,3 +195,86 @@ def test_an_arms_own_settings_yield_to_the_users_flags():
     config = arm_config(base, _under(arm, given), seed=3)
     assert (config.lr, config.schedule, config.seed) == (1e-4, "cosine", 3)
     assert config.net_overrides == {"ch": 8, "groups": 4, "dropout": 0.2}
+
+
+def test_runs_side_by_side_give_the_numbers_of_runs_one_after_another(compared, tmp_path):
+    args = [*TINY, "--arms", *ARMS, "--jobs", "1", "--threads", "1", "--out", str(tmp_path)]
+    assert main(["compare", "--data", "digits", *args]) == 0
+    for arm in ARMS:  # the run files (the comparison's table is rewritten by another test of the fixture)
+        serial, parallel = (json.loads((d / arm / "bound_test.json").read_text()) for d in (tmp_path, compared))
+        assert serial == parallel
+        assert torch.equal(torch.load(tmp_path / arm / "samples.pt"), torch.load(compared / arm / "samples.pt"))
+
+
+@pytest.mark.parametrize(
+    "cores, omp, threads, device, runs, jobs, expected",
+    [
+        (2, None, None, "cpu", 4, None, (2, 1)),  # the main job on 2 cores: 2 processes of 1 thread
+        (16, None, None, "cpu", 4, None, (4, 4)),  # at most one process per run, the threads shared out
+        (16, None, 8, "cpu", 4, None, (2, 8)),  # --threads: per process
+        (2, "1", None, "cpu", 4, None, (1, 1)),  # $OMP_NUM_THREADS caps the cores
+        (2, None, None, "cpu", 1, None, (1, 2)),  # one run: one process with every core
+        (16, None, None, "cuda", 4, None, (1, 16)),  # a GPU: one process
+        (2, None, None, "cpu", 4, 3, (3, 1)),  # --jobs: as asked
+    ],
+)
+def test_the_runs_share_the_cores_out_as_processes(monkeypatch, cores, omp, threads, device, runs, jobs, expected):
+    from pyro_ddpm import compare
+    from pyro_ddpm.train import TrainConfig
+
+    monkeypatch.setattr(compare, "usable_cores", lambda: cores)
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    base = TrainConfig(data="digits", threads=threads, device="cpu")
+    base.device = device  # not checked here: no GPU is needed to choose the split
+    assert compare.parallelism(base, runs, jobs) == expected
+
+
+@pytest.mark.parametrize("jobs", [0, -1, 1.5, True])
+def test_a_bad_number_of_jobs_is_refused(jobs):
+    from pyro_ddpm.compare import parallelism
+    from pyro_ddpm.train import TrainConfig
+
+    with pytest.raises(ValueError, match="jobs must be a positive integer"):
+        parallelism(TrainConfig(data="digits"), 4, jobs)
+
+
+def test_an_interrupted_comparison_stops_every_run_where_it_can_resume(tmp_path):
+    """SIGINT to a comparison running two runs side by side: each process saves its checkpoint and stops,
+    the comparison says how to resume and leaves no process behind; running it again finishes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [*TINY, "--steps", "100000", "--log-every", "5", "--arms", "eps-elbo", "eps-simple", "--jobs", "2"]
+    args += ["--threads", "1", "--out", str(tmp_path)]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyro_ddpm.cli", "compare", "--data", "digits", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    logs = [tmp_path / arm / "metrics.jsonl" for arm in ("eps-elbo", "eps-simple")]
+    deadline = time.monotonic() + 120
+    while not all(p.exists() and p.stat().st_size > 0 for p in logs):  # both runs are training
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    assert "resume with: the same pyro-ddpm compare command" in err
+    steps = []
+    for arm in ("eps-elbo", "eps-simple"):
+        state = checkpoint.load(tmp_path / arm)
+        assert 0 < state.step < 100000
+        steps.append(state.step)
+    finish = [a if a != "100000" else str(max(steps) + 2) for a in args]
+    assert main(["compare", "--data", "digits", *finish]) == 0
+    assert all(checkpoint.load(tmp_path / arm).step == max(steps) + 2 for arm in ("eps-elbo", "eps-simple"))
