@@ -46,7 +46,7 @@ from pyro_ddpm.checkpoint import FILENAME, TrainState
 from pyro_ddpm.evaluate import bound, format_summary, save, summarize
 from pyro_ddpm.figures import new_figure, plot_terms, save_figure
 from pyro_ddpm.files import atomic_write, check_directory
-from pyro_ddpm.metrics import classifier, pixel_categorical_baseline, sample_quality
+from pyro_ddpm.metrics import pixel_categorical_baseline, sample_quality
 from pyro_ddpm.sample import image_grid, sample
 from pyro_ddpm.train import RESUMABLE, Interrupted, TrainConfig, default_threads, torch_threads, train
 from pyro_ddpm.vae import train_vae, vae_bounds
@@ -157,15 +157,19 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def parallelism(base: TrainConfig, runs: int, jobs: int | None = None) -> tuple[int, int]:
-    """(processes, torch threads per process) for ``runs`` runs of a comparison.
+def parallelism(base: TrainConfig, runs: int, jobs: int | None = None) -> tuple[int, int, int]:
+    """(training processes, torch threads per training process, torch threads for measuring) for ``runs``
+    runs of a comparison.
 
-    A small network gains little from a second thread (on 2 cores the digits eps model trains at the
-    same images/s with 1 thread as with 2), so on the CPU the runs share the cores out as processes:
-    as many as there are cores, or runs, each with an equal share of the threads. The thread budget is
-    ``base.threads`` per process when it is set, else ``$OMP_NUM_THREADS`` in all when it is set (one
-    process under pytest-xdist, whose workers already share the cores), else the usable cores. Runs on a
-    GPU share one process. ``jobs`` fixes the number of processes.
+    A small network's training step gains little from a second thread (on 2 cores the digits eps model
+    trains at the same images/s with 1 thread as with 2), so on the CPU the runs train side by side, as
+    many processes as there are cores (or runs), each with an equal share of the threads. Measuring
+    (batches of up to ``max_batch`` pairs) does use the threads -- two one-thread evaluations side by side
+    each took 2.2 times as long as one with both threads -- so the runs are then measured one after
+    another with every thread. The thread budget is ``base.threads`` per process when it is set, else
+    ``$OMP_NUM_THREADS`` in all when it is set (one process under pytest-xdist, whose workers already
+    share the cores), else the usable cores. Runs on a GPU share one process. ``jobs`` fixes the number
+    of training processes.
     """
     if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
         raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
@@ -176,14 +180,7 @@ def parallelism(base: TrainConfig, runs: int, jobs: int | None = None) -> tuple[
         else:
             jobs = budget // base.threads if base.threads else budget
     jobs = max(1, min(jobs, runs))
-    return jobs, base.threads or max(1, budget // jobs)
-
-
-def _run_one(config: TrainConfig, run: Path, measuring: dict, progress: bool, dataset=None) -> dict:
-    """Train (or resume, or reuse) one run and measure it (see :func:`measure`)."""
-    dataset = dataset if dataset is not None else datasets.load(config.data)
-    _trained(config, run, progress)
-    return measure(run, dataset, seed=config.seed, progress=progress, **measuring)
+    return jobs, base.threads or max(1, budget // jobs), base.threads or budget
 
 
 def _stop(signum, frame):
@@ -191,9 +188,9 @@ def _stop(signum, frame):
 
 
 def _start_worker(threads: int) -> None:
-    """A comparison's worker process: its own process group (the terminal's Ctrl-C goes to the comparison,
-    which stops its workers once, by SIGTERM: a training run then saves its checkpoint and stops, any
-    other stage stops at once, its files written atomically), ``threads`` torch threads."""
+    """A comparison's training process: its own process group (the terminal's Ctrl-C goes to the
+    comparison, which stops its processes once, by SIGTERM: a training run then saves its checkpoint and
+    stops), ``threads`` torch threads."""
     if hasattr(os, "setpgrp"):
         os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -202,23 +199,21 @@ def _start_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _run_all(tasks: dict, measuring: dict, jobs: int, threads: int, progress: bool, dataset, report) -> dict:
-    """``{key: measured}`` for every ``key: (config, run)`` of ``tasks``; ``report(key, measured)`` is
-    called as each finishes."""
-    done = {}
+def _train_all(tasks: dict, jobs: int, threads: int, progress: bool, log) -> None:
+    """Train (or resume, or reuse) every ``key: (config, run)`` of ``tasks``, ``jobs`` at a time, each in
+    its own process of ``threads`` torch threads (in this process when ``jobs`` is 1)."""
     if jobs == 1:
         with torch_threads(threads):
-            for key, (config, run) in tasks.items():
-                done[key] = _run_one(config, run, measuring, progress, dataset)
-                report(key, done[key])
-        return done
+            for config, run in tasks.values():
+                _trained(config, run, progress)
+        return
     context = multiprocessing.get_context("spawn")  # forking a process that has run torch's thread pools can hang
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker, initargs=(threads,)) as pool:
-        futures = {pool.submit(_run_one, config, run, measuring, False): key for key, (config, run) in tasks.items()}
+        futures = {pool.submit(_trained, config, run, False): key for key, (config, run) in tasks.items()}
         try:
-            for future in as_completed(futures):
-                done[futures[future]] = future.result()
-                report(futures[future], done[futures[future]])
+            for n, future in enumerate(as_completed(futures), 1):
+                future.result()
+                log(f"trained {futures[future][0]}, seed {futures[future][1]} ({n} of {len(futures)})")
         except BaseException as error:  # an interrupt, or a run's error: stop the others where they can resume
             for future in futures:
                 future.cancel()
@@ -229,7 +224,6 @@ def _run_all(tasks: dict, measuring: dict, jobs: int, threads: int, progress: bo
             if isinstance(error, KeyboardInterrupt) and stopped:
                 raise stopped[0] from None  # says where the runs stopped and how to resume them
             raise
-    return done
 
 
 def _mean_se_over(values: list[float], ses: list[float]) -> tuple[float, float]:
@@ -391,9 +385,9 @@ def compare(
     """Train, measure and report every arm and seed; return the aggregated table and the paths.
 
     :param arms: ``{name: TrainConfig overrides}`` (default: the data set's default arms).
-    :param jobs: how many runs (arm and seed) train and are measured side by side, each in its own
-        process (None: :func:`parallelism`'s choice). A run's numbers do not depend on which process
-        ran it, only on its torch thread count.
+    :param jobs: how many runs (arm and seed) train side by side, each in its own process (None:
+        :func:`parallelism`'s choice); they are then measured one after another. A run's numbers do not
+        depend on which process trained it, only on its torch thread count.
     """
     out = check_directory(out, "comparison folder")
     if arms is None:
@@ -410,23 +404,31 @@ def compare(
     for config in configs.values():
         config.check()  # every arm's settings are refused before the first one trains
     dataset = datasets.load(base.data)
-    jobs, threads = parallelism(base, len(configs), jobs)
-    tasks = {
-        key: (config, out / (key[0] if len(seeds) == 1 else f"{key[0]}-seed{key[1]}"))
-        for key, config in configs.items()
-    }
-    measuring = dict(num_samples=num_samples, draws=draws, max_batch=max_batch, limit=limit, device=base.device)
-
-    def report(key, r):
-        q = r["quality"]
-        scores = q.get("unavailable") or ", ".join(f"{k} {q[k]:.4g} ± {q[k + '_se']:.2g}" for k, _ in QUALITY_COLUMNS)
-        log(f"\n== arm {key[0]}, seed {key[1]} ==\n{format_summary(r['bound'])}\nsample scores: {scores}")
-
+    jobs, threads, measure_threads = parallelism(base, len(configs), jobs)
+    runs = {key: out / (key[0] if len(seeds) == 1 else f"{key[0]}-seed{key[1]}") for key in configs}
     if jobs > 1:
-        log(f"{len(tasks)} runs in {jobs} processes of {threads} torch thread(s) each")
-        if dataset.name in presets.labeled():
-            classifier(dataset)  # trained (and cached) once here, not by every process at once
-    done = _run_all(tasks, measuring, jobs, threads, progress, dataset, report)
+        log(f"training {len(runs)} runs in {jobs} processes of {threads} torch thread(s) each")
+    _train_all({key: (configs[key], runs[key]) for key in runs}, jobs, threads, progress, log)
+    done = {}
+    with torch_threads(measure_threads):
+        for (arm, seed), run in runs.items():
+            r = measure(
+                run,
+                dataset,
+                num_samples=num_samples,
+                draws=draws,
+                max_batch=max_batch,
+                limit=limit,
+                device=base.device,
+                seed=seed,
+                progress=progress,
+            )
+            q = r["quality"]
+            scores = q.get("unavailable") or ", ".join(
+                f"{k} {q[k]:.4g} ± {q[k + '_se']:.2g}" for k, _ in QUALITY_COLUMNS
+            )
+            log(f"\n== arm {arm}, seed {seed} ==\n{format_summary(r['bound'])}\nsample scores: {scores}")
+            done[arm, seed] = r
     results = {a: [done[a, s] for s in seeds] for a in arms}
 
     table = aggregate(results)

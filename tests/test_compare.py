@@ -209,16 +209,18 @@ def test_runs_side_by_side_give_the_numbers_of_runs_one_after_another(compared, 
 @pytest.mark.parametrize(
     "cores, omp, threads, device, runs, jobs, expected",
     [
-        (2, None, None, "cpu", 4, None, (2, 1)),  # the main job on 2 cores: 2 processes of 1 thread
-        (16, None, None, "cpu", 4, None, (4, 4)),  # at most one process per run, the threads shared out
-        (16, None, 8, "cpu", 4, None, (2, 8)),  # --threads: per process
-        (2, "1", None, "cpu", 4, None, (1, 1)),  # $OMP_NUM_THREADS caps the cores
-        (2, None, None, "cpu", 1, None, (1, 2)),  # one run: one process with every core
-        (16, None, None, "cuda", 4, None, (1, 16)),  # a GPU: one process
-        (2, None, None, "cpu", 4, 3, (3, 1)),  # --jobs: as asked
+        (2, None, None, "cpu", 4, None, (2, 1, 2)),  # the main job on 2 cores: 2 processes of 1 thread, then 2
+        (16, None, None, "cpu", 4, None, (4, 4, 16)),  # at most one process per run, the threads shared out
+        (16, None, 8, "cpu", 4, None, (2, 8, 8)),  # --threads: per process
+        (2, "1", None, "cpu", 4, None, (1, 1, 1)),  # $OMP_NUM_THREADS caps the cores
+        (2, None, None, "cpu", 1, None, (1, 2, 2)),  # one run: one process with every core
+        (16, None, None, "cuda", 4, None, (1, 16, 16)),  # a GPU: one process
+        (2, None, None, "cpu", 4, 3, (3, 1, 2)),  # --jobs: as asked
     ],
 )
-def test_the_runs_share_the_cores_out_as_processes(monkeypatch, cores, omp, threads, device, runs, jobs, expected):
+def test_the_runs_train_side_by_side_and_are_measured_with_every_thread(
+    monkeypatch, cores, omp, threads, device, runs, jobs, expected
+):
     from pyro_ddpm import compare
     from pyro_ddpm.train import TrainConfig
 
