@@ -25,7 +25,7 @@ def main(argv=None):
     ap.add_argument("--arms", nargs="+", default=None, help="arms to run (default: the data set's default arms)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--steps", type=int, default=None, help="override the data set's training steps")
-    ap.add_argument("--samples", type=int, default=256, help="samples per model for the sample scores")
+    ap.add_argument("--samples", type=int, default=None, help="samples per model (default: the data set's)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", default="runs/examples/elbo_vs_lsimple")
     ap.add_argument("--quick", action="store_true", help="T = 10, 4 steps, a tiny network: checks the pipeline only")

@@ -21,7 +21,7 @@ from pyro_ddpm import data as datasets
 from pyro_ddpm import presets
 from pyro_ddpm.adapters import from_diffusers_pipeline
 from pyro_ddpm.checkpoint import TrainState, resolve
-from pyro_ddpm.compare import compare, compare_config
+from pyro_ddpm.compare import DEFAULT_SAMPLES, compare, compare_config
 from pyro_ddpm.elbo import unwrap
 from pyro_ddpm.evaluate import bound, format_summary, save, summarize
 from pyro_ddpm.figures import save_all
@@ -589,7 +589,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds per arm (default 0)")
     p.add_argument(
-        "--samples", type=int, default=256, help="samples per model for the sample scores (default %(default)s)"
+        "--samples",
+        type=int,
+        default=None,
+        help=f"samples per model for the sample scores (default for {base.data}: "
+        f"{presets.settings(base.data)['compare'].get('samples', DEFAULT_SAMPLES)}; else {DEFAULT_SAMPLES})",
     )
     p.add_argument("--no-vae", action="store_true", help="skip the Pyro VAE rows")
     p.add_argument(

@@ -51,6 +51,7 @@ from pyro_ddpm.sample import image_grid, sample
 from pyro_ddpm.train import RESUMABLE, Interrupted, TrainConfig, default_threads, torch_threads, train
 from pyro_ddpm.vae import train_vae, vae_bounds
 
+DEFAULT_SAMPLES = 256  # samples per model for the sample scores, unless the data set's settings say
 VAE_SETTINGS = dict(steps=3000, z_dim=16, hidden=256, particles=256, draws=16)
 
 
@@ -372,7 +373,7 @@ def compare(
     arms: dict | None = None,
     seeds=(0,),
     *,
-    num_samples: int = 256,
+    num_samples: int | None = None,
     draws: int = 1,
     max_batch: int = 1024,
     limit: int | None = None,
@@ -385,6 +386,8 @@ def compare(
     """Train, measure and report every arm and seed; return the aggregated table and the paths.
 
     :param arms: ``{name: TrainConfig overrides}`` (default: the data set's default arms).
+    :param num_samples: samples per model for the sample scores (default: the data set's ``samples``
+        in :data:`pyro_ddpm.presets.DATASETS`, else :data:`DEFAULT_SAMPLES`).
     :param jobs: how many runs (arm and seed) train side by side, each in its own process (None:
         :func:`parallelism`'s choice); they are then measured one after another. A run's numbers do not
         depend on which process trained it, only on its torch thread count.
@@ -398,6 +401,8 @@ def compare(
         raise ValueError("compare: give at least one seed")
     if not arms:
         raise ValueError("compare: give at least one arm")
+    if num_samples is None:
+        num_samples = presets.settings(base.data).get("compare", {}).get("samples", DEFAULT_SAMPLES)
     if num_samples < 2:
         raise ValueError(f"compare: need at least 2 samples per model, got {num_samples}")
     configs = {(a, s): arm_config(base, arms[a], s) for a in arms for s in seeds}
