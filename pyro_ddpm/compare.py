@@ -299,7 +299,8 @@ def markdown(
         cells = [""] * (len(columns) - len(QUALITY_COLUMNS)) + [
             _cell((reference[k], reference[f"{k}_se"])) for k, _ in QUALITY_COLUMNS
         ]
-        lines.append("| test split vs train split (the metrics' floor) | | " + " | ".join(cells) + " |")
+        label = f"{reference['n']} test images vs the train split (the metrics' floor at that many samples)"
+        lines.append(f"| {label} | | " + " | ".join(cells) + " |")
     note = [
         f"{dataset_name}, {seeds} seed(s) per arm; ± is the standard error "
         + (

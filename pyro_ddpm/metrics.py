@@ -450,7 +450,10 @@ def sample_quality(
     Returns a dict: ``fd``, ``fd_se`` (bootstrap, ``resamples``), ``kid``, ``kid_se`` (jackknife over
     ``subsets`` blocks), ``score``, ``score_se`` (``splits`` splits), ``n`` (number of samples),
     ``classifier_accuracy`` (test split), ``classes``, ``dataset``, ``reference``, ``note``, and
-    ``data_vs_data``: the same numbers (fd .. n) for the test split against the training split.
+    ``data_vs_data``: the same numbers (fd .. n) for as many test images as there are samples (the
+    first N, or the whole split when it is smaller) against the training split -- the floor the metrics
+    can reach at this sample size (the classifier score falls and FD rises as N falls, for real images
+    too: compare rows of equal N).
     """
     if reference not in ("test", "train"):
         raise ValueError(f"sample_quality: reference must be 'test' or 'train', got {reference!r}")
@@ -474,7 +477,7 @@ def sample_quality(
         dataset=data.name,
         reference=reference,
         note=NOT_INCEPTION,
-        data_vs_data=_row(net, features(net, data.train), data.test, subsets, splits, resamples, seed),
+        data_vs_data=_row(net, features(net, data.train), data.test[: len(samples)], subsets, splits, resamples, seed),
     )
     return out
 

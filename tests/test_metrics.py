@@ -300,6 +300,11 @@ def test_sample_quality_on_digits_with_a_small_classifier(tmp_path):
     assert good["data_vs_data"] == bad["data_vs_data"]
     assert bad["fd"] > good["data_vs_data"]["fd"] + 3 * bad["fd_se"]
     assert bad["kid"] > 3 * bad["kid_se"]
+    # the floor at the samples' size: the first N test images against the training split
+    few = metrics.sample_quality(noise[:120], data, net=net, resamples=5)
+    assert few["n"] == few["data_vs_data"]["n"] == 120
+    alone = metrics.sample_quality(data.test[:120], data, net=net, resamples=5, reference="train")
+    assert few["data_vs_data"] == {k: alone[k] for k in few["data_vs_data"]}
 
 
 # --------------------------------------------------------------------------- bad input
