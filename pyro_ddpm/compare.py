@@ -23,6 +23,10 @@ netCDF/JSON, samples.pt), ``comparison.md`` (the table), ``comparison.json`` (ev
 ``terms.png`` (L_t of every arm), ``samples.png`` (grids side by side), ``training.png`` (the bound's
 estimate and the loss against the step). A run that is unfinished (interrupted) is resumed, and one
 that finished is measured again without retraining, so re-running the same command continues.
+
+On the CPU the runs train side by side, one process each, and are then measured one after another
+with every thread (:func:`parallelism` says why and how many); an interrupt stops every training run
+where it can resume.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ import math
 import multiprocessing
 import os
 import signal
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures import wait as wait_for
 from pathlib import Path
@@ -188,16 +194,27 @@ def _stop(signum, frame):
     raise KeyboardInterrupt
 
 
+def _watch_parent(parent: int, grace: float = 60.0) -> None:
+    """Stop this process once its parent is gone (killed however it was): SIGTERM (a training run saves
+    its checkpoint and stops), then, if it is still alive after ``grace`` seconds, exit."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(grace)
+    os._exit(1)
+
+
 def _start_worker(threads: int) -> None:
     """A comparison's training process: its own process group (the terminal's Ctrl-C goes to the
     comparison, which stops its processes once, by SIGTERM: a training run then saves its checkpoint and
-    stops), ``threads`` torch threads."""
+    stops), ``threads`` torch threads, and a watch on its parent (an orphan stops the same way)."""
     if hasattr(os, "setpgrp"):
         os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _stop)  # training replaces it with its own while it runs
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
 
 
 def _train_all(tasks: dict, jobs: int, threads: int, progress: bool, log) -> None:

@@ -244,39 +244,77 @@ def test_a_bad_number_of_jobs_is_refused(jobs):
         parallelism(TrainConfig(data="digits"), 4, jobs)
 
 
-def test_an_interrupted_comparison_stops_every_run_where_it_can_resume(tmp_path):
-    """SIGINT to a comparison running two runs side by side: each process saves its checkpoint and stops,
-    the comparison says how to resume and leaves no process behind; running it again finishes."""
-    import os
+def _start_compare(args, **kwargs):
+    """The compare command in a child process, with SIGINT at its default (a shell's background job
+    ignores it, and Python then never turns it into KeyboardInterrupt)."""
     import signal
     import subprocess
     import sys
-    import time
 
-    args = [*TINY, "--steps", "100000", "--log-every", "5", "--arms", "eps-elbo", "eps-simple", "--jobs", "2"]
-    args += ["--threads", "1", "--out", str(tmp_path)]
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "pyro_ddpm.cli", "compare", "--data", "digits", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        **kwargs,
     )
-    logs = [tmp_path / arm / "metrics.jsonl" for arm in ("eps-elbo", "eps-simple")]
-    deadline = time.monotonic() + 120
-    while not all(p.exists() and p.stat().st_size > 0 for p in logs):  # both runs are training
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+
+
+def _wait_until_training(proc, runs, timeout=180.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not all((r / "metrics.jsonl").exists() and (r / "metrics.jsonl").stat().st_size > 0 for r in runs):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the runs did not start training"
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_comparison_stops_every_run_where_it_can_resume(tmp_path, signame):
+    """Ctrl-C (or SIGTERM) to a comparison training two runs side by side: each process saves its
+    checkpoint and stops, the comparison says how to resume; running it again finishes them (checked
+    once)."""
+    import signal
+
+    args = [*TINY, "--steps", "100000", "--log-every", "5", "--checkpoint-every", "100000"]
+    args += ["--arms", "eps-elbo", "eps-simple", "--jobs", "2", "--threads", "1", "--out", str(tmp_path)]
+    runs = [tmp_path / arm for arm in ("eps-elbo", "eps-simple")]
+    proc = _start_compare(args)
+    try:
+        _wait_until_training(proc, runs)
+        proc.send_signal(getattr(signal, signame))
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # on a failure above; its processes then stop themselves (they watch their parent)
     assert proc.returncode == 130, (out, err)
     assert "resume with: the same pyro-ddpm compare command" in err
-    steps = []
-    for arm in ("eps-elbo", "eps-simple"):
-        state = checkpoint.load(tmp_path / arm)
-        assert 0 < state.step < 100000
-        steps.append(state.step)
-    finish = [a if a != "100000" else str(max(steps) + 2) for a in args]
-    assert main(["compare", "--data", "digits", *finish]) == 0
-    assert all(checkpoint.load(tmp_path / arm).step == max(steps) + 2 for arm in ("eps-elbo", "eps-simple"))
+    steps = [checkpoint.load(run).step for run in runs]  # no periodic checkpoint: these are the stop's
+    assert all(0 < step < 100000 for step in steps)
+    if signame == "SIGINT":
+        finish = [str(max(steps) + 2) if a == "100000" else a for a in args]
+        assert main(["compare", "--data", "digits", *finish]) == 0
+        assert all(checkpoint.load(run).step == max(steps) + 2 for run in runs)
+
+
+def test_a_comparisons_processes_stop_when_it_is_killed(tmp_path):
+    """SIGKILL leaves the comparison no chance to stop its processes: each notices its parent is gone,
+    saves its checkpoint and stops."""
+    import time
+
+    args = [*TINY, "--steps", "100000", "--log-every", "5", "--checkpoint-every", "100000"]
+    args += ["--arms", "eps-elbo", "eps-simple", "--jobs", "2", "--threads", "1", "--out", str(tmp_path)]
+    runs = [tmp_path / arm for arm in ("eps-elbo", "eps-simple")]
+    proc = _start_compare(args)
+    try:
+        _wait_until_training(proc, runs)
+    finally:
+        proc.kill()
+        proc.communicate()
+    deadline = time.monotonic() + 120
+    while not all((r / "checkpoint.pt").exists() for r in runs):
+        assert time.monotonic() < deadline, "the orphaned processes did not stop"
+        time.sleep(0.5)
+    for run in runs:
+        assert 0 < checkpoint.load(run).step < 100000
