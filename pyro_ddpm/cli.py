@@ -21,7 +21,7 @@ from pyro_ddpm import data as datasets
 from pyro_ddpm import presets
 from pyro_ddpm.adapters import from_diffusers_pipeline
 from pyro_ddpm.checkpoint import TrainState, resolve
-from pyro_ddpm.compare import DEFAULT_SAMPLES, compare, compare_config
+from pyro_ddpm.compare import DEFAULT_SAMPLES, compare, compare_config, default_samples
 from pyro_ddpm.elbo import unwrap
 from pyro_ddpm.evaluate import bound, format_summary, save, summarize
 from pyro_ddpm.figures import save_all
@@ -592,16 +592,16 @@ def parser() -> argparse.ArgumentParser:
         "--samples",
         type=int,
         default=None,
-        help=f"samples per model for the sample scores (default for {base.data}: "
-        f"{presets.settings(base.data)['compare'].get('samples', DEFAULT_SAMPLES)}; else {DEFAULT_SAMPLES})",
+        help=f"samples per model for the sample scores (default for {base.data}: {default_samples(base.data)}; "
+        f"else the data set's, or {DEFAULT_SAMPLES})",
     )
     p.add_argument("--no-vae", action="store_true", help="skip the Pyro VAE rows")
     p.add_argument(
         "--jobs",
         type=int,
         default=None,
-        help="runs trained and measured side by side, one process each (default on the CPU: one per core, "
-        "or per --threads cores, at most one per run; $OMP_NUM_THREADS caps the cores; 1 on a GPU)",
+        help="runs trained side by side, one process each, then measured one after another with every thread "
+        "(default on the CPU: one per torch thread, or per --threads threads, at most one per run; 1 on a GPU)",
     )
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_compare)

@@ -12,8 +12,9 @@ measured the same way:
   split, and the Inception-Score analogue with the same classifier (NOT comparable to Inception FID);
 - baselines beside them, as rows of the same table: independent per-pixel categorical distributions fit
   on the training split (:func:`pyro_ddpm.metrics.pixel_categorical_baseline`), the Pyro VAE of
-  :mod:`pyro_ddpm.vae` (negative ELBO and importance-weighted bound), and the test split's own sample
-  scores against the training split (the floor the metrics can reach).
+  :mod:`pyro_ddpm.vae` (negative ELBO and importance-weighted bound), and the sample scores of as many
+  test images as there are samples against the training split (the floor the metrics can reach at that
+  size).
 
 With several seeds each number is the mean over seeds with the standard error over seeds; with one
 seed the standard errors are over test images (bound) and over sample subsets (sample metrics).
@@ -39,7 +40,7 @@ import os
 import signal
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor
 from concurrent.futures import wait as wait_for
 from pathlib import Path
 
@@ -54,11 +55,16 @@ from pyro_ddpm.figures import new_figure, plot_terms, save_figure
 from pyro_ddpm.files import atomic_write, check_directory
 from pyro_ddpm.metrics import pixel_categorical_baseline, sample_quality
 from pyro_ddpm.sample import image_grid, sample
-from pyro_ddpm.train import RESUMABLE, Interrupted, TrainConfig, default_threads, torch_threads, train
+from pyro_ddpm.train import RESUMABLE, Interrupted, TrainConfig, torch_threads, train
 from pyro_ddpm.vae import train_vae, vae_bounds
 
 DEFAULT_SAMPLES = 256  # samples per model for the sample scores, unless the data set's settings say
 VAE_SETTINGS = dict(steps=3000, z_dim=16, hidden=256, particles=256, draws=16)
+
+
+def default_samples(data: str) -> int:
+    """Samples per model for the sample scores: the data set's compare setting, else :data:`DEFAULT_SAMPLES`."""
+    return presets.settings(data).get("compare", {}).get("samples", DEFAULT_SAMPLES)
 
 
 def compare_config(given: dict) -> tuple[TrainConfig, dict, tuple]:
@@ -104,16 +110,22 @@ def describe_arm(arm: dict) -> str:
     return ", ".join(first + rest)
 
 
-def _trained(config: TrainConfig, run: Path, progress: bool) -> Path:
-    """Train ``run``, resume it when it is unfinished, or reuse it when it is finished (same settings)."""
+def _to_train(config: TrainConfig, run: Path) -> bool:
+    """Whether ``run`` still needs training: not when it finished with these settings; a run trained
+    with other settings is refused."""
     path = run / FILENAME
     if not path.exists():
-        return train(config, run, progress=progress)
+        return True
     state = TrainState.load(path)
     state.resume_config(dataclasses.asdict(config), RESUMABLE)  # refuses a run with other settings
-    if state.step >= config.steps:
-        return path
-    return train(config, run, progress=progress, resume=True)
+    return state.step < config.steps
+
+
+def _trained(config: TrainConfig, run: Path, progress: bool) -> Path:
+    """Train ``run``, resume it when it is unfinished, or reuse it when it is finished (same settings)."""
+    if _to_train(config, run):
+        train(config, run, progress=progress, resume=(run / FILENAME).exists())
+    return run / FILENAME
 
 
 def _training_curve(run: Path) -> dict:
@@ -156,31 +168,22 @@ def measure(
     return {"bound": summary, "quality": quality, "training": _training_curve(run), "idata": idata, "samples": samples}
 
 
-def usable_cores() -> int:
-    """The CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def parallelism(base: TrainConfig, runs: int, jobs: int | None = None) -> tuple[int, int, int]:
     """(training processes, torch threads per training process, torch threads for measuring) for ``runs``
     runs of a comparison.
 
     A small network's training step gains little from a second thread (on 2 cores the digits eps model
     trains at the same images/s with 1 thread as with 2), so on the CPU the runs train side by side, as
-    many processes as there are cores (or runs), each with an equal share of the threads. Measuring
-    (batches of up to ``max_batch`` pairs) does use the threads -- two one-thread evaluations side by side
-    each took 2.2 times as long as one with both threads -- so the runs are then measured one after
-    another with every thread. The thread budget is ``base.threads`` per process when it is set, else
-    ``$OMP_NUM_THREADS`` in all when it is set (one process under pytest-xdist, whose workers already
-    share the cores), else the usable cores. Runs on a GPU share one process. ``jobs`` fixes the number
-    of training processes.
+    many processes as there are threads to share (or runs), each with an equal share. Measuring (batches
+    of up to ``max_batch`` pairs) does use the threads -- two one-thread evaluations side by side each
+    took 2.2 times as long as one with both threads -- so the runs are then measured one after another
+    with every thread. The threads to share are ``base.threads`` per process when it is set, else torch's
+    thread count (``$OMP_NUM_THREADS``, ``--threads``, or torch's choice: the physical cores). Runs on a
+    GPU share one process. ``jobs`` fixes the number of training processes.
     """
     if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
         raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
-    budget = default_threads() or usable_cores()
+    budget = torch.get_num_threads()
     if jobs is None:
         if base.device != "cpu":
             jobs = 1
@@ -196,7 +199,8 @@ def _stop(signum, frame):
 
 def _watch_parent(parent: int, grace: float = 60.0) -> None:
     """Stop this process once its parent is gone (killed however it was): SIGTERM (a training run saves
-    its checkpoint and stops), then, if it is still alive after ``grace`` seconds, exit."""
+    its checkpoint and stops, and the process exits), and if it is still alive after ``grace`` seconds,
+    exit."""
     while os.getppid() == parent:
         time.sleep(1.0)
     os.kill(os.getpid(), signal.SIGTERM)
@@ -206,41 +210,57 @@ def _watch_parent(parent: int, grace: float = 60.0) -> None:
 
 def _start_worker(threads: int) -> None:
     """A comparison's training process: its own process group (the terminal's Ctrl-C goes to the
-    comparison, which stops its processes once, by SIGTERM: a training run then saves its checkpoint and
-    stops), ``threads`` torch threads, and a watch on its parent (an orphan stops the same way)."""
+    comparison, which stops its processes once, by SIGTERM), ``threads`` torch threads, signals ignored
+    between runs, and a watch on its parent (an orphan stops as on SIGTERM)."""
     if hasattr(os, "setpgrp"):
         os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _stop)  # training replaces it with its own while it runs
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
 
 
-def _train_all(tasks: dict, jobs: int, threads: int, progress: bool, log) -> None:
-    """Train (or resume, or reuse) every ``key: (config, run)`` of ``tasks``, ``jobs`` at a time, each in
-    its own process of ``threads`` torch threads (in this process when ``jobs`` is 1)."""
-    if jobs == 1:
-        with torch_threads(threads):
-            for config, run in tasks.values():
-                _trained(config, run, progress)
-        return
+def _train_task(config: TrainConfig, run: Path, parent: int) -> None:
+    """One run in a training process. SIGTERM stops it: inside training by saving a checkpoint (training's
+    own handler), before or after it at once."""
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        _trained(config, run, progress=False)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if os.getppid() != parent:  # orphaned: nobody will read the result
+            os._exit(1)
+
+
+def _train_side_by_side(tasks: dict, jobs: int, threads: int, log) -> None:
+    """Train every ``key: (config, run)`` of ``tasks``, ``jobs`` at a time, each in a process of ``threads``
+    torch threads. A run starts only when a process is free, so a stop leaves none queued; on an interrupt
+    or a run's error the runs under way are stopped (SIGTERM: each saves its checkpoint) before it is
+    raised again -- an interrupt as the first run's :class:`~pyro_ddpm.train.Interrupted`, which says how
+    to resume."""
     context = multiprocessing.get_context("spawn")  # forking a process that has run torch's thread pools can hang
+    before = set(multiprocessing.active_children())
+    queue, running, finished = list(tasks.items()), {}, 0
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker, initargs=(threads,)) as pool:
-        futures = {pool.submit(_trained, config, run, False): key for key, (config, run) in tasks.items()}
         try:
-            for n, future in enumerate(as_completed(futures), 1):
-                future.result()
-                log(f"trained {futures[future][0]}, seed {futures[future][1]} ({n} of {len(futures)})")
-        except BaseException as error:  # an interrupt, or a run's error: stop the others where they can resume
-            for future in futures:
-                future.cancel()
-            for child in multiprocessing.active_children():
+            while queue or running:
+                while queue and len(running) < jobs:
+                    key, (config, run) = queue.pop(0)
+                    running[pool.submit(_train_task, config, run, os.getpid())] = key
+                done, _ = wait_for(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    key = running.pop(future)
+                    future.result()
+                    finished += 1
+                    log(f"trained {key[0]}, seed {key[1]} ({finished} of {len(tasks)})")
+        except BaseException as error:
+            for child in set(multiprocessing.active_children()) - before:  # this pool's processes
                 child.terminate()
-            wait_for(futures)
-            stopped = [f.exception() for f in futures if not f.cancelled() and isinstance(f.exception(), Interrupted)]
+            wait_for(running)
+            stopped = [f.exception() for f in running if isinstance(f.exception(), Interrupted)]
             if isinstance(error, KeyboardInterrupt) and stopped:
-                raise stopped[0] from None  # says where the runs stopped and how to resume them
+                raise stopped[0] from None
             raise
 
 
@@ -420,7 +440,7 @@ def compare(
     if not arms:
         raise ValueError("compare: give at least one arm")
     if num_samples is None:
-        num_samples = presets.settings(base.data).get("compare", {}).get("samples", DEFAULT_SAMPLES)
+        num_samples = default_samples(base.data)
     if num_samples < 2:
         raise ValueError(f"compare: need at least 2 samples per model, got {num_samples}")
     configs = {(a, s): arm_config(base, arms[a], s) for a in arms for s in seeds}
@@ -430,11 +450,16 @@ def compare(
     jobs, threads, measure_threads = parallelism(base, len(configs), jobs)
     runs = {key: out / (key[0] if len(seeds) == 1 else f"{key[0]}-seed{key[1]}") for key in configs}
     if jobs > 1:
-        log(f"training {len(runs)} runs in {jobs} processes of {threads} torch thread(s) each")
-    _train_all({key: (configs[key], runs[key]) for key in runs}, jobs, threads, progress, log)
+        # a run trained with other settings is refused here, before any trains; finished runs are kept
+        todo = {key: (configs[key], run) for key, run in runs.items() if _to_train(configs[key], run)}
+        if todo:
+            log(f"training {len(todo)} runs in {min(jobs, len(todo))} processes of {threads} torch thread(s) each")
+            _train_side_by_side(todo, min(jobs, len(todo)), threads, log)
     done = {}
     with torch_threads(measure_threads):
         for (arm, seed), run in runs.items():
+            if jobs == 1:
+                _trained(configs[arm, seed], run, progress)
             r = measure(
                 run,
                 dataset,

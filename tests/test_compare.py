@@ -207,32 +207,28 @@ def test_runs_side_by_side_give_the_numbers_of_runs_one_after_another(compared, 
 
 
 @pytest.mark.parametrize(
-    "cores, omp, threads, device, runs, jobs, expected",
+    "torch_threads, threads, device, runs, jobs, expected",
     [
-        (2, None, None, "cpu", 4, None, (2, 1, 2)),  # the main job on 2 cores: 2 processes of 1 thread, then 2
-        (16, None, None, "cpu", 4, None, (4, 4, 16)),  # at most one process per run, the threads shared out
-        (16, None, 8, "cpu", 4, None, (2, 8, 8)),  # --threads: per process
-        (2, "1", None, "cpu", 4, None, (1, 1, 1)),  # $OMP_NUM_THREADS caps the cores
-        (2, None, None, "cpu", 1, None, (1, 2, 2)),  # one run: one process with every core
-        (16, None, None, "cuda", 4, None, (1, 16, 16)),  # a GPU: one process
-        (2, None, None, "cpu", 4, 3, (3, 1, 2)),  # --jobs: as asked
+        (2, None, "cpu", 4, None, (2, 1, 2)),  # the main job on 2 cores: 2 processes of 1 thread, then 2
+        (16, None, "cpu", 4, None, (4, 4, 16)),  # at most one process per run, the threads shared out
+        (16, 8, "cpu", 4, None, (2, 8, 8)),  # --threads: per process
+        (1, None, "cpu", 4, None, (1, 1, 1)),  # one thread (OMP_NUM_THREADS=1, pytest-xdist): one process
+        (2, None, "cpu", 1, None, (1, 2, 2)),  # one run: one process with every thread
+        (16, None, "cuda", 4, None, (1, 16, 16)),  # a GPU: one process
+        (2, None, "cpu", 4, 3, (3, 1, 2)),  # --jobs: as asked
     ],
 )
 def test_the_runs_train_side_by_side_and_are_measured_with_every_thread(
-    monkeypatch, cores, omp, threads, device, runs, jobs, expected
+    torch_threads, threads, device, runs, jobs, expected
 ):
     from pyro_ddpm import compare
     from pyro_ddpm.train import TrainConfig
+    from pyro_ddpm.train import torch_threads as using
 
-    monkeypatch.setattr(compare, "usable_cores", lambda: cores)
-    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
-    if omp is None:
-        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    else:
-        monkeypatch.setenv("OMP_NUM_THREADS", omp)
     base = TrainConfig(data="digits", threads=threads, device="cpu")
     base.device = device  # not checked here: no GPU is needed to choose the split
-    assert compare.parallelism(base, runs, jobs) == expected
+    with using(torch_threads):
+        assert compare.parallelism(base, runs, jobs) == expected
 
 
 @pytest.mark.parametrize("jobs", [0, -1, 1.5, True])
@@ -278,9 +274,9 @@ def test_an_interrupted_comparison_stops_every_run_where_it_can_resume(tmp_path,
     once)."""
     import signal
 
-    args = [*TINY, "--steps", "100000", "--log-every", "5", "--checkpoint-every", "100000"]
-    args += ["--arms", "eps-elbo", "eps-simple", "--jobs", "2", "--threads", "1", "--out", str(tmp_path)]
-    runs = [tmp_path / arm for arm in ("eps-elbo", "eps-simple")]
+    args = [*TINY, "--steps", "100000", "--log-every", "5", "--checkpoint-every", "100000", "--arms", *ARMS]
+    args += ["--jobs", "2", "--threads", "1", "--out", str(tmp_path)]
+    runs = [tmp_path / arm for arm in ARMS[:2]]  # the third waits for a free process
     proc = _start_compare(args)
     try:
         _wait_until_training(proc, runs)
@@ -292,10 +288,11 @@ def test_an_interrupted_comparison_stops_every_run_where_it_can_resume(tmp_path,
     assert "resume with: the same pyro-ddpm compare command" in err
     steps = [checkpoint.load(run).step for run in runs]  # no periodic checkpoint: these are the stop's
     assert all(0 < step < 100000 for step in steps)
+    assert not (tmp_path / ARMS[2] / "checkpoint.pt").exists()  # the queued run never started
     if signame == "SIGINT":
         finish = [str(max(steps) + 2) if a == "100000" else a for a in args]
         assert main(["compare", "--data", "digits", *finish]) == 0
-        assert all(checkpoint.load(run).step == max(steps) + 2 for run in runs)
+        assert all(checkpoint.load(tmp_path / arm).step == max(steps) + 2 for arm in ARMS)
 
 
 def test_a_comparisons_processes_stop_when_it_is_killed(tmp_path):
