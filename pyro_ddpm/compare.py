@@ -222,11 +222,11 @@ def _start_worker(threads: int) -> None:
 
 
 def _train_task(config: TrainConfig, run: Path, parent: int) -> None:
-    """One run in a training process. SIGTERM stops it: inside training by saving a checkpoint (training's
-    own handler), before or after it at once."""
+    """One run in a training process, one the parent found to need training (:func:`_to_train`). SIGTERM
+    stops it: inside training by saving a checkpoint (training's own handler), before or after it at once."""
     signal.signal(signal.SIGTERM, _stop)
     try:
-        _trained(config, run, progress=False)
+        train(config, run, progress=False, resume=(run / FILENAME).exists())
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if os.getppid() != parent:  # orphaned: nobody will read the result
@@ -453,8 +453,9 @@ def compare(
         # a run trained with other settings is refused here, before any trains; finished runs are kept
         todo = {key: (configs[key], run) for key, run in runs.items() if _to_train(configs[key], run)}
         if todo:
-            log(f"training {len(todo)} runs in {min(jobs, len(todo))} processes of {threads} torch thread(s) each")
-            _train_side_by_side(todo, min(jobs, len(todo)), threads, log)
+            processes = min(jobs, len(todo))
+            log(f"training {len(todo)} runs in {processes} processes of {threads} torch thread(s) each")
+            _train_side_by_side(todo, processes, threads, log)
     done = {}
     with torch_threads(measure_threads):
         for (arm, seed), run in runs.items():

@@ -461,7 +461,7 @@ class Interrupted(Exception):
         )
 
     def __reduce__(self):  # it crosses processes (a comparison's workers): rebuilt from its fields, not its message
-        return Interrupted, (self.signal, self.step, self.steps, self.checkpoint, self.out, self.resume_hint)
+        return type(self), (self.signal, self.step, self.steps, self.checkpoint, self.out, self.resume_hint)
 
     def with_hint(self, resume_hint: str) -> Interrupted:
         """The same stop with another resume instruction (e.g. re-running a comparison)."""
