@@ -16,7 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pyro.infer import Trace_ELBO
 from scipy import stats
+
+from pyro_ddpm import data
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -190,9 +193,73 @@ def test_diffusion_vs_vae_refuses_a_ddpm_trained_on_other_data(swiss, tmp_path):
         ("bound_is_weighted_eps_loss", ["--T", "1"], "--T must be at least 2"),
         ("swiss_roll", ["--directions", "0"], "--directions must be positive"),
         ("diffusion_vs_vae", ["--particles", "0"], "--particles must be positive"),
+        ("pixelcnn_reference", ["--steps", "0"], "--steps must be positive"),
+        ("pixelcnn_reference", ["--dropout", "1"], r"--dropout must lie in \[0, 1\)"),
+        ("pixelcnn_reference", ["--held-out", "1437"], "--held-out 1437 leaves no training images of 1437"),
+        ("pixelcnn_reference", ["--data", "swiss_roll"], "needs single-channel grid images, swiss_roll"),
     ],
 )
 def test_bad_arguments_raise_one_clear_error(name, argv, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         load_example(name).main(argv + ["--out", str(tmp_path)])
     assert not any(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------- pixelcnn_reference
+def test_pixelcnn_logits_at_a_pixel_depend_only_on_the_pixels_before_it():
+    """d logits_i / d x_j = 0 for every j at or after i in raster order; the nearest earlier pixels count."""
+    pc = load_example("pixelcnn_reference")
+    torch.manual_seed(0)
+    net = pc.PixelCNN(17, 8, 8, channels=6, layers=2, dropout=0.0)
+    net.head[-1].weight.data.normal_()  # a random read-out, so every logit depends on what its layers see
+    x = torch.rand(1, 1, 8, 8) * 2 - 1
+    jac = torch.autograd.functional.jacobian(lambda u: net(u).sum(1), x).reshape(64, 64)  # [i, j]
+    i, j = np.meshgrid(np.arange(64), np.arange(64), indexing="ij")
+    assert torch.all(jac[torch.from_numpy(j >= i)] == 0)
+    left = [r * 8 + c for r in range(8) for c in range(1, 8)]
+    assert torch.all(jac[left, [i - 1 for i in left]] != 0)  # a pixel sees its left neighbour
+    assert torch.all(jac[8:, :56].diagonal() != 0)  # and the one above it
+
+
+def test_pixelcnn_trace_log_prob_is_the_categorical_log_pmf_of_its_logits():
+    """log p(x_0) read off the Pyro trace equals a float64 log-softmax picked at each pixel's level."""
+    pc = load_example("pixelcnn_reference")
+    torch.manual_seed(1)
+    net = pc.PixelCNN(17, 8, 8, channels=4, layers=1, dropout=0.3)
+    net.head[-1].weight.data.normal_()
+    x0 = data.load("digits").test[:6]
+    logits = net.eval()(x0).detach().double().numpy()  # (B, K, H, W)
+    k = np.rint((x0.double().numpy()[:, 0] + 1) * 8).astype(int)  # the level index of -1 + 2k/16
+    log_softmax = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    want = np.take_along_axis(log_softmax, k[:, None], axis=1)[:, 0].reshape(6, -1).sum(1)
+    ref_model = pc.PixelCNNReference(net.train(), 17)
+    np.testing.assert_allclose(ref_model.log_prob(x0).double().numpy(), want, rtol=1e-5)
+    assert net.training  # scoring left the network in the mode it found it in
+    net.eval()
+    with torch.no_grad():  # the model's ELBO loss with the empty guide is -log p(x_0)
+        loss = Trace_ELBO().loss(ref_model.model, ref_model.guide, x0)
+    np.testing.assert_allclose(loss, -want.sum(), rtol=1e-5)
+
+
+def test_an_untrained_pixelcnn_codes_every_pixel_in_log2_k_bits(tmp_path):
+    """The network's read-out starts where PyTorch puts it; with it zeroed every level is equally likely:
+    exactly log2(17) bits per pixel, whatever the image."""
+    pc = load_example("pixelcnn_reference")
+    net = pc.PixelCNN(17, 8, 8, channels=4, layers=1, dropout=0.0)
+    net.head[-1].weight.data.zero_()
+    net.head[-1].bias.data.zero_()
+    log_p = pc.PixelCNNReference(net, 17).log_prob(data.load("digits").test)
+    mean, se = pc.bits_per_dim(log_p, 64)
+    assert mean == pytest.approx(math.log2(17), rel=1e-6) and se == pytest.approx(0.0, abs=1e-6)
+
+
+def test_pixelcnn_reference_scores_the_test_split_with_the_weights_the_held_out_images_chose(tmp_path):
+    result = load_example("pixelcnn_reference").main(["--quick", "--out", str(tmp_path)])
+    written = json.loads((tmp_path / "pixelcnn_reference.json").read_text())
+    assert written == json.loads(json.dumps(result))
+    held = [c["held_out_bits_per_dim"] for c in written["curve"]]
+    assert [c["step"] for c in written["curve"]] == [10, 20]
+    assert written["held_out_bits_per_dim"] == min(held)
+    assert written["best_step"] == written["curve"][held.index(min(held))]["step"]
+    assert (written["train_images"], written["held_out_images"], written["test_images"]) == (1237, 200, 360)
+    assert 0 < written["test_bits_per_dim"] < 2 * math.log2(17) and written["test_se"] > 0
