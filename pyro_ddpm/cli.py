@@ -31,7 +31,16 @@ from pyro_ddpm.likelihoods import by_name
 from pyro_ddpm.ode import ode_likelihood
 from pyro_ddpm.registry import GUIDES, LIKELIHOODS, MODELS, TIMESTEPS
 from pyro_ddpm.sample import SAMPLERS, sample, save_png
-from pyro_ddpm.train import LR_DECAYS, RESUMABLE, Interrupted, TrainConfig, check_device, torch_threads, train
+from pyro_ddpm.train import (
+    LR_DECAYS,
+    RESUMABLE,
+    Interrupted,
+    Terminated,
+    TrainConfig,
+    check_device,
+    torch_threads,
+    train,
+)
 
 DEFAULTS = TrainConfig()
 THREADS_HELP = (
@@ -606,10 +615,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_compare)
     return ap
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM outside a training loop (which handles it itself): stop as Ctrl-C does."""
 
 
 def _terminate(signum, frame):

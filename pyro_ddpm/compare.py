@@ -55,7 +55,7 @@ from pyro_ddpm.figures import new_figure, plot_terms, save_figure
 from pyro_ddpm.files import atomic_write, check_directory
 from pyro_ddpm.metrics import pixel_categorical_baseline, sample_quality
 from pyro_ddpm.sample import image_grid, sample
-from pyro_ddpm.train import RESUMABLE, Interrupted, TrainConfig, torch_threads, train
+from pyro_ddpm.train import RESUMABLE, Interrupted, Terminated, TrainConfig, torch_threads, train
 from pyro_ddpm.vae import train_vae, vae_bounds
 
 DEFAULT_SAMPLES = 256  # samples per model for the sample scores, unless the data set's settings say
@@ -237,8 +237,8 @@ def _train_side_by_side(tasks: dict, jobs: int, threads: int, log) -> None:
     """Train every ``key: (config, run)`` of ``tasks``, ``jobs`` at a time, each in a process of ``threads``
     torch threads. A run starts only when a process is free, so a stop leaves none queued; on an interrupt
     or a run's error the runs under way are stopped (SIGTERM: each saves its checkpoint) before it is
-    raised again -- an interrupt as the first run's :class:`~pyro_ddpm.train.Interrupted`, which says how
-    to resume."""
+    raised again -- an interrupt as one :class:`~pyro_ddpm.train.Interrupted` naming every stopped run
+    and the signal this process got, which says how to resume."""
     context = multiprocessing.get_context("spawn")  # forking a process that has run torch's thread pools can hang
     before = set(multiprocessing.active_children())
     queue, running, finished = list(tasks.items()), {}, 0
@@ -260,7 +260,8 @@ def _train_side_by_side(tasks: dict, jobs: int, threads: int, log) -> None:
             wait_for(running)
             stopped = [f.exception() for f in running if isinstance(f.exception(), Interrupted)]
             if isinstance(error, KeyboardInterrupt) and stopped:
-                raise stopped[0] from None
+                name = "SIGTERM" if isinstance(error, Terminated) else "SIGINT"
+                raise stopped[0].with_others(name, stopped[1:]) from None
             raise
 
 

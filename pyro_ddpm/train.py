@@ -446,26 +446,56 @@ class MetricsLog:
 class Interrupted(Exception):
     """Training stopped by SIGINT or SIGTERM after saving a checkpoint; the message says how to resume.
 
-    Attributes: ``signal`` (its name), ``step``, ``steps`` (the run's total), ``checkpoint`` and ``out``.
+    Attributes: ``signal`` (its name), ``step``, ``steps`` (the run's total), ``checkpoint`` and ``out``;
+    ``others``: the runs the same signal stopped beside this one (a comparison's processes), each an
+    ``Interrupted`` of its own.
     """
 
     def __init__(
-        self, signal_name: str, step: int, steps: int, checkpoint: Path, out: Path, resume_hint: str | None = None
+        self,
+        signal_name: str,
+        step: int,
+        steps: int,
+        checkpoint: Path,
+        out: Path,
+        resume_hint: str | None = None,
+        others: tuple[Interrupted, ...] = (),
     ):
         self.signal, self.step, self.steps, self.checkpoint, self.out = signal_name, step, steps, checkpoint, out
-        self.resume_hint = resume_hint
+        self.resume_hint, self.others = resume_hint, tuple(others)
         hint = resume_hint or f"pyro-ddpm train --out {out} --resume"
+        also = "".join(
+            f"; {o.out} stopped at step {o.step} of {o.steps}, checkpoint saved to {o.checkpoint}" for o in self.others
+        )
         super().__init__(
-            f"{signal_name} received: stopped at step {step} of {steps}; checkpoint saved to {checkpoint}; "
+            f"{signal_name} received: stopped at step {step} of {steps}; checkpoint saved to {checkpoint}{also}; "
             f"resume with: {hint}"
         )
 
     def __reduce__(self):  # it crosses processes (a comparison's workers): rebuilt from its fields, not its message
-        return type(self), (self.signal, self.step, self.steps, self.checkpoint, self.out, self.resume_hint)
+        return type(self), (
+            self.signal,
+            self.step,
+            self.steps,
+            self.checkpoint,
+            self.out,
+            self.resume_hint,
+            self.others,
+        )
 
     def with_hint(self, resume_hint: str) -> Interrupted:
         """The same stop with another resume instruction (e.g. re-running a comparison)."""
-        return Interrupted(self.signal, self.step, self.steps, self.checkpoint, self.out, resume_hint)
+        return Interrupted(self.signal, self.step, self.steps, self.checkpoint, self.out, resume_hint, self.others)
+
+    def with_others(self, signal_name: str, others: list[Interrupted]) -> Interrupted:
+        """This stop and ``others`` as one, by the signal ``signal_name`` (what stopped the caller: the
+        runs in its processes were stopped by the SIGTERM it sent them)."""
+        return Interrupted(signal_name, self.step, self.steps, self.checkpoint, self.out, self.resume_hint, others)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside a training loop (which handles it itself): stop as Ctrl-C does (the command line
+    turns SIGTERM into it)."""
 
 
 @contextlib.contextmanager

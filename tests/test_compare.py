@@ -270,8 +270,8 @@ def _wait_until_training(proc, runs, timeout=180.0):
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
 def test_an_interrupted_comparison_stops_every_run_where_it_can_resume(tmp_path, signame):
     """Ctrl-C (or SIGTERM) to a comparison training two runs side by side: each process saves its
-    checkpoint and stops, the comparison says how to resume; running it again finishes them (checked
-    once)."""
+    checkpoint and stops, the comparison names the signal and both runs and says how to resume; running
+    it again finishes them (checked once)."""
     import signal
 
     args = [*TINY, "--steps", "100000", "--log-every", "5", "--checkpoint-every", "100000", "--arms", *ARMS]
@@ -286,7 +286,11 @@ def test_an_interrupted_comparison_stops_every_run_where_it_can_resume(tmp_path,
         proc.kill()  # on a failure above; its processes then stop themselves (they watch their parent)
     assert proc.returncode == 130, (out, err)
     assert "resume with: the same pyro-ddpm compare command" in err
-    steps = [checkpoint.load(run).step for run in runs]  # no periodic checkpoint: these are the stop's
+    steps = [checkpoint.load(run).step for run in runs]
+    assert f"pyro-ddpm: {signame} received: stopped at step {steps[0]} of 100000" in err  # the signal it got
+    assert (
+        f"; {runs[1]} stopped at step {steps[1]} of 100000, checkpoint saved to {runs[1] / 'checkpoint.pt'}" in err
+    )  # no periodic checkpoint: these are the stop's
     assert all(0 < step < 100000 for step in steps)
     assert not (tmp_path / ARMS[2] / "checkpoint.pt").exists()  # the queued run never started
     if signame == "SIGINT":
@@ -315,3 +319,29 @@ def test_a_comparisons_processes_stop_when_it_is_killed(tmp_path):
         time.sleep(0.5)
     for run in runs:
         assert 0 < checkpoint.load(run).step < 100000
+
+
+def test_an_interrupt_crosses_processes_with_every_stopped_run():
+    """The workers' ``Interrupted`` pickles from its fields (its message is rebuilt, not copied), and the
+    comparison's combined one keeps the others' runs through a new resume hint."""
+    import pickle
+    from pathlib import Path
+
+    from pyro_ddpm.train import Interrupted
+
+    first = Interrupted("SIGTERM", 3, 10, Path("a/checkpoint.pt"), Path("a"))
+    second = Interrupted("SIGTERM", 4, 10, Path("b/checkpoint.pt"), Path("b"))
+    both = first.with_others("SIGINT", [second]).with_hint("again")
+    back = pickle.loads(pickle.dumps(both))
+    assert type(back) is Interrupted and str(back) == str(both)
+    assert (back.signal, back.step, back.out, back.others[0].step, back.others[0].out) == (
+        "SIGINT",
+        3,
+        Path("a"),
+        4,
+        Path("b"),
+    )
+    assert str(back) == (
+        "SIGINT received: stopped at step 3 of 10; checkpoint saved to a/checkpoint.pt; b stopped at step 4 of 10, "
+        "checkpoint saved to b/checkpoint.pt; resume with: again"
+    )
