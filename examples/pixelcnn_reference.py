@@ -1,6 +1,6 @@
 """An autoregressive reference: what a PixelCNN trained on the same split codes the digits test set in.
 
-    python examples/pixelcnn_reference.py            # about 5 minutes on one CPU thread
+    python examples/pixelcnn_reference.py            # 3000 steps: minutes on a CPU
     python examples/pixelcnn_reference.py --quick    # seconds
 
 A diffusion model's bound is one number; whether it is good for this data needs what a different
