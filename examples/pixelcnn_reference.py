@@ -188,7 +188,7 @@ def main(argv=None) -> dict:
     ref = PixelCNNReference(net, ds.levels)
     svi = SVI(ref.model, ref.guide, pyro.optim.Adam({"lr": args.lr}), Trace_ELBO())
 
-    curve, best = [], (math.inf, 0, copy.deepcopy(net.state_dict()))
+    curve, best = [], (math.inf, 0, None)  # (held-out bits/dim, step, weights); the last step is always scored
     net.train()
     for step in range(1, args.steps + 1):
         batch = fit[torch.randint(len(fit), (args.batch_size,))]

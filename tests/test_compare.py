@@ -286,11 +286,9 @@ def test_an_interrupted_comparison_stops_every_run_where_it_can_resume(tmp_path,
         proc.kill()  # on a failure above; its processes then stop themselves (they watch their parent)
     assert proc.returncode == 130, (out, err)
     assert "resume with: the same pyro-ddpm compare command" in err
-    steps = [checkpoint.load(run).step for run in runs]
+    steps = [checkpoint.load(run).step for run in runs]  # no periodic checkpoint: these are the stop's
     assert f"pyro-ddpm: {signame} received: stopped at step {steps[0]} of 100000" in err  # the signal it got
-    assert (
-        f"; {runs[1]} stopped at step {steps[1]} of 100000, checkpoint saved to {runs[1] / 'checkpoint.pt'}" in err
-    )  # no periodic checkpoint: these are the stop's
+    assert f"; {runs[1]} stopped at step {steps[1]} of 100000, checkpoint saved to {runs[1] / 'checkpoint.pt'}" in err
     assert all(0 < step < 100000 for step in steps)
     assert not (tmp_path / ARMS[2] / "checkpoint.pt").exists()  # the queued run never started
     if signame == "SIGINT":

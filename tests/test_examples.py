@@ -241,7 +241,7 @@ def test_pixelcnn_trace_log_prob_is_the_categorical_log_pmf_of_its_logits():
     np.testing.assert_allclose(loss, -want.sum(), rtol=1e-5)
 
 
-def test_an_untrained_pixelcnn_codes_every_pixel_in_log2_k_bits(tmp_path):
+def test_an_untrained_pixelcnn_codes_every_pixel_in_log2_k_bits():
     """The network's read-out starts where PyTorch puts it; with it zeroed every level is equally likely:
     exactly log2(17) bits per pixel, whatever the image."""
     pc = load_example("pixelcnn_reference")
