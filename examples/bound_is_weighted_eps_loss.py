@@ -112,7 +112,7 @@ def gradients(model, guide, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor
     params = list(model.eps.parameters())
     flat_grad = lambda loss: torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])  # noqa: E731
     elbo = TraceMeanField_ELBO()
-    guide_fn = protocol.FixedNoise({protocol.X_t: eps})(guide.per_timestep)
+    guide_fn = protocol.FixedNoise({protocol.X_t: eps}, guide.from_noise)(guide.per_timestep)
     grads = {}
     for name in ("elbo", "simple"):
         pyro.clear_param_store()

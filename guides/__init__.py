@@ -5,6 +5,8 @@ from .forward_process import ForwardProcess
 from .learned_schedule import GammaSchedule, LearnedForwardProcess, LearnedSchedule
 from .learned_table import LearnedTableForwardProcess, TableSchedule
 from .linear import LinearForwardProcess
+from .masked import MaskedForwardProcess, MaskingSchedule
+from .uniform import UniformForwardProcess, UniformSchedule
 from .user_betas import UserBetasForwardProcess
 
 __all__ = [
@@ -17,4 +19,8 @@ __all__ = [
     "LearnedForwardProcess",
     "TableSchedule",
     "LearnedTableForwardProcess",
+    "MaskedForwardProcess",
+    "MaskingSchedule",
+    "UniformForwardProcess",
+    "UniformSchedule",
 ]

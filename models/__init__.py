@@ -1,5 +1,6 @@
 """Pyro models: reverse processes p_theta(x_{0:T}). Installed as ``pyro_ddpm.models``."""
 
+from .categorical import CategoricalReverseProcess
 from .ddim import DDIM
 from .grid_posterior import GridPosteriorReverseProcess
 from .learned_variance import HybridReverseProcess, LearnedVarianceReverseProcess
@@ -19,5 +20,6 @@ __all__ = [
     "MomentMatchedGridReverseProcess",
     "LogisticGridReverseProcess",
     "MomentMatchedLogisticGridReverseProcess",
+    "CategoricalReverseProcess",
     "DDIM",
 ]

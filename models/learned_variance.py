@@ -77,7 +77,7 @@ import torch
 from pyro import poutine
 
 from pyro_ddpm import protocol
-from pyro_ddpm.likelihoods import ScoredWhere
+from pyro_ddpm.programs import ScoredWhere
 from pyro_ddpm.protocol import DataSpec
 from pyro_ddpm.registry import MODELS
 
@@ -193,6 +193,6 @@ class HybridReverseProcess(LearnedVarianceReverseProcess):
             with protocol.weighted(weight, t, x0):
                 with poutine.mask(mask=t > 1):
                     pyro.sample(protocol.X_PREV, self._event(dist.Normal(loc, scale)))
-                decoder = ScoredWhere(self.likelihood, loc, scale, where=t == 1)
+                decoder = ScoredWhere(lambda w: self.likelihood(loc[w], scale[w]), t == 1, loc.shape, dtype=loc.dtype)
                 with poutine.mask(mask=t == 1):
                     pyro.sample(protocol.X_0, self._event(decoder), obs=x0)

@@ -4,31 +4,32 @@
     mu_theta(x_t, t) = (x_t - beta_t / sqrt(1 - abar_t) eps_theta(x_t, t)) / sqrt(alpha_t)   (Eq. 11)
     p_theta(x_0 | x_1) = the likelihood at mean mu_theta(x_1, 1), scale sigma_1              (Eq. 13)
 
-:meth:`ReverseProcess.transition` is the one definition of p_theta(x_{t-1} | x_t); the chain form,
-the per-timestep training form and the sampler all call it. Site names and shapes follow
-:mod:`pyro_ddpm.protocol`.
+:meth:`ReverseProcess.mean_and_scale` is the one definition of p_theta(x_{t-1} | x_t)'s mean and scale;
+the program's three distributions (:meth:`~ReverseProcess.p_xT`, :meth:`~ReverseProcess.p_prev`,
+:meth:`~ReverseProcess.p_x0`) are built from it, and the chain form, the per-timestep training form and
+ancestral sampling are derived from them by :class:`~pyro_ddpm.programs.ReverseProgram`. DDIM and
+respacing read :meth:`ReverseProcess.transition`. Site names and shapes follow :mod:`pyro_ddpm.protocol`.
 """
 
 from __future__ import annotations
 
 import copy
 
-import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from torch import nn
 
 from pyro_ddpm import protocol
 from pyro_ddpm.elbo import simple_weights
-from pyro_ddpm.likelihoods import DiscretizedGaussianLikelihood, GaussianLikelihood, ScoredWhere
+from pyro_ddpm.likelihoods import DiscretizedGaussianLikelihood, GaussianLikelihood
+from pyro_ddpm.programs import ReverseProgram
 from pyro_ddpm.protocol import DataSpec
 from pyro_ddpm.registry import MODELS
 from pyro_ddpm.schedule import Schedule, at
 
 
 @MODELS.register
-class ReverseProcess(nn.Module):
+class ReverseProcess(ReverseProgram):
     """The generative model: a Markov chain from N(0, I) down to the data through eps_theta.
 
     :param eps: any ``nn.Module`` ``eps(x_t, t)`` with integer ``t`` in 1..T returning a tensor
@@ -50,6 +51,7 @@ class ReverseProcess(nn.Module):
 
     variances: tuple[str, ...] = ("large", "small")
     objectives: tuple[str, ...] = ("elbo", "simple")
+    capabilities: tuple[str, ...] = ("ddim", "respace", "ode", "progressive")
 
     def __init__(
         self,
@@ -130,12 +132,6 @@ class ReverseProcess(nn.Module):
         new = copy.copy(self)
         new._modules = dict(self._modules)
         new.likelihood = likelihood
-        return new
-
-    def with_network(self, eps: nn.Module) -> ReverseProcess:
-        """The same program around another network module (e.g. the same network wrapped for DDP)."""
-        new = copy.copy(self)
-        new._modules = dict(self._modules, eps=eps)
         return new
 
     def with_clipping(self) -> ReverseProcess:
@@ -224,15 +220,30 @@ class ReverseProcess(nn.Module):
         """:meth:`mean` and :meth:`scale` from one network output (a class whose two share work computes it once)."""
         return self.mean(x_t, t, out), self.scale(x_t, t, out)
 
-    def _event(self, d):
-        return d.to_event(len(self.shape))
-
     def prior(self, batch: int, like: torch.Tensor) -> dist.Distribution:
-        """p(x_T) = N(0, I), in the dtype and on the device of ``like``."""
-        return self._event(dist.Normal(like.new_zeros(()), 1.0).expand((batch,) + self.shape))
+        """p(x_T) over whole data (the event-shaped :meth:`p_xT`)."""
+        return self._event(self.p_xT(batch, like))
 
-    def _check_data(self, x0: torch.Tensor, t: torch.Tensor | None = None) -> None:
-        # Always checked (not only under Pyro's validation): bad data gives one clear error, never a bound.
+    # ------------------------------------------------------------------ the program's distributions
+    def p_xT(self, batch: int, like: torch.Tensor) -> dist.Normal:
+        """p(x_T) = N(0, I), in the dtype and on the device of ``like``."""
+        return dist.Normal(like.new_zeros(()), 1.0).expand((batch,) + self.shape)
+
+    def p_prev(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> dist.Normal:
+        """p_theta(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2 I) (Eq. 1)."""
+        return dist.Normal(*self.mean_and_scale(x_t, t, out))
+
+    def p_x0(self, x_1: torch.Tensor, t: torch.Tensor, out: torch.Tensor):
+        """p_theta(x_0 | x_1): the likelihood at mean mu_theta(x_1, 1), scale sigma_1 (Eq. 13)."""
+        return self.likelihood(*self.mean_and_scale(x_1, t, out))
+
+    def x0_from_transition(self, fn, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x0_hat = (mu_theta - coef_xt x_t) / coef_x0: the mean is the posterior mean at the prediction
+        (Eq. 7 with Eq. 15), read off the traced transition in ``x_t``'s dtype."""
+        return self.schedule.x0_from_mean(protocol.elementwise(fn).loc.to(x_t.dtype), x_t, t)
+
+    def check_data(self, x0: torch.Tensor, t: torch.Tensor | None = None) -> None:
+        """Always checked (not only under Pyro's validation): bad data gives one clear error, never a bound."""
         protocol.check_batch(x0, self.shape, t, self.T)
         self.likelihood.check(x0)
         param = next(self.eps.parameters(), None)
@@ -241,61 +252,3 @@ class ReverseProcess(nn.Module):
                 f"x_0 is {x0.dtype} but the network's parameters are {param.dtype}: convert the images "
                 f"(x0.to({param.dtype})) or the model"
             )
-
-    # ------------------------------------------------------------------ the chain form
-    def chain_start(self, x0: torch.Tensor | None, num_images: int | None) -> tuple[int, torch.Tensor]:
-        """(number of images, a tensor whose dtype and device x_T takes) for a chain over ``x0`` or ``num_images``."""
-        if x0 is not None:
-            self._check_data(x0)
-            return x0.shape[0], x0
-        if num_images is None:
-            raise ValueError("chain: give x0 or num_images")
-        param = next(self.eps.parameters(), None)
-        return num_images, torch.zeros(
-            (), dtype=param.dtype if param is not None else torch.get_default_dtype(), device=self.schedule.beta.device
-        )
-
-    def chain(self, x0: torch.Tensor | None = None, num_images: int | None = None) -> torch.Tensor:
-        """p(x_T) prod_t p_theta(x_{t-1} | x_t): every term of Eq. 5 at its own site.
-
-        With ``x0=None`` this is Algorithm 2 (ancestral sampling) of ``num_images`` images; the
-        returned x_0 is an exact draw of the decoder (on the data grid for a discretized likelihood).
-        """
-        pyro.module("eps", self.eps)
-        num_images, like = self.chain_start(x0, num_images)
-        with pyro.plate(protocol.IMAGES, num_images):
-            x = pyro.sample(protocol.chain_site(self.T), self.prior(num_images, like))
-            t = torch.empty(num_images, dtype=torch.long, device=x.device)
-            for step in range(self.T, 1, -1):
-                loc, scale = self.transition(x, torch.full_like(t, step))
-                x = pyro.sample(protocol.chain_site(step - 1), self._event(dist.Normal(loc, scale)))
-            loc, scale = self.transition(x, torch.full_like(t, 1))
-            return pyro.sample(protocol.X_0, self._event(self.likelihood(loc, scale)), obs=x0)
-
-    # ------------------------------------------------------------------ the training form
-    def begin_per_timestep(self, x0: torch.Tensor, t: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """What every training form starts with: the network registered, the input checked, the site
-        ``x_T`` (L_T, per image); returns B and the pairs (x_0 repeated per timestep, flat t)."""
-        pyro.module("eps", self.eps)
-        self._check_data(x0, t)
-        B = x0.shape[0]
-        with pyro.plate(protocol.IMAGES, B):
-            pyro.sample(protocol.X_T, self.prior(B, x0))
-        return (B, *protocol.pairs(x0, t))
-
-    def per_timestep(self, x0: torch.Tensor, t: torch.Tensor, weight: torch.Tensor | None = None) -> None:
-        """The bound's terms at K timesteps per image, all scored with one network call.
-
-        ``t`` is (B, K); see :mod:`pyro_ddpm.protocol`. The prior of the conditioning site ``x_t`` is
-        a placeholder: the site is masked out in both programs and only carries the guide's draw.
-        """
-        B, x0, t = self.begin_per_timestep(x0, t)
-        with protocol.timestep_plate(t.view(B, -1), self.T), protocol.weighted(weight, t, x0):
-            with poutine.mask(mask=False):
-                x_t = pyro.sample(protocol.X_t, self.prior(x0.shape[0], x0))
-            loc, scale = self.transition(x_t, t)
-            with poutine.mask(mask=t > 1):
-                pyro.sample(protocol.X_PREV, self._event(dist.Normal(loc, scale)))
-            decoder = ScoredWhere(self.likelihood, loc, scale, where=t == 1)  # computed at t = 1 pairs only
-            with poutine.mask(mask=t == 1):
-                pyro.sample(protocol.X_0, self._event(decoder), obs=x0)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
@@ -132,6 +133,11 @@ class TermwiseELBO(TraceMeanField_ELBO):
             else:
                 guide_site = guide_trace.nodes[name]
                 mask, scale = guide_site["mask"], guide_site["scale"]
+                if not guide_site["fn"].has_rsample and guide_site["unscaled_log_prob"].requires_grad:
+                    raise ValueError(
+                        f"guide site {name!r} is not reparameterizable but depends on parameters: its "
+                        "gradient would be wrong (a discrete guide must have no parameters)"
+                    )
                 try:
                     value = kl_divergence(guide_site["fn"], site["fn"])
                 except NotImplementedError:  # no analytic KL: the Monte-Carlo term, as Pyro falls back to
@@ -166,7 +172,9 @@ def check_against_pyro(terms, model, guide, guide_trace, args, kwargs, max_plate
     exactly the sample the terms were computed from.
     """
     replayed_guide = poutine.replay(guide, trace=guide_trace)
-    with torch.no_grad():
+    # Pyro's validation refuses guide sites without rsample (its gradient would need a score function); a
+    # parameter-free discrete guide needs none (refused above otherwise), and the loss value is the same
+    with torch.no_grad(), pyro.validation_enabled(False):
         expected = TraceMeanField_ELBO(max_plate_nesting=max_plate_nesting).differentiable_loss(
             model, replayed_guide, *args, **kwargs
         )

@@ -438,35 +438,6 @@ class BernoulliLikelihood:
         return "BernoulliLikelihood()"
 
 
-class ScoredWhere(TorchDistribution):
-    """``likelihood(loc, scale)`` whose ``log_prob`` is computed only at the batch entries where ``where``.
-
-    Elsewhere ``log_prob`` is 0. The per-timestep form scores the decoder only at t = 1 pairs (under
-    ``poutine.mask``); evaluating it on every (image, t) pair would spend most of its work on
-    entries the mask discards. Values and gradients at the kept entries are the likelihood's own.
-
-    :param where: a boolean tensor over the leading batch dimension of ``loc``.
-    """
-
-    arg_constraints = {}
-    support = constraints.real
-
-    def __init__(self, likelihood, loc: torch.Tensor, scale: torch.Tensor, where: torch.Tensor):
-        self.likelihood, self.where = likelihood, where
-        self.loc, self.scale = broadcast_all(loc, scale)
-        super().__init__(self.loc.shape, torch.Size(), validate_args=False)
-
-    def log_prob(self, value):
-        zeros = self.loc.new_zeros(self.batch_shape)
-        if self.where.device.type == "cpu" and not bool(self.where.any()):  # no t = 1 pair in this batch
-            return zeros  # the decoder's work is skipped (on the GPU the check would cost a synchronization)
-        kept = self.likelihood(self.loc[self.where], self.scale[self.where]).log_prob(value[self.where])
-        return zeros.index_put((self.where,), kept.to(self.loc.dtype))
-
-    def sample(self, sample_shape=torch.Size()):
-        return self.likelihood(self.loc, self.scale).sample(sample_shape)
-
-
 def default_likelihood(levels: int | None):
     """The decoder for data with ``levels`` values per dimension (a data set's ``levels``):
 

@@ -58,6 +58,7 @@ from torch import nn
 from pyro_ddpm.adapters import EpsNetwork, to_grid
 from pyro_ddpm.likelihoods import check_images
 from pyro_ddpm.models import LearnedVarianceReverseProcess, ReverseProcess
+from pyro_ddpm.programs import ReverseProgram, require
 
 DIVERGENCES = ("auto", "exact", "rademacher", "gaussian")
 EXACT_MAX_DIMS = 16  # divergence="auto": exact up to this many dimensions, Rademacher beyond
@@ -93,6 +94,8 @@ class ContinuousSchedule:
 
 def _network(eps_or_model, schedule):
     """(eps function, schedule, data shape or None) for a model or a bare network."""
+    if isinstance(eps_or_model, ReverseProgram):
+        require(eps_or_model, "ode", "the probability-flow ODE likelihood")
     if isinstance(eps_or_model, ReverseProcess):
         model = eps_or_model
         # The network's output is eps (then v) only if the class reads it as its base classes do.

@@ -173,19 +173,33 @@ def elementwise(fn):
 
 
 class FixedNoise(Messenger):
-    """Draw the named Normal sites as loc + scale * noise from given standard-normal ``noise``.
+    """Draw the named sample sites from given standard noise: ``draw(fn, noise)`` turns the site's
+    elementwise distribution ``fn`` and the noise into its value (the guide's
+    :meth:`~pyro_ddpm.programs.ForwardProgram.from_noise`).
 
-    A reparameterized ``poutine.condition``: the site stays latent (its KL is still taken) and its
-    value keeps its gradient with respect to the guide's loc and scale. The trainer and the evaluator
-    use it on ``x_t`` so that results depend on their own seeded noise, not on how work is split.
+    A conditioned draw that stays latent: the site's KL is still taken, and for a reparameterizable family
+    its value keeps its gradient with respect to the guide's parameters. The trainer and the evaluator use
+    it on ``x_t`` so that results depend on their own seeded noise, not on how work is split.
     """
 
-    def __init__(self, noise: dict[str, torch.Tensor]):
+    def __init__(self, noise: dict[str, torch.Tensor], draw):
         super().__init__()
         self.noise = noise
+        self.draw = draw
 
     def _pyro_sample(self, msg):
         if msg["name"] not in self.noise or msg["is_observed"] or msg["value"] is not None:
             return
-        fn = elementwise(msg["fn"])
-        msg["value"] = fn.loc + fn.scale * self.noise[msg["name"]].to(fn.loc)
+        msg["value"] = self.draw(elementwise(msg["fn"]), self.noise[msg["name"]])
+
+
+NOISE_KINDS = ("normal", "uniform")
+
+
+def standard_noise(kind: str, shape, generator: torch.Generator | None = None, dtype=None) -> torch.Tensor:
+    """Standard noise of ``kind`` (``"normal"``: N(0, 1); ``"uniform"``: U(0, 1)) of ``shape``."""
+    if kind == "normal":
+        return torch.randn(shape, generator=generator, dtype=dtype)
+    if kind == "uniform":
+        return torch.rand(shape, generator=generator, dtype=dtype)
+    raise ValueError(f"unknown noise kind {kind!r}; a guide's noise is one of {list(NOISE_KINDS)}")

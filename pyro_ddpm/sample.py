@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from pyro_ddpm.figures import new_figure, save_figure
 from pyro_ddpm.files import atomic_write
 from pyro_ddpm.models import DDIM
+from pyro_ddpm.programs import require
 from pyro_ddpm.respace import respace
 
 SAMPLERS = ("ancestral", "ddim")
@@ -96,11 +97,13 @@ def sampling_program(model, sampler: str = "ancestral", steps: int | None = None
     if sampler not in SAMPLERS:
         raise ValueError(f"sample: unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     if sampler == "ddim":
+        require(model, "ddim", "DDIM sampling")
         return DDIM(model, steps, eta)
     if eta != 0:
         raise ValueError(f"sample: eta applies to sampler='ddim' only, got eta = {eta!r} with sampler='ancestral'")
     if steps is None or (not isinstance(steps, bool) and isinstance(steps, numbers.Integral) and steps == model.T):
         return model
+    require(model, "respace", f"ancestral sampling in {steps} < T = {model.T} steps (respacing)")
     return respace(model, steps)
 
 

@@ -5,7 +5,7 @@ on 1..T, Algorithm 1's draw, or an importance proposal with weights 1/(T p_t); :
 and the noise of x_t ~ q(x_t | x_0) from the run's own generator, and calls ``svi.step`` with
 :class:`~pyro_ddpm.elbo.TermwiseELBO` (Pyro's ``TraceMeanField_ELBO`` that keeps its terms): one
 network call over the B*K pairs. The guide draws x_t from that noise through
-:class:`~pyro_ddpm.protocol.FixedNoise` (a reparameterized draw), so a run is reproduced exactly by
+:class:`~pyro_ddpm.protocol.FixedNoise` (the guide's ``from_noise``), so a run is reproduced exactly by
 its seed, whether it is resumed or split over processes. The objective changes only the model
 program and the per-timestep weights, as the model class declares (``training_program``). The model
 and guide are any classes following :mod:`pyro_ddpm.protocol`; parameters of either (e.g. a learned
@@ -171,7 +171,7 @@ class TrainConfig:
         likelihood = self.likelihood or LIKELIHOODS.name_of(type(likelihoods.default_for(dataset)))
         return dataclasses.replace(
             self,
-            variance=self.variance or model_class.variances[0],
+            variance=self.variance or next(iter(model_class.variances), None),
             warmup=self.warmup_steps,
             lr_decay_steps=(self.lr_decay_steps or self.steps) if self.lr_decay != "constant" else self.lr_decay_steps,
             likelihood=likelihood,
@@ -198,32 +198,33 @@ def check_device(device: str) -> None:
 def build(config: TrainConfig, dataset: datasets.Dataset, trust_code: bool = True):
     """Model and guide for ``config`` on ``dataset`` (on ``config.device``).
 
-    The guide class builds itself with ``from_spec(T, schedule, event_dim)``; the model class is built by
+    The guide class builds itself with ``for_data(T, schedule, data)``; the model class is built by
     ``from_config(eps=network, schedule=guide.schedule, likelihood=..., variance=..., shape=...)`` around
     the guide's schedule (one schedule object: a learned schedule is learned for both), with the network
     preset given the output the class asks for (``network_config(preset, data)``).
     """
     model_class = config.model_class(trust_code)
-    guide = GUIDES.resolve(config.guide, trust_code=trust_code).from_spec(config.T, config.schedule, len(dataset.shape))
+    spec = protocol.DataSpec(dataset.shape, int(dataset.levels or 0))
+    guide = GUIDES.resolve(config.guide, trust_code=trust_code).for_data(config.T, config.schedule, spec)
     likelihood = (
         likelihoods.default_for(dataset)
         if config.likelihood is None
         else likelihoods.by_name(config.likelihood, dataset, trust_code=trust_code)
     )
-    spec = protocol.DataSpec(dataset.shape, int(dataset.levels or 0))
     preset = dict(presets.NETWORKS[config.net or dataset.preset], **config.net_overrides)
     net = build_network(model_class.network_config(preset, spec))
-    if tuple(getattr(net, "shape", dataset.shape)) != dataset.shape:
+    if tuple(getattr(net, "shape", dataset.shape)) != model_class.network_input_shape(spec):
         raise ValueError(
             f"network preset {config.net!r} expects data of shape {net.shape}, "
             f"but {dataset.name} has shape {dataset.shape}"
         )
+    variance = {"variance": config.variance} if model_class.variances else {}  # a class with variance rules
     model = model_class.from_config(
         eps=net,
         schedule=guide.schedule,
         likelihood=likelihood,
-        variance=config.variance,
         shape=list(dataset.shape),
+        **variance,
         **config.model_options,
     )
     model.to(config.device)
@@ -343,7 +344,7 @@ def make_svi(config: TrainConfig, program, guide, processes: Processes | None = 
             train_program.per_timestep(x0, t, weight)
 
     def svi_guide(x0, t, eps, weight):
-        with processes.scale(), protocol.FixedNoise({protocol.X_t: eps}):
+        with processes.scale(), protocol.FixedNoise({protocol.X_t: eps}, guide.from_noise):
             guide.per_timestep(x0, t, weight)
 
     elbo = TermwiseELBO()
@@ -794,7 +795,7 @@ def _train(
             if dataset.flip:
                 x0 = datasets.random_flip(x0, generator)
             t, proposal = sampler.draw(B, K, generator=generator)
-            eps = torch.randn((B, K, *dataset.shape), generator=generator)
+            eps = protocol.standard_noise(guide.noise, (B, K, *dataset.shape), generator)
             weight = step_weight(objective_weight, proposal)
             x0, t, eps = (v[shard].to(config.device) for v in (x0, t, eps))
             eps = eps.reshape(-1, *dataset.shape)  # pair b * K + k
@@ -877,7 +878,7 @@ def _bound_of_batch(model, guide, x0, t, eps, proposal, K) -> torch.Tensor:
     with _own_rng():
         terms = TermwiseELBO().terms(
             model.per_timestep,
-            protocol.FixedNoise({protocol.X_t: eps})(guide.per_timestep),
+            protocol.FixedNoise({protocol.X_t: eps}, guide.from_noise)(guide.per_timestep),
             x0,
             t,
             step_weight(None, proposal.to(x0.device)),

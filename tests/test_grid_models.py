@@ -224,7 +224,11 @@ def test_simple_objective_is_algorithm_1_on_the_implied_eps(cls):
     eps = torch.randn(B, D)
     program, weight = objective("simple", model)
     loss = TraceMeanField_ELBO().differentiable_loss(
-        program.per_timestep, protocol.FixedNoise({protocol.X_t: eps})(guide.per_timestep), x0, t, weight
+        program.per_timestep,
+        protocol.FixedNoise({protocol.X_t: eps}, guide.from_noise)(guide.per_timestep),
+        x0,
+        t,
+        weight,
     )
     grads = torch.autograd.grad(loss, list(net.parameters()))
     pyro.clear_param_store()
@@ -237,7 +241,10 @@ def test_simple_objective_is_algorithm_1_on_the_implied_eps(cls):
     if cls is MomentMatchedGridReverseProcess:  # its bound is another thing: elbo's gradient differs
         elbo_program, _ = objective("elbo", model)
         loss = TraceMeanField_ELBO().differentiable_loss(
-            elbo_program.per_timestep, protocol.FixedNoise({protocol.X_t: eps})(guide.per_timestep), x0, t
+            elbo_program.per_timestep,
+            protocol.FixedNoise({protocol.X_t: eps}, guide.from_noise)(guide.per_timestep),
+            x0,
+            t,
         )
         g = torch.autograd.grad(loss, list(net.parameters()))
         assert not all(torch.allclose(a, b, rtol=1e-6) for a, b in zip(g, grads))
