@@ -29,6 +29,8 @@ class ForwardProcess(ForwardProgram):
     :param event_dim: the number of data dimensions (default: every dimension after the batch).
     """
 
+    family = "gaussian"
+
     def __init__(self, schedule: Schedule, event_dim: int | None = None):
         super().__init__()
         self.schedule = schedule

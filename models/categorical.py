@@ -49,6 +49,8 @@ class CategoricalReverseProcess(ReverseProgram):
     :param shape: the shape of one datum.
     """
 
+    family = "categorical"
+
     objectives = ("elbo", "simple")
     capabilities = ("progressive",)
 
@@ -65,6 +67,8 @@ class CategoricalReverseProcess(ReverseProgram):
         self.shape = tuple(int(s) for s in shape)
         self.levels = levels
         self.autocast = None
+        if getattr(schedule, "weight", None) is None:  # no weighted cross-entropy form: the bound only
+            self.objectives = ("elbo",)
 
     def config(self) -> dict:
         return {"shape": list(self.shape)}

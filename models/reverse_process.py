@@ -49,6 +49,8 @@ class ReverseProcess(ReverseProgram):
     - :meth:`output_channels`: the network output it needs for given data.
     """
 
+    family = "gaussian"
+
     variances: tuple[str, ...] = ("large", "small")
     objectives: tuple[str, ...] = ("elbo", "simple")
     capabilities: tuple[str, ...] = ("ddim", "respace", "ode", "progressive")

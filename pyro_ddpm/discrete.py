@@ -122,6 +122,8 @@ class CategoricalForwardProcess(ForwardProgram):
     A family's guide file subclasses this with its schedule class (``schedule_class``) and nothing else.
     """
 
+    family = "categorical"
+
     noise = "uniform"
     schedule_class: type[CategoricalSchedule]
 

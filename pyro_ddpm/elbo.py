@@ -200,7 +200,7 @@ def objective(name: str, model):
 
     ``name`` must be one of ``model.objectives``; the model's ``training_program(name)`` builds it.
     """
-    supported = tuple(getattr(type(model), "objectives", ("elbo",)))
+    supported = tuple(getattr(model, "objectives", ("elbo",)))  # the instance's (it may narrow its class's)
     if name not in supported:
         raise ValueError(f"{type(model).__name__} does not train on objective {name!r}; it supports {list(supported)}")
     return model.training_program(name)

@@ -62,11 +62,17 @@ NETWORKS = {
 # grid posterior with free logits (models/moment_matched.py) and with a fixed variance.
 _EPS = dict(model="ReverseProcess")
 _GRID = dict(model="MomentMatchedLogisticGridReverseProcess")
+# Discrete-state diffusion (one flag away): the x0-parameterized categorical model over the masked (absorbing)
+# and the uniform forward processes, on the linear masking schedule alpha_t = 1 - t/T.
+_MASKED = dict(model="CategoricalReverseProcess", guide="MaskedForwardProcess", schedule="linear")
+_UNIFORM = dict(model="CategoricalReverseProcess", guide="UniformForwardProcess", schedule="linear")
 
 
-def _arms(grid: dict) -> dict:
-    """The arms, the grid model's given its training settings ``grid`` (the eps model keeps the base's)."""
+def _arms(grid: dict, discrete: dict | None = None) -> dict:
+    """The arms, the grid model's given its training settings ``grid`` (the eps model keeps the base's), the
+    discrete-state arms' given theirs (``discrete``)."""
     g = dict(_GRID, **grid)
+    m, u = dict(_MASKED, **(discrete or {})), dict(_UNIFORM, **(discrete or {}))
     return {
         "eps-elbo": dict(_EPS, objective="elbo", timesteps="importance"),
         "eps-simple": dict(_EPS, objective="simple"),
@@ -81,6 +87,9 @@ def _arms(grid: dict) -> dict:
             g, model="LogisticGridReverseProcess", variance="small", objective="elbo", timesteps="importance"
         ),
         "grid-small-simple": dict(g, model="LogisticGridReverseProcess", variance="small", objective="simple"),
+        "masked-elbo": dict(m, objective="elbo", timesteps="importance"),
+        "masked-simple": dict(m, objective="simple"),
+        "uniform-elbo": dict(u, objective="elbo", timesteps="importance"),
     }
 
 
@@ -91,7 +100,9 @@ DEFAULT_ARMS = ("eps-elbo", "eps-simple", "grid-elbo", "grid-simple")
 # linear 1.769; ch 32 / 1500 / 2e-3 / cosine 1.702; ch 24 / 2000 1.688; ch 32 / 2500 1.686 bits/dim, but ch 32 / 2500
 # took the main job to about 20 minutes). The eps model with cosine + lr 2e-3 reached 4.61 bits/dim, so
 # it keeps the base's settings.
-DIGITS_ARMS = _arms(dict(net_overrides={"ch": 24}, lr=2e-3, schedule="cosine", steps=2000))
+DIGITS_ARMS = _arms(
+    dict(net_overrides={"ch": 24}, lr=2e-3, schedule="cosine", steps=2000), discrete=dict(lr=2e-3, steps=3000)
+)
 
 DATASETS = {
     # digits: the CPU default, sized for the main job's 15-minute budget on 2 CPU cores; lr 5x the

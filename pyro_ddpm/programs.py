@@ -81,6 +81,16 @@ def subset(value, where: torch.Tensor):
     return value[where] if torch.is_tensor(value) else value
 
 
+def check_pair(model_class: type, guide_class: type) -> None:
+    """Raise one ValueError unless the model class reverses the guide class's family (``family``)."""
+    m, g = getattr(model_class, "family", ""), getattr(guide_class, "family", "")
+    if m != g:
+        raise ValueError(
+            f"{model_class.__name__} reverses a {m or 'unstated'} forward process, but {guide_class.__name__} "
+            f"is {g or 'unstated'}: choose a model and a guide of the same family"
+        )
+
+
 class ScoredWhere(TorchDistribution):
     """A distribution scored only at the batch entries ``where``: ``make(where)`` builds it there, lazily.
 
@@ -127,6 +137,7 @@ class ForwardProgram(Complete, nn.Module, abc.ABC):
     """
 
     noise: str = "normal"  # the standard noise from_noise turns into a draw: "normal" or "uniform"
+    family: str = ""  # the family of states it moves through; a model pairs with guides of its own family
     event_dim: int | None = None
 
     @property
@@ -214,6 +225,7 @@ class ReverseProgram(Complete, nn.Module, abc.ABC):
     """
 
     objectives: tuple[str, ...] = ("elbo",)
+    family: str = ""  # the guides' family it reverses (ForwardProgram.family)
     variances: tuple[str, ...] = ()  # the variance rules a Gaussian class implements, the first the default
     capabilities: tuple[str, ...] = ()
     shape: tuple

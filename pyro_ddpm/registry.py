@@ -51,6 +51,9 @@ class Registry:
         def add(c: type) -> type:
             if not isinstance(c, type):
                 raise TypeError(f"{self.kind} registry: can register classes only, got {c!r}")
+            missing = sorted(getattr(c, "__abstractmethods__", ()))
+            if missing:  # a program class must define its contract (pyro_ddpm.programs)
+                raise TypeError(f"{c.__name__} is not a complete {self.kind}: it does not define {', '.join(missing)}")
             key = name or (c.__name__ if c.__module__.startswith("pyro_ddpm.") else qualified_name(c))
             known = self._classes.get(key)
             if known is not None and known is not c and not _same_definition(known, c):

@@ -59,6 +59,7 @@ from pyro_ddpm.elbo import TermwiseELBO, objective
 from pyro_ddpm.files import RunLock, atomic_write, remove_stale_temporaries
 from pyro_ddpm.nets import build_network
 from pyro_ddpm.optim import JointOptimizer
+from pyro_ddpm.programs import check_pair
 from pyro_ddpm.registry import GUIDES, LIKELIHOODS, MODELS, NETWORKS, TIMESTEPS
 from pyro_ddpm.sample import sample, save_png
 
@@ -114,7 +115,9 @@ class TrainConfig:
         """Raise one ValueError naming the first setting that cannot work (nothing is built or written)."""
         model_class = self.model_class(trust_code)
         self.model = MODELS.name_of(model_class)
-        self.guide = GUIDES.name_of(GUIDES.resolve(self.guide, trust_code=trust_code))
+        guide_class = GUIDES.resolve(self.guide, trust_code=trust_code)
+        self.guide = GUIDES.name_of(guide_class)
+        check_pair(model_class, guide_class)
         self.timesteps = TIMESTEPS.name_of(TIMESTEPS.resolve(self.timesteps, trust_code=trust_code))
         if self.likelihood is not None:
             self.likelihood = LIKELIHOODS.name_of(LIKELIHOODS.resolve(self.likelihood, trust_code=trust_code))

@@ -21,12 +21,17 @@ SHARED = [
     "pyro_ddpm/cli.py",
     "pyro_ddpm/elbo.py",
     "pyro_ddpm/compare.py",
+    "pyro_ddpm/programs.py",
+    "pyro_ddpm/protocol.py",
+    "pyro_ddpm/sample.py",
+    "pyro_ddpm/importance_weighted.py",
 ]
 SCHEDULES = {"linear", "cosine", "learned"}
 # Words that are also a program's name but mean something else in that file (reviewed one by one).
 HOMONYMS = {
     "pyro_ddpm/train.py": {"cosine"},  # the learning rate's cosine decay, not the cosine noise schedule
     "pyro_ddpm/cli.py": {"gaussian"},  # the ODE's Gaussian Hutchinson probes, not the Gaussian decoder
+    "pyro_ddpm/protocol.py": {"uniform"},  # the kind of a guide's standard noise, not the timestep sampler
 }
 
 
