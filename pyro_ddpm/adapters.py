@@ -288,6 +288,6 @@ def bound_of(source, images, levels: int = 256, draws: int = 1, max_batch: int =
             f"bound_of: images have shape {tuple(x0.shape)}, the model's data shape is "
             f"(N, {', '.join(map(str, model.shape))})"
         )
-    device = model.schedule.beta.device
+    device = model.device
     idata = evaluate.bound(model, guide, x0.to(device), draws=draws, max_batch=max_batch, seed=seed, **kwargs)
     return idata, evaluate.summarize(idata)

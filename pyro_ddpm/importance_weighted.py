@@ -75,7 +75,7 @@ def importance_weighted(
     """
     start = time.perf_counter()
     if not x0.dtype.is_floating_point and hasattr(model.likelihood, "levels"):
-        x0 = to_grid(x0, int(model.likelihood.levels)).to(model.schedule.beta.device)
+        x0 = to_grid(x0, int(model.likelihood.levels)).to(model.device)
     if int(particles) < 1 or int(max_chains) < 1:
         raise ValueError(
             f"importance_weighted: particles and max_chains must be positive, got {particles}, {max_chains}"

@@ -266,6 +266,13 @@ class ReverseProgram(Complete, nn.Module, abc.ABC):
         require(self, "progressive", "progressive coding")
         raise NotImplementedError
 
+    @property
+    def device(self) -> torch.device:
+        """Where the program's tensors live (its first parameter's or buffer's device; the CPU without either)."""
+        tensor = next(self.parameters(), None)
+        tensor = tensor if tensor is not None else next(self.buffers(), None)
+        return tensor.device if tensor is not None else torch.device("cpu")
+
     def with_network(self, eps: nn.Module) -> ReverseProgram:
         """The same program around another network module (e.g. the same network wrapped for DDP)."""
         new = copy.copy(self)

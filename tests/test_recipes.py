@@ -214,10 +214,10 @@ def test_the_model_scores_x0_with_the_decoder(lik):
     trace = poutine.trace(poutine.replay(model.per_timestep, trace=guide_trace)).get_trace(x0, t)
     site = trace.nodes[protocol.X_0]
     fn = protocol.elementwise(site["fn"])
-    fn = fn.make(fn.where)  # the decoder, built at the t = 1 pairs (here: every pair)
-    mu, sigma = fn.loc.detach().double().numpy(), fn.scale.detach().double().numpy()
-    np.testing.assert_allclose(sigma, math.sqrt(schedule.sigma2_large[1].item()), rtol=1e-6)
-    expected = expit_log_mass(x0.double().numpy(), mu, sigma * math.sqrt(3.0) / math.pi, K).reshape(3, -1).sum(1)
+    fn = fn.make(fn.where)  # the decoder the likelihood built at the t = 1 pairs (here: every pair)
+    mu, s = fn.loc.detach().double().numpy(), fn.scale.detach().double().numpy()
+    np.testing.assert_allclose(s, math.sqrt(schedule.sigma2_large[1].item()) * math.sqrt(3.0) / math.pi, rtol=1e-6)
+    expected = expit_log_mass(x0.double().numpy(), mu, s, K).reshape(3, -1).sum(1)
     np.testing.assert_allclose(site["fn"].log_prob(x0).detach().double().numpy(), expected, rtol=1e-5)
 
 
