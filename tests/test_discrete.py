@@ -742,5 +742,6 @@ def test_integer_images_are_accepted_by_the_importance_weighted_bound_and_bound_
     iw = importance_weighted(m, g, x, particles=2)
     # uniform logits: every element costs log 3 whatever the path (the masked process reveals each once)
     np.testing.assert_allclose(np.asarray(iw["nats"]), [2 * math.log(3.0)], rtol=1e-6)  # the images become float32
-    _, summary = bound_of((m, g), x, levels=3)
-    np.testing.assert_allclose(summary["total"]["nats_per_image"], 2 * math.log(3.0), rtol=1e-6)
+    # the per-timestep bound draws x_t afresh at each t: 2 log 3 only on average over its noise draws
+    _, summary = bound_of((m, g), x, levels=3, draws=256)
+    np.testing.assert_allclose(summary["total"]["nats_per_image"], 2 * math.log(3.0), rtol=0.05)
