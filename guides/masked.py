@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from pyro_ddpm.discrete import CategoricalForwardProcess, CategoricalSchedule, at
+from pyro_ddpm.discrete import CategoricalForwardProcess, CategoricalSchedule, at, floored_log
 from pyro_ddpm.registry import GUIDES
 
 
@@ -43,6 +43,21 @@ class MaskingSchedule(CategoricalSchedule):
 
     def prior(self, dtype):
         return self.onehot(torch.tensor(self.mask, device=self.alpha.device), dtype)
+
+    def evidence(self, x_t, t, dtype):
+        """q(x_t | x_0 = v_k) for every k: 1 - alpha_t for a masked x_t, alpha_t [v_k = x_t] otherwise."""
+        a = at(self.alpha, t, x_t).to(dtype).unsqueeze(-1)
+        same = (torch.arange(self.levels, device=x_t.device) == x_t.unsqueeze(-1)).to(dtype)
+        return torch.where((x_t == self.mask).unsqueeze(-1), 1.0 - a, a * same)
+
+    def mixture(self, x_t, log_p0, t):
+        """In closed form: log w_t + log p(x_0 = v_k) at the levels and log(1 - w_t) at M for a masked x_t;
+        an unmasked x_t is kept."""
+        dtype = log_p0.dtype
+        w = at(self.weight.to(x_t.device), t, x_t).to(dtype).unsqueeze(-1)
+        to_mask = floored_log(1.0 - w).expand(*log_p0.shape[:-1], 1)
+        masked = torch.cat([floored_log(w) + log_p0, to_mask], dim=-1)
+        return torch.where((x_t == self.mask).unsqueeze(-1), masked, floored_log(self.onehot(x_t, dtype)))
 
     @property
     def weight(self) -> torch.Tensor:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from pyro_ddpm.discrete import CategoricalForwardProcess, CategoricalSchedule, at
+from pyro_ddpm.discrete import CategoricalForwardProcess, CategoricalSchedule, at, floored_log
 from pyro_ddpm.registry import GUIDES
 
 
@@ -36,6 +36,29 @@ class UniformSchedule(CategoricalSchedule):
 
     def prior(self, dtype):
         return torch.full((self.levels,), 1.0 / self.levels, dtype=dtype, device=self.alpha.device)
+
+    def evidence(self, x_t, t, dtype):
+        """q(x_t | x_0 = v_k) for every k: alpha_t [v_k = x_t] + (1 - alpha_t) / K."""
+        a = at(self.alpha, t, x_t).to(dtype).unsqueeze(-1)
+        return (
+            a * (torch.arange(self.levels, device=x_t.device) == x_t.unsqueeze(-1)).to(dtype) + (1.0 - a) / self.levels
+        )
+
+    def mixture(self, x_t, log_p0, t):
+        """In closed form, O(K) per element: with A_j = q(x_t | x_{t-1} = j), B_jk = q(x_{t-1} = j | x_0 = k) and
+        Z_k = q(x_t | x_0 = k),
+
+            sum_k p_k A_j B_jk / Z_k = A_j (alpha_{t-1} p_j / Z_j + (1 - alpha_{t-1}) / K sum_k p_k / Z_k).
+        """
+        dtype, K = log_p0.dtype, self.levels
+        a_prev = at(self.alpha, t - 1, x_t).unsqueeze(-1)
+        step = (at(self.alpha, t, x_t).unsqueeze(-1) / a_prev).to(dtype)
+        same = (torch.arange(K, device=x_t.device) == x_t.unsqueeze(-1)).to(dtype)
+        log_A = floored_log(step * same + (1.0 - step) / K)
+        log_r = log_p0 - self.evidence(x_t, t, dtype).log()
+        log_R = torch.logsumexp(log_r, dim=-1, keepdim=True)
+        spread = ((1.0 - a_prev) / K).to(dtype)
+        return log_A + torch.logaddexp(a_prev.to(dtype).log() + log_r, spread.log() + log_R)
 
 
 @GUIDES.register

@@ -131,9 +131,7 @@ class CategoricalReverseProcess(ReverseProgram):
         if tuple(out.shape) != (B, C * K) + self.shape[1:]:
             raise ValueError(f"the network returned shape {tuple(out.shape)}; expected {(B, C * K) + self.shape[1:]}")
         logits = out.to(dtype).reshape(B, C, K, *self.shape[1:]).movedim(2, -1)
-        k = torch.arange(K, device=x_t.device).expand(*x_t.shape, K)
-        evidence = self.schedule.marginal(k, t, dtype).gather(-1, x_t[..., None, None].expand(*x_t.shape, K, 1))
-        return torch.log_softmax(logits + evidence.squeeze(-1).log(), dim=-1)
+        return torch.log_softmax(logits + self.schedule.evidence(x_t, t, dtype).log(), dim=-1)
 
     # ------------------------------------------------------------------ the program's distributions
     def p_xT(self, batch: int, like: torch.Tensor) -> Categorical:
@@ -142,13 +140,8 @@ class CategoricalReverseProcess(ReverseProgram):
         return Categorical(probs=probs).expand((batch,) + self.shape)
 
     def p_prev(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> PosteriorMixture:
-        K = self.levels
-        k = torch.arange(K, device=x_t.device).expand(*x_t.shape, K)
-        q = self.schedule.posterior(x_t.unsqueeze(-1), k, t, out.dtype)  # (..., K, S)
-        # log q floored at the smallest normal number: a state no x_0 leads to gets a finite, negligible logit
-        # (an all -inf logsumexp would give a NaN gradient)
-        logits = torch.logsumexp(out.unsqueeze(-1) + q.clamp_min(torch.finfo(q.dtype).tiny).log(), dim=-2)
-        return PosteriorMixture(logits, out)
+        """The posterior mixture sum_k p_theta(x_0 = v_k | x_t) q(x_{t-1} | x_t, x_0 = v_k)."""
+        return PosteriorMixture(self.schedule.mixture(x_t, out, t), out)
 
     def p_x0(self, x_1: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> GridCategorical:
         return GridCategorical(out)

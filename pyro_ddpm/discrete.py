@@ -62,6 +62,11 @@ def level_value(k: torch.Tensor, levels: int, dtype=torch.get_default_dtype()) -
     return k.to(dtype) * (2.0 / (levels - 1)) - 1.0
 
 
+def floored_log(p: torch.Tensor) -> torch.Tensor:
+    """log p with 0 mapped to the log of the dtype's smallest normal number (finite, negligible)."""
+    return p.clamp_min(torch.finfo(p.dtype).tiny).log()
+
+
 def at(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """values[t] shaped to broadcast against ``like`` (t indexes its leading dimension)."""
     v = values.to(like.device)[t]
@@ -112,6 +117,23 @@ class CategoricalSchedule(nn.Module, abc.ABC):
     @abc.abstractmethod
     def prior(self, dtype) -> torch.Tensor:
         """p(x_T): (S,) probabilities."""
+
+    def evidence(self, x_t: torch.Tensor, t: torch.Tensor, dtype) -> torch.Tensor:
+        """q(x_t | x_0 = v_k) for every level k: (..., K), from :meth:`marginal` (a family may compute it directly)."""
+        K = self.levels
+        k = torch.arange(K, device=x_t.device).expand(*x_t.shape, K)
+        return self.marginal(k, t, dtype).gather(-1, x_t[..., None, None].expand(*x_t.shape, K, 1)).squeeze(-1)
+
+    def mixture(self, x_t: torch.Tensor, log_p0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """log sum_k p(x_0 = v_k) q(x_{t-1} | x_t, x_0 = v_k): (..., S) for log p(x_0 = v_k) ``log_p0`` (..., K).
+
+        From :meth:`posterior` at every k (K * S numbers per element; a family may sum in closed form). A
+        state no x_0 leads to gets the log of the smallest normal number: finite and negligible (an all
+        -inf log-sum-exp would give a NaN gradient).
+        """
+        k = torch.arange(self.levels, device=x_t.device).expand(*x_t.shape, self.levels)
+        q = self.posterior(x_t.unsqueeze(-1), k, t, log_p0.dtype)  # (..., K, S)
+        return torch.logsumexp(log_p0.unsqueeze(-1) + floored_log(q), dim=-2)
 
 
 class CategoricalForwardProcess(ForwardProgram):

@@ -745,3 +745,25 @@ def test_integer_images_are_accepted_by_the_importance_weighted_bound_and_bound_
     # the per-timestep bound draws x_t afresh at each t: 2 log 3 only on average over its noise draws
     _, summary = bound_of((m, g), x, levels=3, draws=256)
     np.testing.assert_allclose(summary["total"]["nats_per_image"], 2 * math.log(3.0), rtol=0.05)
+
+
+@pytest.mark.parametrize("guide_class", [MaskedForwardProcess, UniformForwardProcess])
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_closed_form_evidence_and_mixture_equal_the_sums_over_every_x0(guide_class, schedule):
+    """A family's O(K) evidence and mixture equal the base class's sums over k of marginal / posterior."""
+    from pyro_ddpm.discrete import CategoricalSchedule
+
+    K, T = 4, 7
+    s = guide_class(T, K, schedule, 1).schedule
+    states = torch.arange(s.states)
+    x_t = states.repeat_interleave(T).reshape(-1, 1)  # every state at every t
+    t = torch.arange(1, T + 1).repeat(s.states)
+    log_p0 = torch.log_softmax(torch.randn(len(t), 1, K, generator=torch.Generator().manual_seed(3)).double(), -1)
+    ev = s.evidence(x_t, t, torch.float64)
+    np.testing.assert_allclose(ev.numpy(), CategoricalSchedule.evidence(s, x_t, t, torch.float64).numpy(), atol=1e-15)
+    possible = (ev.sum(-1) > 0).reshape(-1)  # drop x_t that no x_0 leads to (an unmasked element at t = T)
+    x_t, t, log_p0, ev = x_t[possible], t[possible], log_p0[possible], ev[possible]
+    log_p0 = torch.log_softmax(log_p0 + ev.log(), -1)  # a prediction consistent with x_t, as the model's is
+    ours, sums = s.mixture(x_t, log_p0, t).exp(), CategoricalSchedule.mixture(s, x_t, log_p0, t).exp()
+    np.testing.assert_allclose(ours.numpy(), sums.numpy(), rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(ours.sum(-1).numpy(), 1.0, rtol=1e-12)
