@@ -7,14 +7,17 @@ In order, stopping at the first failure with one line ``gpu_check: FAILED <what>
 
 1. environment: torch, Pyro, the device (and diffusers, optional);
 2. train and resume: each of the ``elbo``, ``simple`` (ReverseProcess) and ``hybrid``
-   (LearnedVarianceReverseProcess) objectives on the digits and the CIFAR-10 presets (CIFAR-10:
+   (LearnedVarianceReverseProcess) objectives and the discrete-state programs ``masked`` and ``uniform``
+   (CategoricalReverseProcess over MaskedForwardProcess / UniformForwardProcess, on the bound) on the
+   digits and the CIFAR-10 presets (CIFAR-10:
    synthetic 8-bit images written as a ``cifar-10-batches-py`` folder, the full 35.7M-parameter
    network in the device mode), in float32 and under bf16 autocast: N steps straight, and N/2 steps
    then a resume to N (the same explicit warm-up); the two runs' network and EMA weights must agree
    (CPU: exactly; CUDA: ``torch.use_deterministic_algorithms(True, warn_only=True)`` with
    ``CUBLAS_WORKSPACE_CONFIG=:4096:8``, and a relative difference ||w_resumed - w_straight|| /
    ||w_straight - w_half|| up to ``--resume-rtol``, reported, failing only above it);
-3. bound: the fp32 ``elbo`` checkpoint of each preset rebuilt on the device and on the CPU,
+3. bound: the fp32 ``elbo`` checkpoint of each preset (and the ``masked`` and ``uniform`` ones of digits)
+   rebuilt on the device and on the CPU,
    :func:`pyro_ddpm.evaluate.bound` of the same test images with the same seed on both; the
    per-image totals must agree to ``--bound-rtol`` (on CUDA with TF32 off; the TF32 difference is
    reported beside it);
@@ -66,7 +69,13 @@ OBJECTIVES = {  # objective -> TrainConfig fields
     "elbo": dict(model="ReverseProcess", objective="elbo"),
     "simple": dict(model="ReverseProcess", objective="simple"),
     "hybrid": dict(model="LearnedVarianceReverseProcess", objective="hybrid"),
+    # discrete-state diffusion: the categorical model over the masked and the uniform forward process
+    "masked": dict(model="CategoricalReverseProcess", guide="MaskedForwardProcess", objective="elbo"),
+    "uniform": dict(model="CategoricalReverseProcess", guide="UniformForwardProcess", objective="elbo"),
 }
+# The checkpoints whose bound is checked on the device against the CPU (the discrete ones on digits only: a
+# CIFAR-10 bound on the CPU is minutes per image at T = 1000).
+BOUND_OBJECTIVES = {"elbo": PRESETS, "masked": ("digits",), "uniform": ("digits",)}
 PRECISIONS = ("fp32", "bf16")
 INJECTIONS = ("bad-setting", "resume", "bound", "sample")
 
@@ -93,6 +102,8 @@ SIZES = {
             ("digits", "hybrid"): ("ancestral", "ddim"),
             ("cifar10", "elbo"): ("ancestral", "ddim"),
             ("cifar10", "hybrid"): ("ddim",),
+            ("digits", "masked"): ("ancestral",),
+            ("digits", "uniform"): ("ancestral",),
         },
         bench=[
             (
@@ -128,7 +139,10 @@ SIZES = {
         bound_fp64={"digits", "cifar10"},
         samples=4,
         ddim_steps=5,
-        sample_plan={(p, o): ("ancestral", "ddim") for p in PRESETS for o in ("elbo", "hybrid")},
+        sample_plan={
+            **{(p, o): ("ancestral", "ddim") for p in PRESETS for o in ("elbo", "hybrid")},
+            **{(p, o): ("ancestral",) for p in PRESETS for o in ("masked", "uniform")},
+        },
         bench=[
             (
                 "train_digits",
@@ -466,7 +480,7 @@ def train_and_resume(report: Report, args, sizes: dict, work: Path, data_for: di
                     ],
                 )
                 runs[key] = where / "straight"
-                if not (precision == "fp32" and objective in ("elbo", "hybrid")):
+                if not (precision == "fp32" and (objective == "hybrid" or objective in BOUND_OBJECTIVES)):
                     shutil.rmtree(where, ignore_errors=True)  # only the fp32 elbo/hybrid runs are used again
                 else:
                     shutil.rmtree(where / "resumed", ignore_errors=True)
@@ -536,11 +550,13 @@ def check_bound(report: Report, args, sizes: dict, runs: dict, data_for: dict) -
     from pyro_ddpm import checkpoint, data
 
     cuda = args.device.startswith("cuda")
-    for preset in args.presets:
-        key = f"{preset}/elbo/fp32"
+    checks = [(p, o) for o in BOUND_OBJECTIVES for p in args.presets if p in BOUND_OBJECTIVES[o]]
+    for preset, objective in checks:
+        key = f"{preset}/{objective}/fp32"
         if key not in runs:
             continue
-        what = f"bound {preset}"
+        name = preset if objective == "elbo" else f"{preset}/{objective}"
+        what = f"bound {name}"
         with step(what):
             state = checkpoint.load(runs[key])
             x = data.load(data_for[preset]).test[: sizes["bound_images"]].float()
@@ -620,7 +636,7 @@ def check_bound(report: Report, args, sizes: dict, runs: dict, data_for: dict) -
                 "s cpu",
             ],
             [
-                preset,
+                name,
                 state.config["T"],
                 f"{len(x)} / {n_cpu}",
                 f"{float(on_device.mean()) * to_bpd:.5f}",
@@ -641,7 +657,7 @@ def check_samples(report: Report, args, sizes: dict, runs: dict) -> None:
 
     n = sizes["samples"]
     for preset in args.presets:
-        for objective in ("elbo", "hybrid"):
+        for objective in ("elbo", "hybrid", "masked", "uniform"):
             key = f"{preset}/{objective}/fp32"
             samplers = sizes["sample_plan"].get((preset, objective), ())
             if key not in runs or not samplers:
