@@ -82,3 +82,27 @@ def test_readme_evaluate_elsewhere_snippet_runs(capsys):
     exec(compile(code.replace("num_train_timesteps=1000", "num_train_timesteps=10"), "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert "total" in printed and len(printed.strip().splitlines()[-2:]) == 2
+
+
+def test_readme_discrete_commands_run(tmp_path, monkeypatch):
+    """The README's masked-diffusion train / evaluate / sample commands, as written but for a small T, few
+    steps and few images (flags given again at the end win), run in order on a fresh folder."""
+    from pyro_ddpm.cli import main
+
+    block = next(
+        b
+        for b in re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+        if "--guide MaskedForwardProcess" in b
+    )
+    small = {"train": ["--T", "20", "--steps", "6", "--log-every", "3"], "evaluate": ["--limit", "4"], "sample": []}
+    ran = []
+    monkeypatch.chdir(tmp_path)
+    for line in block.splitlines():
+        words = shlex.split(line, comments=True)
+        if words[:1] != ["pyro-ddpm"] or words[1] not in small:
+            continue
+        assert main(words[1:] + small[words[1]] + ["--no-progress"] * (words[1] != "train")) in (0, None)
+        ran.append(words[1])
+    assert ran == ["train", "evaluate", "sample"]
+    assert (tmp_path / "runs" / "masked" / "bound_test.json").is_file()
+    assert (tmp_path / "runs" / "masked" / "samples.png").is_file()
