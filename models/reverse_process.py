@@ -239,6 +239,12 @@ class ReverseProcess(ReverseProgram):
         """p_theta(x_0 | x_1): the likelihood at mean mu_theta(x_1, 1), scale sigma_1 (Eq. 13)."""
         return self.likelihood(*self.mean_and_scale(x_1, t, out))
 
+    def p_step(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor):
+        """:meth:`p_prev` and :meth:`p_x0` from one mean and scale: the decoder at the pairs ``where`` reads the
+        transition's own (so their gradients meet at mu_theta before the network's backward pass)."""
+        loc, scale = self.mean_and_scale(x_t, t, out)
+        return dist.Normal(loc, scale), lambda w: self.likelihood(loc[w], scale[w])
+
     def x0_from_transition(self, fn, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x0_hat = (mu_theta - coef_xt x_t) / coef_x0: the mean is the posterior mean at the prediction
         (Eq. 7 with Eq. 15), read off the traced transition in ``x_t``'s dtype."""

@@ -255,6 +255,12 @@ class ReverseProgram(Complete, nn.Module, abc.ABC):
     def check_data(self, x0: torch.Tensor, t: torch.Tensor | None = None) -> None:
         """One ValueError naming bad data (always checked, whatever Pyro's validation flag says)."""
 
+    def p_step(self, x_t: torch.Tensor, t: torch.Tensor, out):
+        """(:meth:`p_prev` at every pair, ``make(where)`` -> :meth:`p_x0` at the pairs ``where``): what the
+        training form scores, from one network output. A class whose two distributions share work may
+        override it to compute that work once; the distributions must be :meth:`p_prev`'s and :meth:`p_x0`'s."""
+        return self.p_prev(x_t, t, out), lambda w: self.p_x0(x_t[w], t[w], subset(out, w))
+
     @classmethod
     def network_input_shape(cls, data: protocol.DataSpec) -> tuple:
         """The shape of one network input for ``data`` (the network preset's ``shape``): the data's own here."""
@@ -334,11 +340,9 @@ class ReverseProgram(Complete, nn.Module, abc.ABC):
         with protocol.timestep_plate(t.view(B, -1), self.T), protocol.weighted(weight, t, x0):
             with poutine.mask(mask=False):
                 x_t = pyro.sample(protocol.X_t, self._event(self.p_xT(x0.shape[0], x0)))
-            out = self.network_output(x_t, t)
+            p_prev, p_x0 = self.p_step(x_t, t, self.network_output(x_t, t))
             with poutine.mask(mask=t > 1):
-                pyro.sample(protocol.X_PREV, self._event(self.p_prev(x_t, t, out)))
-            decoder = ScoredWhere(  # built and scored at the t = 1 pairs only
-                lambda w: self.p_x0(x_t[w], t[w], subset(out, w)), t == 1, x0.shape, dtype=x0.dtype
-            )
+                pyro.sample(protocol.X_PREV, self._event(p_prev))
+            decoder = ScoredWhere(p_x0, t == 1, x0.shape, dtype=x0.dtype)  # built and scored at t = 1 pairs only
             with poutine.mask(mask=t == 1):
                 pyro.sample(protocol.X_0, self._event(decoder), obs=x0)
