@@ -3,9 +3,10 @@
     python examples/custom_likelihood.py            # T = 100, 400 steps on digits: about a minute on CPU
     python examples/custom_likelihood.py --quick    # T = 10, a few steps: seconds
 
-The recipe: a decoder is any class with ``__call__(loc, scale) -> Distribution`` (elementwise, batch
-shape = the data's shape), ``check(x)``, ``discrete``, ``levels`` and the self-description of every
-program class: ``config()`` (plain data), ``from_config(**config)`` and ``for_data(dataset)`` (see
+The recipe: a decoder is one subclass of :class:`pyro_ddpm.likelihoods.Likelihood` that defines
+``__call__(loc, scale) -> Distribution`` (elementwise, batch shape = the data's shape) and its data kind
+(``levels``, ``discrete``); the base supplies ``check(x)`` and the self-description of every program class:
+``config()`` (the constructor's arguments), ``from_config(**config)`` and ``for_data(dataset)`` (see
 :mod:`pyro_ddpm.likelihoods`). Registered with ``@LIKELIHOODS.register(name=...)`` it is named to the
 trainer by that name; a checkpoint stores ``{"class": name, "config": config()}`` and any process that
 imports this file rebuilds it (a class in an importable module can instead be named ``"module:Class"``
@@ -102,23 +103,10 @@ class DiscretizedLogistic(DiscretizedGaussian):
 
 @LIKELIHOODS.register(name="discretized_logistic")
 class DiscretizedLogisticLikelihood(DiscretizedGaussianLikelihood):
-    """The decoder: :class:`DiscretizedLogistic` at mean mu_theta(x_1, 1), scale s = sigma_1 sqrt(3) / pi
-    (``discrete``, ``check`` on the K-level grid: the discretized Gaussian decoder's)."""
+    """The decoder: :class:`DiscretizedLogistic` at mean mu_theta(x_1, 1), scale s = sigma_1 sqrt(3) / pi.
 
-    def __init__(self, levels: int):
-        if isinstance(levels, bool) or int(levels) != levels or levels < 2:
-            raise ValueError(f"DiscretizedLogisticLikelihood: need an integer number of levels >= 2, got {levels!r}")
-        super().__init__(int(levels))
-
-    @classmethod
-    def for_data(cls, dataset) -> DiscretizedLogisticLikelihood:
-        """The decoder for a quantized data set (its ``levels`` K >= 2)."""
-        if dataset.levels is None or int(dataset.levels) < 2:
-            raise ValueError(
-                f"the discretized logistic needs quantized data (K >= 2 levels); data set "
-                f"{getattr(dataset, 'name', '')!r} has levels = {dataset.levels}"
-            )
-        return cls(int(dataset.levels))
+    Everything else is inherited: the constructor (``levels``), ``discrete``, ``check`` on the K-level grid,
+    ``config``, ``for_data`` (the base :class:`~pyro_ddpm.likelihoods.Likelihood`'s)."""
 
     def __call__(self, loc, scale) -> DiscretizedLogistic:
         return DiscretizedLogistic(loc, scale * LOGISTIC_SCALE, self.levels)

@@ -1,14 +1,14 @@
 """Likelihoods p_theta(x_0 | x_1): the decoder of the reverse process (Eq. 13) and its relatives.
 
-A *likelihood* is a callable ``likelihood(loc, scale) -> Distribution`` (elementwise: batch shape is
-the data's full shape; the model adds ``.to_event``) with a ``check(x)`` method that raises one clear
-ValueError for data it cannot score, ``levels`` (K for grid data, 0 for a density), a ``discrete``
-attribute (True when ``log_prob`` is the log of a probability mass, so -log p is a code length and the
-bound is in bits; False for a log-density), and the self-description every program class has:
-``config()`` (plain data), ``from_config(**config)`` and ``for_data(dataset)`` (the decoder for a data
-set, or one clear error when it cannot score it). The shipped decoders are registered in
-:data:`pyro_ddpm.registry.LIKELIHOODS` under the names below. The model calls a likelihood with the
-t = 1 transition's mean mu_theta(x_1, 1) and scale sigma_1.
+A *likelihood* is one subclass of :class:`Likelihood`: it defines ``__call__(loc, scale) -> Distribution``
+(elementwise: batch shape is the data's full shape; the model adds ``.to_event``) and says what data it
+scores with ``levels`` (K for grid data, 0 for a density) and ``discrete`` (True when ``log_prob`` is the
+log of a probability mass, so -log p is a code length and the bound is in bits; False for a log-density).
+The base supplies the rest from those: ``check(x)`` (one clear ValueError for data it cannot score), the
+self-description every program class has (``config()`` from the constructor's arguments,
+``from_config(**config)``), ``for_data(dataset)`` (the decoder for a data set, or one clear error) and
+``repr``. The shipped decoders are registered in :data:`pyro_ddpm.registry.LIKELIHOODS` under the names
+below. The model calls a likelihood with the t = 1 transition's mean mu_theta(x_1, 1) and scale sigma_1.
 
 Decoders, by data kind (:func:`default_likelihood` picks one from a data set's ``levels``):
 
@@ -19,6 +19,8 @@ Decoders, by data kind (:func:`default_likelihood` picks one from a data set's `
 
 from __future__ import annotations
 
+import abc
+import inspect
 import math
 
 import numpy as np
@@ -223,11 +225,66 @@ def _data_name(dataset) -> str:
     return repr(getattr(dataset, "name", ""))
 
 
-@LIKELIHOODS.register(name="discretized_gaussian")
-class DiscretizedGaussianLikelihood:
-    """The decoder of Eq. 13 for data with ``levels`` values per dimension (256: 8-bit; 17: sklearn digits)."""
+def _arguments(cls: type) -> list[str]:
+    """The named arguments of ``cls``'s constructor (none when it has no constructor of its own)."""
+    if cls.__init__ is object.__init__:
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [n for n, p in inspect.signature(cls.__init__).parameters.items() if n != "self" and p.kind in kinds]
 
-    discrete = True  # log_prob is a log-probability mass: -log p is a code length
+
+class Likelihood(abc.ABC):
+    """The base of every decoder p_theta(x_0 | x_1): a subclass defines :meth:`__call__` and its data kind.
+
+    :attr:`levels` (K for data on the K-level grid of [-1, 1], 0 for continuous data) and :attr:`discrete`
+    (whether ``log_prob`` is a log-mass) are class attributes or set by the constructor; the constructor's
+    arguments, stored under their own names, are the config.
+    """
+
+    discrete: bool = True  # log_prob is a log-probability mass: -log p is a code length
+    levels: int = CONTINUOUS
+
+    @abc.abstractmethod
+    def __call__(self, loc: torch.Tensor, scale: torch.Tensor):
+        """The decoder at the t = 1 transition's mean and scale, elementwise."""
+
+    def check(self, x: torch.Tensor, name: str = "x_0") -> None:
+        """One ValueError unless ``x`` is data this decoder scores (finite; on the grid when it has levels)."""
+        check_images(x, None if is_continuous(self.levels) else self.levels, name)
+
+    def config(self) -> dict:
+        """The constructor's arguments (plain data), read from the attributes of the same names."""
+        return {n: getattr(self, n) for n in _arguments(type(self))}
+
+    @classmethod
+    def from_config(cls, **config) -> Likelihood:
+        return cls(**config)
+
+    @classmethod
+    def for_data(cls, dataset) -> Likelihood:
+        """The decoder for a data set: built with the data's levels when the constructor takes ``levels``,
+        refused in one line when the data are not of the kind it scores."""
+        takes_levels = "levels" in _arguments(cls)
+        if takes_levels or not is_continuous(cls.levels):
+            if is_continuous(dataset.levels):
+                raise ValueError(
+                    f"likelihood {cls.__name__} needs quantized data; data set {_data_name(dataset)} is "
+                    f"continuous (levels = 0): use 'gaussian'"
+                )
+            if not takes_levels and int(dataset.levels) != int(cls.levels):
+                raise ValueError(
+                    f"likelihood {cls.__name__} needs data with {cls.levels} levels; data set "
+                    f"{_data_name(dataset)} has levels = {dataset.levels}"
+                )
+        return cls(int(dataset.levels)) if takes_levels else cls()
+
+    def __repr__(self):
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config().items())})"
+
+
+@LIKELIHOODS.register(name="discretized_gaussian")
+class DiscretizedGaussianLikelihood(Likelihood):
+    """The decoder of Eq. 13 for data with ``levels`` values per dimension (256: 8-bit; 17: sklearn digits)."""
 
     def __init__(self, levels: int):
         if isinstance(levels, bool) or int(levels) != levels or int(levels) < 2:
@@ -236,29 +293,6 @@ class DiscretizedGaussianLikelihood:
 
     def __call__(self, loc, scale) -> DiscretizedGaussian:
         return DiscretizedGaussian(loc, scale, self.levels)
-
-    def check(self, x: torch.Tensor, name: str = "x_0") -> None:
-        check_images(x, self.levels, name)
-
-    def config(self) -> dict:
-        return {"levels": self.levels}
-
-    @classmethod
-    def from_config(cls, **config):
-        return cls(**config)
-
-    @classmethod
-    def for_data(cls, dataset):
-        """The decoder for a quantized data set (its ``levels`` K >= 2)."""
-        if is_continuous(dataset.levels):
-            raise ValueError(
-                f"likelihood {cls.__name__} needs quantized data; data set {_data_name(dataset)} is "
-                f"continuous (levels = 0): use 'gaussian'"
-            )
-        return cls(int(dataset.levels))
-
-    def __repr__(self):
-        return f"{type(self).__name__}(levels={self.levels})"
 
 
 @LIKELIHOODS.register(name="tanh_discretized_gaussian")
@@ -270,7 +304,7 @@ class TanhDiscretizedGaussianLikelihood(DiscretizedGaussianLikelihood):
 
 
 @LIKELIHOODS.register(name="gaussian")
-class GaussianLikelihood:
+class GaussianLikelihood(Likelihood):
     """p_theta(x_0 | x_1) = N(mu_theta(x_1, 1), sigma_1^2): the t = 1 transition itself, a density.
 
     It is the likelihood behind L_simple's t = 1 term (the paper's remark after Eq. 14: the decoder's
@@ -285,24 +319,6 @@ class GaussianLikelihood:
 
     def __call__(self, loc, scale) -> Normal:
         return Normal(loc, scale)
-
-    def check(self, x: torch.Tensor, name: str = "x_0") -> None:
-        check_images(x, None, name)
-
-    def config(self) -> dict:
-        return {}
-
-    @classmethod
-    def from_config(cls):
-        return cls()
-
-    @classmethod
-    def for_data(cls, dataset):
-        """A density scores any data (on grid data its bound is a density bound, not a code length)."""
-        return cls()
-
-    def __repr__(self):
-        return "GaussianLikelihood()"
 
 
 def check_binary(x: torch.Tensor, name: str = "x_0") -> None:
@@ -401,7 +417,7 @@ class SignedBernoulli(TorchDistribution):
 
 
 @LIKELIHOODS.register(name="bernoulli")
-class BernoulliLikelihood:
+class BernoulliLikelihood(Likelihood):
     """The decoder for binarized data x_0 in {-1, +1} (e.g. binarized MNIST): :class:`SignedBernoulli`.
 
     A probability mass (``discrete = True``): -log p is a code length, 1 bit per dimension at most
@@ -416,26 +432,6 @@ class BernoulliLikelihood:
 
     def check(self, x: torch.Tensor, name: str = "x_0") -> None:
         check_binary(x, name)
-
-    def config(self) -> dict:
-        return {}
-
-    @classmethod
-    def from_config(cls):
-        return cls()
-
-    @classmethod
-    def for_data(cls, dataset):
-        """The decoder for binary data (2 levels)."""
-        if is_continuous(dataset.levels) or int(dataset.levels) != 2:
-            raise ValueError(
-                f"likelihood 'bernoulli' needs binary data (2 levels); data set {_data_name(dataset)} "
-                f"has levels = {dataset.levels}"
-            )
-        return cls()
-
-    def __repr__(self):
-        return "BernoulliLikelihood()"
 
 
 def default_likelihood(levels: int | None):
