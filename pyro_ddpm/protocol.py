@@ -30,20 +30,20 @@ What the rest of the package reads from a pair:
   sample site's term as Pyro does: the analytic KL(guide || model) for a latent site, -log p for an
   observed one (``pyro.factor`` sites included), times the site's scale and mask; the evaluator runs
   ``per_timestep`` with every timestep and reads the sites ``x_T``, ``x_{t-1}`` and ``x_0`` per pair;
-- progressive coding reads the guide's ``x_t`` value and the model's ``x_{t-1}`` distribution: its
-  ``loc`` must be the transition mean mu_theta(x_t, t), so x0_hat = (mu - coef_xt x_t) / coef_x0;
-- samplers run ``chain(None, n)``; DDIM and respacing read ``model.transition(x_t, t) -> (loc, scale)``
-  and ``model.schedule`` (a :class:`~pyro_ddpm.schedule.ScheduleBase`), and respacing rebuilds the
-  model around ``model.eps``.
+- both draw x_t from their own seeded standard noise of the guide's kind (``guide.noise``) through
+  :class:`FixedNoise` and the guide's ``from_noise``;
+- progressive coding asks the model for its prediction of x_0 read off the traced ``x_{t-1}``
+  distribution (``model.x0_from_transition``), for a model class that declares it.
 
-How a program is built (so that ``pyro-ddpm train --model/--guide/--likelihood`` and checkpoints work
-for a class of one's own, registered or named ``"module:Class"``; see :mod:`pyro_ddpm.registry`): the
-guide by ``Guide.from_spec(T, schedule, event_dim)`` for training and ``Guide.from_config(**config)``
-from a checkpoint, its ``state_dict()`` stored and restored; the model by ``Model.from_config(eps=network,
-schedule=guide.schedule, likelihood=..., **config)`` around the guide's schedule object (so a learned
-schedule is shared), the network preset given the output the class asks for by
-``Model.network_config(preset, data)`` (:class:`DataSpec`: the data's shape and levels); a decoder by
-``Likelihood.for_data(dataset)``, rebuilt from its ``config()``.
+The programs themselves are defined by their distributions (:mod:`pyro_ddpm.programs`): the two forms
+above are derived there once for every family. How a program is built (so that ``pyro-ddpm train
+--model/--guide/--likelihood`` and checkpoints work for a class of one's own, registered or named
+``"module:Class"``; see :mod:`pyro_ddpm.registry`): the guide by ``Guide.for_data(T, schedule, data)`` for
+training and ``Guide.from_config(**config)`` from a checkpoint, its ``state_dict()`` stored and restored;
+the model by ``Model.from_config(eps=network, schedule=guide.schedule, likelihood=..., **config)`` around
+the guide's schedule object (so a learned schedule is shared), the network preset given the output the
+class asks for by ``Model.network_config(preset, data)`` (:class:`DataSpec`: the data's shape and levels);
+a decoder by ``Likelihood.for_data(dataset)``, rebuilt from its ``config()``.
 """
 
 from __future__ import annotations
