@@ -110,7 +110,8 @@ def from_callable(
     :param variance: ``"large"`` (sigma_t^2 = beta_t), ``"small"`` (beta_tilde_t) or ``"learned"``
         (``fn`` returns 2C channels: eps, then v).
     :param zero_based: ``fn`` takes t in 0..T-1 (called as ``fn(x, t - 1)``).
-    :param dtype: the dtype ``fn`` is run in (default: its parameters', float32 without any).
+    :param dtype: the dtype ``fn`` is run in (default: its parameters'; a function without parameters runs
+        in the images' dtype).
     """
     schedule, shape = _as_schedule(betas), _check_shape(shape)
     network = EpsNetwork(fn, zero_based=zero_based, dtype=dtype, shape=shape)

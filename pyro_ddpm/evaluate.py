@@ -99,6 +99,12 @@ def bound(
         scale at reverse step 1..T, and ``x0_hat_strip`` (step_strip, *shape).
     """
     model.check_data(x0)  # one clear error before any tracing
+    broken = [n for n, v in guide.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:  # a diverged learned schedule (or a damaged checkpoint): said before Pyro's argument checks see it
+        raise ValueError(
+            f"the guide's weights are not finite ({len(broken)} tensors, e.g. {broken[0]}): "
+            "the checkpoint holds a diverged or damaged forward process"
+        )
     for name, value in (("draws", draws), ("max_batch", max_batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -238,7 +238,7 @@ class EpsNetwork(nn.Module):
     :param time_scale: multiply the network's timestep by this (improved-diffusion's
         ``rescale_timesteps``: 1000 / T); 1 leaves it an integer.
     :param dtype: the dtype the network is run in; default the dtype of its first floating-point
-        parameter, float32 without one.
+        parameter, and for a network without parameters (a plain function) the dtype of its input.
     :param shape: the shape of one datum (read by ``ReverseProcess`` as ``eps.shape``).
 
     ``t`` may be a float tensor (the probability-flow ODE calls the network between the integers):
@@ -259,14 +259,14 @@ class EpsNetwork(nn.Module):
             self.shape = tuple(int(s) for s in shape)
 
     @property
-    def dtype(self) -> torch.dtype:
-        """The dtype the network is run in."""
+    def dtype(self) -> torch.dtype | None:
+        """The dtype the network is run in (None: a network without parameters runs in its input's)."""
         if self._dtype is not None:
             return self._dtype
         for p in self.parameters():
             if p.dtype.is_floating_point:
                 return p.dtype
-        return torch.float32
+        return None
 
     def network_time(self, t: torch.Tensor) -> torch.Tensor:
         """The wrapped network's timestep for the library's t: (t - 1 if zero-based) * time_scale."""
@@ -274,7 +274,7 @@ class EpsNetwork(nn.Module):
         return t * self.time_scale if self.time_scale != 1.0 else t
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        dtype = self.dtype
+        dtype = self.dtype or x.dtype
         tn = self.network_time(t)
         if tn.dtype.is_floating_point:
             tn = tn.to(dtype)

@@ -109,7 +109,7 @@ def test_zero_based_network_sees_t_minus_one(zero_based, first):
     assert seen == set(range(first, first + T))
 
 
-def test_network_runs_in_float32_whatever_the_input():
+def test_a_network_without_parameters_runs_in_the_images_dtype():
     seen = []
 
     def fn(x, t):
@@ -120,11 +120,15 @@ def test_network_runs_in_float32_whatever_the_input():
     x0 = adapters.to_grid(np.array([[0, 255], [17, 128]], dtype=np.uint8)).double()
     L = evaluate.bound(model, guide, x0).bound["L"].values
     assert np.isfinite(L).all() and L.dtype == np.float64
-    assert {s[0] for s in seen} == {torch.float32} and {s[1] for s in seen} == {torch.int64}
-    # the float t of the ODE reaches the network as float32, shifted for a zero-based one
+    assert {s[0] for s in seen} == {torch.float64} and {s[1] for s in seen} == {torch.int64}
+    # the float t of the ODE reaches the network in the input's dtype, shifted for a zero-based one
     net = adapters.EpsNetwork(fn, zero_based=True)
     seen.clear()
-    net(torch.zeros(3, D, dtype=torch.float64), torch.full((3,), 2.5, dtype=torch.float64))
+    net(torch.zeros(3, D, dtype=torch.float32), torch.full((3,), 2.5, dtype=torch.float64))
+    assert seen == [(torch.float32, torch.float32)]
+    # an explicit dtype still wins
+    seen.clear()
+    adapters.EpsNetwork(fn, dtype=torch.float32)(torch.zeros(3, D, dtype=torch.float64), torch.ones(3))
     assert seen == [(torch.float32, torch.float32)]
 
 

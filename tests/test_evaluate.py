@@ -8,6 +8,7 @@ import pytest
 import torch
 from pyro import poutine
 
+from pyro_ddpm import data
 from pyro_ddpm.elbo import TermwiseELBO
 from pyro_ddpm.evaluate import bound, bound_of_network, bound_terms, summarize
 from pyro_ddpm.guides import ForwardProcess
@@ -17,7 +18,8 @@ from pyro_ddpm.likelihoods import (
     TanhDiscretizedGaussianLikelihood,
 )
 from pyro_ddpm.models import ReverseProcess
-from pyro_ddpm.nets import MLP
+from pyro_ddpm.nets import MLP, build_network
+from pyro_ddpm.presets import NETWORKS
 from pyro_ddpm.schedule import Schedule
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -204,3 +206,30 @@ def test_bare_network_entry_point_is_the_same_evaluation():
     a = bound(model, guide, x0, seed=2).bound["L"].values
     b = bound_of_network(model.eps, schedule, model.likelihood, x0, variance="small", seed=2).bound["L"].values
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_plain_callable_runs_in_the_images_dtype():
+    """A parameterless network (a plain function around a float64 convolution) is fed float64 images as given."""
+    conv = torch.nn.Conv2d(1, 1, 3, padding=1).double()
+    seen = []
+
+    def fn(x, t):
+        seen.append(x.dtype)
+        return conv(x)
+
+    x0 = data.load("digits").test[:2].double()
+    L = bound_of_network(fn, Schedule.linear(6), DiscretizedGaussianLikelihood(17), x0).bound["L"].values
+    assert set(seen) == {torch.float64} and np.isfinite(L).all()
+
+
+def test_a_guide_with_non_finite_weights_is_named_in_one_line():
+    schedule = Schedule.linear(6)
+    net = build_network(dict(NETWORKS["digits"], ch=8)).double()
+    model = ReverseProcess(net, schedule, "large", DiscretizedGaussianLikelihood(17), shape=(1, 8, 8))
+    guide = ForwardProcess(Schedule.linear(6), event_dim=3)
+    guide.schedule.beta.fill_(float("nan"))
+    with pytest.raises(
+        ValueError, match=r"the guide's weights are not finite \(\d+ tensors, e.g. schedule.beta\)"
+    ) as e:
+        bound(model, guide, data.load("digits").test[:2].double())
+    assert "\n" not in str(e.value)
