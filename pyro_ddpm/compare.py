@@ -51,10 +51,18 @@ from pyro_ddpm import data as datasets
 from pyro_ddpm import presets
 from pyro_ddpm.checkpoint import FILENAME, TrainState
 from pyro_ddpm.evaluate import bound, format_summary, save, summarize
-from pyro_ddpm.figures import new_figure, plot_terms, save_figure
+from pyro_ddpm.figures import (
+    comparison_terms_figure,
+    endpoints_text,
+    grid_figure,
+    new_figure,
+    save_figure,
+    term_summary,
+    total_text,
+)
 from pyro_ddpm.files import atomic_write, check_directory
 from pyro_ddpm.metrics import pixel_categorical_baseline, sample_quality
-from pyro_ddpm.sample import image_grid, sample
+from pyro_ddpm.sample import MIN_TILE, PAD, PAD_COLOR, image_grid, sample
 from pyro_ddpm.train import RESUMABLE, Interrupted, Terminated, TrainConfig, torch_threads, train
 from pyro_ddpm.vae import train_vae, vae_bounds
 
@@ -358,21 +366,56 @@ def markdown(
     return "\n".join(lines) + "\n\n" + " ".join(note) + "\n"
 
 
-def figures(results: dict, out: Path) -> dict[str, Path]:
-    first = {arm: runs[0] for arm, runs in results.items()}
-    paths = {"terms": plot_terms({o: r["idata"] for o, r in first.items()}, out / "terms.png")}
+def _term_rows(results: dict) -> tuple[dict, dict]:
+    """Per arm, the rate by decades of t (``{arm: {band: (mean, se)}}``) and a legend label with the
+    total, L_0 and L_T: the mean over seeds with the s.e. over seeds (one seed: over test images)."""
+    bands, labels = {}, {}
+    for arm, runs in results.items():
+        summaries = [term_summary(r["idata"].bound) for r in runs]
+        row = {
+            name: _mean_se_over([s[name][0] for s in summaries], [s[name][1] for s in summaries])
+            for name in summaries[0]
+        }
+        bands[arm] = {name: v for name, v in row.items() if ".." in name}
+        labels[arm] = f"{arm}: total {total_text(*row['total'])}, {endpoints_text(row)}"
+    return bands, labels
 
-    fig, axes = new_figure(1, len(first), size=(3.2 * len(first), 3.6))
+
+def _samples_figure(first: dict, seeds: int):
+    """The first 64 samples of each arm as image grids shown pixel for pixel (tiles of at least
+    :data:`~pyro_ddpm.sample.MIN_TILE` pixels), or all of them as 2-D points."""
+    x0 = next(iter(first.values()))["samples"]
+    if x0.dim() == 4:
+        scale = max(1, math.ceil(MIN_TILE / max(x0.shape[-2:])))
+        grids = {
+            arm: image_grid(
+                r["samples"][:64], ncol=8, scale=scale, pad=PAD, pad_value=PAD_COLOR if x0.shape[1] in (1, 3) else 1.0
+            )
+            for arm, r in first.items()
+        }
+        shown = min(64, len(x0))
+        what = f"{shown} of {len(x0)} samples per arm" + (", first seed" if seeds > 1 else "")
+        return grid_figure(grids, title=what)
+    fig, axes = new_figure(1, len(first), size=(3.6 * len(first), 3.9))
     for ax, (arm, r) in zip(axes[0], first.items()):
-        x = r["samples"][:64]
-        if x.dim() == 4:
-            ax.imshow(image_grid(x), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-            ax.axis("off")
-        else:
-            ax.scatter(*x[:, :2].T, s=2)
-            ax.set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), aspect="equal")
-        ax.set_title(arm)
-    paths["samples"] = save_figure(fig, out / "samples.png")
+        x = r["samples"]
+        ax.scatter(*x[:, :2].T, s=3)
+        ax.set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), aspect="equal", title=f"{arm} ({len(x)} samples)")
+    return fig
+
+
+def figures(results: dict, out: Path) -> dict[str, Path]:
+    """``terms.png`` (L_t of each arm on log-log axes beside the rate by decades of t; total, L_0 and L_T
+    in the legend), ``samples.png`` (each arm's samples) and ``training.png`` (the bound's estimate and
+    the objective against the step) in ``out``. With several seeds the curves and samples are each arm's
+    first seed's, the bars and the legend the mean over seeds."""
+    first = {arm: runs[0] for arm, runs in results.items()}
+    seeds = len(next(iter(results.values())))
+    bands, labels = _term_rows(results)
+    note = "first seed; bars and legend: mean ± s.e. over seeds" if seeds > 1 else ""
+    fig = comparison_terms_figure({arm: r["idata"].bound for arm, r in first.items()}, bands, labels, note)
+    paths = {"terms": save_figure(fig, out / "terms.png")}
+    paths["samples"] = save_figure(_samples_figure(first, seeds), out / "samples.png")
 
     fig, ((ax_b, ax_l),) = new_figure(1, 2, size=(10, 3.6))
     for k, (arm, runs) in enumerate(results.items()):

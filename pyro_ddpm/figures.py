@@ -1,6 +1,10 @@
 """Figures of the bound computed by :func:`pyro_ddpm.evaluate.bound`, written atomically as PNG.
 
-- :func:`plot_terms`: the terms L_t against t in bits/dim, with a band of +-2 standard errors over images.
+- :func:`plot_terms`: the terms L_t (0 < t < T) against t on log-log axes in bits/dim (nats/dim for
+  continuous data), with a band of +-2 standard errors over images; L_0 and L_T are stated in the legend,
+  not drawn, and the total in the title. :func:`comparison_terms_figure` adds the rate by decades of t as
+  a bar chart per arm (the comparison's ``terms.png``), and :func:`grid_figure` shows sample grids pixel
+  for pixel.
 - :func:`plot_rate_distortion`: progressive coding as in the paper's Figure 5: distortion (RMSE on the
   0..255 scale, log axis) and rate (bits/dim L_T + ... + L_t) against the reverse step t, and distortion
   against rate.
@@ -58,11 +62,6 @@ def _mean_se(per_image: np.ndarray):
     return per_image.mean(0), se
 
 
-def _total(ds) -> str:
-    mean, se = _mean_se(_bits_per_dim(ds).sum(-1, keepdims=True))
-    return f"{mean[0]:.4f} ± {se[0]:.4f}"
-
-
 def _name(label: str, text: str) -> str:
     return f"{label}: {text}" if label else text
 
@@ -77,34 +76,188 @@ def progressive_coding_curve(ds):
     return steps, rate[steps - 1], rmse[steps - 1]
 
 
-def plot_terms(idata, path) -> Path:
-    """L_t against t in bits/dim (log scale), mean over images with +-2 s.e.; L_0 and L_T marked."""
-    fig, ((ax,),) = new_figure()
-    titles = []
-    for k, (label, ds) in enumerate(_runs(idata).items()):
+# The L_t axis reaches at most this factor below its top: 6 decades hold what the bound is made of, and a
+# term below that (the grid models' L_1 is 0, their L_2 1e-11 bits/dim) is drawn off the axis and counted.
+TERMS_RANGE = 1e6
+
+
+def term_unit(ds) -> tuple[str, float]:
+    """The bound's unit and the factor from nats per image to it: bits/dim for discrete data, nats/dim for
+    continuous data (a density bound, see :func:`pyro_ddpm.evaluate.summarize`)."""
+    D = int(ds.attrs["dims"])
+    if bool(int(ds.attrs.get("discrete", 1))):
+        return "bits/dim", 1.0 / (D * math.log(2))
+    return "nats/dim", 1.0 / D
+
+
+def term_summary(ds) -> dict[str, tuple[float, float]]:
+    """``{name: (mean, s.e. over images)}`` in :func:`term_unit`'s unit: ``total``, ``L_0``, ``L_T`` and the
+    rate by decades of t (``L_1..L_9``, ``L_10..L_99``, ...: :func:`pyro_ddpm.evaluate.rate_bands`)."""
+    from pyro_ddpm.evaluate import rate_bands  # evaluate imports (through sample) this module
+
+    _, scale = term_unit(ds)
+    L = ds["L"].values.mean(0) * scale  # (images, T + 1)
+    parts = {"total": L.sum(-1), "L_0": L[:, 0], "L_T": L[:, -1]}
+    for lo, hi in rate_bands(int(ds.attrs["T"])):
+        parts[f"L_{lo}..L_{hi}"] = L[:, lo : hi + 1].sum(-1)
+    n = L.shape[0]
+    return {
+        name: (float(v.mean()), float(v.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"))
+        for name, v in parts.items()
+    }
+
+
+def format_value(mean: float, se: float | None = None) -> str:
+    """``mean ± se`` to 3 significant digits (2 for the s.e.); an exact 0 as ``0``, no s.e. when it is NaN."""
+    text = "0" if mean == 0 else f"{mean:.3g}"
+    return text if se is None or not math.isfinite(se) else f"{text} ± {se:.2g}"
+
+
+def total_text(mean: float, se: float) -> str:
+    """A total to 4 decimals, as the summaries report it: ``mean ± se``."""
+    return f"{mean:.4f}" + (f" ± {se:.4f}" if math.isfinite(se) else "")
+
+
+def endpoints_text(values: dict[str, tuple[float, float]]) -> str:
+    """``L_0 = m ± se, L_T = m ± se`` from a :func:`term_summary`-like dict."""
+    return ", ".join(f"{name} = {format_value(*values[name])}" for name in ("L_0", "L_T"))
+
+
+def draw_terms(ax, runs: dict, labels: dict[str, str] | None = None) -> str:
+    """L_t for 0 < t < T of each run (``{label: bound Dataset}``) on log-log axes, t from 1 to T: the mean
+    over images with a band of +-2 standard errors; returns the unit (:func:`term_unit`).
+
+    L_0 and L_T are not drawn (L_0 can be 1e-40 where L_t is 1e-2): each curve's legend label states them,
+    or ``labels[label]`` replaces it. The y-limits come from the drawn means and bands alone: from just
+    below the smallest positive mean, but at most :data:`TERMS_RANGE` below the top, to just above the
+    largest band edge. A mean below that floor (0 included) is drawn off the axis' bottom, and the label
+    counts such steps.
+    """
+    curves, unit, T_max = {}, "", 2
+    for label, ds in runs.items():
+        unit, scale = term_unit(ds)
+        mean, se = _mean_se(ds["L"].values.mean(0) * scale)
+        T = int(ds.attrs["T"])
+        curves[label] = (np.arange(1, T), mean[1:T], se[1:T], mean, se)
+        T_max = max(T_max, T)
+    inner = np.concatenate([c[1] for c in curves.values()])
+    top = max([float((c[1] + 2 * c[2]).max()) for c in curves.values() if c[1].size] + [0.0])
+    positive = inner[inner > 0]
+    if top <= 0:  # nothing positive to draw: any decade will do
+        top = 1.0
+    floor = max(float(positive.min()) if positive.size else 0.0, top / TERMS_RANGE)
+    bottom, below = floor / 2, floor / 100  # values below the floor are drawn at `below`, off the axis
+    for k, (label, (t, m, s, mean, se)) in enumerate(curves.items()):
         color = f"C{k}"
-        mean, se = _mean_se(_bits_per_dim(ds))
-        t, T = np.arange(len(mean)), int(ds.attrs["T"])
-        floor = mean[mean > 0].min() / 10 if (mean > 0).any() else 1e-12  # keep the band on the log axis
-        lo, hi = np.maximum(mean - 2 * se, floor), mean + 2 * se
-        ax.plot(t[1:T], mean[1:T], color=color, lw=1, label=_name(label, "L_t, 0 < t < T"))
-        ax.fill_between(t[1:T], lo[1:T], hi[1:T], color=color, alpha=0.25, lw=0)
-        for s, marker, name in ((0, "s", "L_0"), (T, "^", "L_T")):
-            ax.errorbar(
-                s,
-                mean[s],
-                yerr=[[max(mean[s] - lo[s], 0)], [2 * se[s]]],
-                fmt=marker,
-                color=color,
-                mfc="white",
-                ms=7,
-                label=_name(label, f"{name} = {mean[s]:.2e}"),
-            )
-        titles.append(_name(label, f"total {_total(ds)} bits/dim"))
-    ax.set(yscale="log", xlabel="t", ylabel="L_t (bits/dim), band ±2 s.e. over images")
+        hidden = int((m < floor).sum())
+        lo = np.where(m - 2 * s > bottom, m - 2 * s, below)
+        ax.fill_between(t, lo, m + 2 * s, color=color, alpha=0.25, lw=0)
+        if labels and label in labels:
+            text = labels[label]
+        else:
+            values = {"L_0": (mean[0], se[0]), "L_T": (mean[-1], se[-1])}
+            text = f"{label or 'L_t, 0 < t < T'}; {endpoints_text(values)}"
+        if hidden:
+            text += f" ({hidden} of the L_t below the axis)"
+        ax.plot(t, np.where(m >= floor, m, below), color=color, lw=1.2, label=text)
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlim=(1, T_max),
+        ylim=(bottom, 2 * top),
+        xlabel="t (log scale)",
+        ylabel=f"L_t ({unit}), band ±2 s.e. over images",
+    )
+    ax.grid(which="major", alpha=0.3)
+    return unit
+
+
+def terms_figure(idata):
+    """The figure of :func:`plot_terms`."""
+    runs = _runs(idata)
+    fig, ((ax,),) = new_figure(size=(6.4, 4.0 + 0.2 * len(runs)))
+    draw_terms(ax, runs)
+    titles = [
+        _name(label, f"total {total_text(*term_summary(ds)['total'])} {term_unit(ds)[0]}") for label, ds in runs.items()
+    ]
     ax.set_title("\n".join(titles), fontsize=9)
-    ax.legend(fontsize=7)
-    return save_figure(fig, path)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", fontsize=7)
+    return fig
+
+
+def plot_terms(idata, path) -> Path:
+    """L_t against t for 0 < t < T on log-log axes (:func:`draw_terms`), the total in the title and L_0 and
+    L_T in the legend."""
+    return save_figure(terms_figure(idata), path)
+
+
+def draw_bands(ax, bands: dict[str, dict[str, tuple[float, float]]], unit: str) -> None:
+    """A grouped bar chart of the rate by decades of t: one group per band, one bar per arm (colour ``Ck``
+    for the k-th arm, as :func:`draw_terms`), error bars +-2 s.e.; ``bands`` is ``{arm: {band: (mean, se)}}``."""
+    names = list(dict.fromkeys(b for values in bands.values() for b in values))
+    width = 0.8 / len(bands)
+    x = np.arange(len(names))
+    for k, (arm, values) in enumerate(bands.items()):
+        mean = np.array([values.get(b, (np.nan, np.nan))[0] for b in names])
+        se = np.array([values.get(b, (np.nan, np.nan))[1] for b in names])
+        bars = ax.bar(
+            x + (k - (len(bands) - 1) / 2) * width,
+            mean,
+            width,
+            yerr=2 * np.nan_to_num(se),
+            color=f"C{k}",
+            capsize=2,
+            error_kw=dict(lw=0.8),
+            label=arm,
+        )
+        ax.bar_label(bars, labels=[format_value(v) for v in mean], fontsize=6, padding=2)
+    ax.set_xticks(x, names)
+    ax.set(xlabel="band of t", ylabel=f"rate in the band ({unit}), ±2 s.e.")
+    ax.margins(y=0.12)
+
+
+def comparison_terms_figure(
+    runs: dict, bands: dict[str, dict[str, tuple[float, float]]], labels: dict[str, str], note: str = ""
+):
+    """Two panels: L_t of each arm against t (:func:`draw_terms`, ``runs`` is ``{arm: bound Dataset}``) and
+    the rate by decades of t (:func:`draw_bands`); one legend for both, ``labels[arm]`` per arm (its total,
+    L_0 and L_T)."""
+    fig, ((ax_t, ax_b),) = new_figure(1, 2, size=(12.0, 4.4 + 0.18 * len(runs)))
+    unit = draw_terms(ax_t, runs, labels)
+    ax_t.set_title("L_t against t, 0 < t < T" + (f" ({note})" if note else ""), fontsize=9)
+    draw_bands(ax_b, bands, unit)
+    ax_b.set_title("the rate L_1..L_{T-1} by decades of t", fontsize=9)
+    fig.legend(*ax_t.get_legend_handles_labels(), loc="outside lower center", fontsize=8)
+    return fig
+
+
+def grid_figure(grids: dict[str, np.ndarray], title: str = "", per_row: int = 4, dpi: int = 150):
+    """Image grids (arrays in [0, 1], (h, w) gray or (h, w, 3) RGB, e.g. from
+    :func:`pyro_ddpm.sample.image_grid`) side by side, ``per_row`` to a row, each titled with its key and
+    shown at one screen pixel per array pixel (no resampling) at ``dpi``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not grids:
+        raise ValueError("no image grids to show")
+    h = max(g.shape[0] for g in grids.values())
+    w = max(g.shape[1] for g in grids.values())
+    cols = min(per_row, len(grids))
+    rows = math.ceil(len(grids) / cols)
+    gap, head, top = 24, int(0.3 * dpi), int(0.35 * dpi) if title else 0  # pixels
+    width, height = cols * w + (cols + 1) * gap, top + rows * (h + head) + gap
+    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    FigureCanvasAgg(fig)
+    for i, (name, grid) in enumerate(grids.items()):
+        r, c = divmod(i, cols)
+        left, bottom = gap + c * (w + gap), height - top - (r + 1) * (h + head)
+        ax = fig.add_axes((left / width, bottom / height, grid.shape[1] / width, grid.shape[0] / height))
+        ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest", resample=False)
+        ax.set_axis_off()
+        ax.set_title(name, fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=10, y=1 - 0.15 * top / height)
+    return fig
 
 
 def plot_rate_distortion(idata, path) -> Path:
