@@ -20,7 +20,7 @@ import torch
 from pyro_ddpm import data as datasets
 from pyro_ddpm import presets
 from pyro_ddpm.adapters import from_diffusers_pipeline
-from pyro_ddpm.checkpoint import TrainState, resolve
+from pyro_ddpm.checkpoint import FILENAME, TrainState, resolve
 from pyro_ddpm.compare import DEFAULT_SAMPLES, compare, compare_config, default_samples
 from pyro_ddpm.elbo import unwrap
 from pyro_ddpm.evaluate import bound, format_summary, save, summarize
@@ -38,11 +38,17 @@ from pyro_ddpm.train import (
     Terminated,
     TrainConfig,
     check_device,
+    resolve_device,
     torch_threads,
     train,
 )
 
 DEFAULTS = TrainConfig()
+DEVICE_HELP = "cpu, cuda, cuda:N, or auto (default): CUDA when torch sees a GPU, else the CPU"
+DOWNLOAD_HELP = (
+    "fetch mnist / cifar10 into the data cache ($PYRO_DDPM_DATA, else ~/.cache/pyro-ddpm) first, MD5-checked "
+    "(files already there are kept); without it nothing is downloaded"
+)
 THREADS_HELP = (
     "torch threads (default: $OMP_NUM_THREADS when set, 1 under pytest-xdist, else torch's choice); "
     "two jobs side by side on N cores: --threads N/2 each"
@@ -89,7 +95,8 @@ def _train_flags(compare_mode: bool):
             ("--data",),
             "data",
             dict(
-                help=f"a data set ({', '.join(datasets.NAMES)}) or a path (MNIST IDX files, "
+                help=f"a data set ({', '.join(datasets.NAMES)}), mnist or cifar10 (from the data cache; "
+                "--download fetches them), or a path (MNIST IDX files, "
                 f"CIFAR-10 python tarball or folder); default {d.data}"
             ),
         ),
@@ -187,7 +194,7 @@ def _train_flags(compare_mode: bool):
             ),
         ),
         (("--seed",), "seed", dict(type=int, help=f"default {d.seed}")),
-        (("--device",), "device", dict(help=f"default {d.device}")),
+        (("--device",), "device", dict(help=DEVICE_HELP)),
         (
             ("--precision",),
             "precision",
@@ -220,6 +227,7 @@ def _add_train_args(p: argparse.ArgumentParser, compare_mode: bool = False) -> N
         default=argparse.SUPPRESS,
         help=f"override the preset's dropout ({where}{network.get('dropout')})",
     )
+    p.add_argument("--download", action="store_true", help=DOWNLOAD_HELP)
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -259,6 +267,13 @@ def cmd_train(args) -> int:
         config = TrainConfig(**{**{f.name: None for f in dataclasses.fields(TrainConfig)}, **given})
     else:
         config = TrainConfig(**given)
+    if args.download:
+        if args.resume:
+            name = config.data or TrainState.load(Path(args.out) / FILENAME).config["data"]
+        else:
+            config.check(trust_code=True)  # refused settings are named before anything is downloaded
+            name = config.data
+        datasets.fetch(name)
     path = train(
         config,
         args.out,
@@ -305,6 +320,7 @@ def cmd_evaluate(args) -> int:
     _positive("--particles", args.particles)
     _positive("--ode-steps", args.ode_steps)
     _positive("--probes", args.probes)
+    args.device = resolve_device(args.device)
     check_device(args.device)
     if (args.run is None) == (args.diffusers is None):
         raise ValueError("evaluate: give a run directory (or checkpoint) or --diffusers DIR, not both")
@@ -312,7 +328,7 @@ def cmd_evaluate(args) -> int:
         if args.data is None:
             raise ValueError("evaluate --diffusers: name the data to score with --data (a data set or a path)")
         out = check_directory(args.out or args.diffusers, "evaluation output folder", create=False)
-        dataset = datasets.load(args.data)
+        dataset = datasets.load(args.data, download=args.download)
         model, guide = from_diffusers_pipeline(args.diffusers, levels=dataset.levels)
         model, guide = model.to(args.device), guide.to(args.device)
         if args.clip_denoised:
@@ -330,9 +346,10 @@ def cmd_evaluate(args) -> int:
         # before computing anything; a missing --out folder is made only when the results are written
         out = check_directory(args.out or run_dir, "evaluation output folder", create=False)
         stored = state.data
-        dataset = datasets.load(
-            args.data or (f"{stored['name']}:{stored['source']}" if stored.get("source") else stored["name"])
-        )
+        spec = args.data or (f"{stored['name']}:{stored['source']}" if stored.get("source") else stored["name"])
+        if args.download and not args.data and stored.get("source") and not Path(stored["source"]).exists():
+            spec = stored["name"]  # the files it was trained on are not on this machine: fetch into its cache
+        dataset = datasets.load(spec, download=args.download)
         state.check_data(dataset.shape, dataset.levels, what=f"data set {dataset.name!r}")
         if args.T is not None and args.T != int(state.config["T"]):
             raise ValueError(f"schedule mismatch: the checkpoint has T = {state.config['T']}, --T asked {args.T}")
@@ -419,6 +436,7 @@ def cmd_evaluate(args) -> int:
 def cmd_sample(args) -> int:
     _positive("--n", args.n)
     _positive("--steps", args.steps)
+    args.device = resolve_device(args.device)
     check_device(args.device)
     state, run_dir = _load_run(args)
     out = check_output_file(Path(args.out) if args.out else run_dir / "samples.png", "sample grid", create=False)
@@ -439,6 +457,8 @@ def cmd_compare(args) -> int:
     unknown = [a for a in chosen if a not in arms]
     if unknown:
         raise ValueError(f"unknown arms {unknown}; the arms of {config.data} are {sorted(arms)}")
+    if args.download:
+        datasets.fetch(config.data)
     try:
         result = compare(
             config,
@@ -491,6 +511,7 @@ def _eval_args(p: argparse.ArgumentParser, standalone: bool = True) -> None:
         p.add_argument("--no-figures", action="store_true")
         p.add_argument("--split", default="test", choices=["train", "test"])
         p.add_argument("--data", default=None, help="data set (default: the checkpoint's)")
+        p.add_argument("--download", action="store_true", help=DOWNLOAD_HELP)
         p.add_argument("--seed", type=int, default=0, help="seed of the evaluation noise")
         p.add_argument("--T", type=int, default=None, help="the T the checkpoint must have")
         p.add_argument(
@@ -517,7 +538,7 @@ def _eval_args(p: argparse.ArgumentParser, standalone: bool = True) -> None:
         p.add_argument(
             "--particles", type=int, default=None, help="also the importance-weighted bound over K full chains"
         )
-        p.add_argument("--device", default="cpu")
+        p.add_argument("--device", default="auto", help=DEVICE_HELP)
         p.add_argument("--out", default=None, help="folder for the netCDF, JSON and figures (default: the run's)")
         p.add_argument("--no-progress", action="store_true")
 
@@ -579,7 +600,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic given x_T)")
     p.add_argument("--out", default=None, help="PNG path (default RUN/samples.png)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--no-progress", action="store_true")
     _trust_arg(p)
     _threads_arg(p)

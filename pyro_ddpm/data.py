@@ -1,4 +1,4 @@
-"""Data sets scaled to [-1, 1], on a K-level grid or not quantized (``levels = 0``). Nothing is downloaded.
+"""Data sets scaled to [-1, 1], on a K-level grid or not quantized (``levels = 0``).
 
 Registered names (:data:`NAMES`), built from what installed packages ship:
 
@@ -24,7 +24,8 @@ Registered names (:data:`NAMES`), built from what installed packages ship:
 ``levels`` says how a set is quantized: K >= 2 for a K-level grid -1 + 2k/(K-1), 0 for real values;
 :func:`pyro_ddpm.likelihoods.default_likelihood` maps it to the decoder.
 
-File-based sets, read from a local path (``load(PATH)``, ``load("mnist:PATH")``, ``load("cifar10:PATH")``):
+File-based sets, read from the data cache (``load("mnist")``, ``load("cifar10")``) or a local path
+(``load(PATH)``, ``load("mnist:PATH")``, ``load("cifar10:PATH")``):
 
 - MNIST from the standard IDX files ``train-images-idx3-ubyte`` and ``t10k-images-idx3-ubyte``
   (each optionally gzipped; the ``train-images.idx3-ubyte`` spelling is accepted too) in a folder;
@@ -37,6 +38,17 @@ File-based sets, read from a local path (``load(PATH)``, ``load("mnist:PATH")``,
   batch holds (numpy arrays, lists, dicts, bytes, str, numbers) and refuses any other class or
   function a file names, so a crafted batch cannot run code.
 
+Downloads happen only on request (``load(name, download=True)``, the command line's ``--download``):
+:func:`download` fetches the official files (MNIST: the four ``*-ubyte.gz`` files; CIFAR-10:
+``cifar-10-python.tar.gz``) into ``mnist/`` or ``cifar10/`` of the data cache (:func:`cache_dir`:
+``$PYRO_DDPM_DATA``, else ``~/.cache/pyro-ddpm``), or into the folder of ``mnist:PATH``. Each file is
+written to a temporary file beside its target, its MD5 checked against :data:`CHECKSUMS` (torchvision's
+values), and only then renamed into place: a failed or corrupted download leaves nothing behind. Files
+already there with the right checksum are not fetched again. The base URLs are torchvision's mirrors
+(:data:`MIRRORS`), overridden by ``$PYRO_DDPM_MNIST_URL`` / ``$PYRO_DDPM_CIFAR10_URL`` or ``base_url``.
+Without ``download``, ``load("mnist")`` reads the files already in the cache and otherwise says in one
+line where to put them.
+
 Each loader is deterministic for a given ``seed`` (the file-based sets ignore it: their split is the
 official one) and :func:`load` checks every split with :func:`pyro_ddpm.likelihoods.check_images`
 (and refuses an empty split, e.g. an IDX file of 0 images).
@@ -48,14 +60,19 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
+import http.client
 import os
 import pickle
 import tarfile
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from pyro_ddpm.files import atomic_path
 from pyro_ddpm.likelihoods import CONTINUOUS, check_images, check_levels, is_continuous
 
 
@@ -429,6 +446,151 @@ def cifar10(path: str) -> Dataset:
 
 FILE_LOADERS = {"mnist": mnist, "cifar10": cifar10}
 
+# --------------------------------------------------------------------------- downloads (on request only)
+CACHE_ENV = "PYRO_DDPM_DATA"  # the data cache's folder, when set
+DEFAULT_CACHE = os.path.join("~", ".cache", "pyro-ddpm")
+URL_ENV = {"mnist": "PYRO_DDPM_MNIST_URL", "cifar10": "PYRO_DDPM_CIFAR10_URL"}  # a base URL overriding MIRRORS
+# torchvision's mirrors (torchvision/datasets/mnist.py and cifar.py), tried in order; a file's URL is base + name.
+MIRRORS = {
+    "mnist": ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
+    "cifar10": ("https://www.cs.toronto.edu/~kriz/",),
+}
+# The official files of each set and their MD5 checksums, as torchvision lists them.
+CHECKSUMS = {
+    "mnist": {
+        "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+        "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+        "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+        "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+    },
+    "cifar10": {_CIFAR_TAR: "c58f30108f718f92721af3b95e74349a"},
+}
+DOWNLOAD_TIMEOUT = 30.0  # seconds a connection or a read may stall before the download is given up
+_BLOCK = 1 << 20
+
+
+def cache_dir() -> str:
+    """The data cache: ``$PYRO_DDPM_DATA`` when set, else ``~/.cache/pyro-ddpm`` (absolute); each
+    downloadable set has its own sub-folder (``mnist/``, ``cifar10/``)."""
+    return os.path.abspath(os.path.expanduser(os.environ.get(CACHE_ENV) or DEFAULT_CACHE))
+
+
+def md5sum(path: str) -> str:
+    """The MD5 hex digest of the file ``path``, read in blocks."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _Unreachable(Exception):
+    """A URL that could not be fetched (network, HTTP status, timeout): the next mirror is tried."""
+
+
+def _fetch_file(url: str, path: str, md5: str, timeout: float) -> None:
+    """Download ``url`` to ``path`` through a temporary file beside it, renamed over ``path`` only when
+    its MD5 is ``md5``; a mismatch is one ValueError and leaves no file behind."""
+    digest = hashlib.md5(usedforsecurity=False)
+    request = urllib.request.Request(url, headers={"User-Agent": "pyro-ddpm"})
+    with atomic_path(path) as tmp:
+        try:
+            response = urllib.request.urlopen(request, timeout=timeout)
+        except urllib.error.HTTPError as e:
+            raise _Unreachable(f"{url} (HTTP {e.code} {e.reason})") from None
+        except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, timeout, bad URL
+            raise _Unreachable(f"{url} ({getattr(e, 'reason', None) or e})") from None
+        with response, open(tmp, "wb") as f:
+            while True:
+                try:
+                    block = response.read(_BLOCK)
+                except (OSError, http.client.HTTPException) as e:  # a reset or stalled connection, a short read
+                    raise _Unreachable(f"{url} (the transfer broke off: {type(e).__name__}: {e})") from None
+                if not block:
+                    break
+                digest.update(block)
+                f.write(block)  # an OSError here (disk full, ...) is atomic_path's one-line error
+        actual = digest.hexdigest()
+        if actual != md5:
+            raise ValueError(
+                f"checksum mismatch for {os.path.basename(path)} downloaded from {url}: MD5 {actual}, expected "
+                f"{md5}; the download was discarded (nothing was written)"
+            )
+
+
+def download(
+    name: str, folder: str | os.PathLike | None = None, base_url: str | None = None, timeout: float = DOWNLOAD_TIMEOUT
+) -> str:
+    """Fetch the official files of ``name`` ("mnist" or "cifar10", :data:`CHECKSUMS`) into ``folder``
+    (default: ``cache_dir()/name``) and return the folder.
+
+    A file already there with the right MD5 is kept; any other is downloaded from ``base_url`` (default:
+    ``$PYRO_DDPM_MNIST_URL`` / ``$PYRO_DDPM_CIFAR10_URL``, else each of :data:`MIRRORS` in turn) with
+    ``timeout`` seconds per connection and read, written to a temporary file in ``folder``, checked and
+    renamed. Raises one ValueError per problem: a checksum mismatch (naming the file and both checksums;
+    nothing is left behind), or no mirror reachable (naming each URL and why).
+    """
+    if name not in CHECKSUMS:
+        raise ValueError(f"nothing to download for data set {name!r}; downloadable: {sorted(CHECKSUMS)}")
+    folder = os.path.join(cache_dir(), name) if folder is None else os.path.abspath(os.path.expanduser(folder))
+    base = base_url or os.environ.get(URL_ENV[name])
+    bases = (base,) if base else MIRRORS[name]
+    for file, md5 in CHECKSUMS[name].items():
+        path = os.path.join(folder, file)
+        if os.path.isfile(path) and md5sum(path) == md5:
+            continue
+        failures = []
+        for b in bases:
+            try:
+                _fetch_file(b.rstrip("/") + "/" + file, path, md5, timeout)
+                break
+            except _Unreachable as e:
+                failures.append(str(e))
+        else:
+            raise ValueError(
+                f"cannot download {file}: {'; '.join(failures)}; put the file in {folder} yourself "
+                f"(MD5 {md5}) or set ${URL_ENV[name]} to a mirror"
+            )
+    return folder
+
+
+def _has_files(name: str, folder: str) -> bool:
+    """Whether ``folder`` holds what the reader of ``name`` needs."""
+    if name == "mnist":
+        return os.path.isdir(folder) and all(_mnist_file(folder, s) for s in _MNIST_STEMS)
+    return _cifar_location(folder) is not None
+
+
+def _missing_message(name: str, folder: str) -> str:
+    """One line: where to put the files of ``name``, and that ``--download`` fetches them."""
+    label, wanted = (
+        ("MNIST", ", ".join(CHECKSUMS["mnist"]))
+        if name == "mnist"
+        else ("CIFAR-10", f"{_CIFAR_TAR} (or its extracted {_CIFAR_DIR}/ folder)")
+    )
+    return (
+        f"no {label} files in the data cache {folder}: put {wanted} there, or pass --download "
+        f"(load({name!r}, download=True)) to fetch them (MD5-checked); ${CACHE_ENV} sets the cache folder"
+    )
+
+
+def _download_target(name: str) -> tuple[str, str] | None:
+    """(set, folder) that ``load(name, download=True)`` downloads into, or None when ``name`` has no download."""
+    kind, sep, rest = name.partition(":")
+    if name in CHECKSUMS:
+        return name, os.path.join(cache_dir(), name)
+    if sep and kind in CHECKSUMS and not os.path.isfile(os.path.expanduser(rest)):
+        return kind, os.path.expanduser(rest)
+    return None
+
+
+def fetch(name: str, timeout: float = DOWNLOAD_TIMEOUT) -> str | None:
+    """Download what ``load(name, download=True)`` reads, without loading it: for "mnist" / "cifar10" the
+    official files into the data cache, for "mnist:FOLDER" / "cifar10:FOLDER" into FOLDER (:func:`download`).
+    Return the folder, or None when ``name`` has nothing to download (a registered set, a file, a path)."""
+    target = _download_target(os.fspath(name))
+    return None if target is None else download(*target, timeout=timeout)
+
 
 def _detect(path: str) -> Dataset:
     """MNIST or CIFAR-10, whichever ``path`` holds; one ValueError naming what was looked for otherwise."""
@@ -461,25 +623,36 @@ def _check(data: Dataset, label: str) -> None:
             check_images(block, data.levels, name=f"{label} {split} split")
 
 
-def load(name: str, seed: int = 0) -> Dataset:
-    """The data set ``name``: one of :data:`NAMES` (split with ``seed``), a path holding MNIST IDX files
-    or CIFAR-10 python batches (format detected from the contents), or ``mnist:PATH`` / ``cifar10:PATH``."""
+def load(name: str, seed: int = 0, download: bool = False) -> Dataset:
+    """The data set ``name``: one of :data:`NAMES` (split with ``seed``); ``mnist`` or ``cifar10`` from the
+    data cache (:func:`cache_dir`); a path holding MNIST IDX files or CIFAR-10 python batches (format
+    detected from the contents); or ``mnist:PATH`` / ``cifar10:PATH``.
+
+    :param download: first fetch the official files of ``mnist`` / ``cifar10`` into the cache (of
+        ``mnist:FOLDER`` / ``cifar10:FOLDER`` into FOLDER) that are missing or fail their MD5 check
+        (:func:`fetch`). Without it nothing is downloaded, and a cache without the files is one ValueError
+        saying where to put them. (A folder ``./mnist`` or ``./cifar10`` is read as a path unless
+        ``download`` is set.)
+    """
     name = os.fspath(name)
+    if download:
+        fetch(name)
     kind, sep, rest = name.partition(":")
     if name in LOADERS:
         data = LOADERS[name](seed=seed)
     elif sep and kind in FILE_LOADERS:
         path = os.path.expanduser(rest)
         if not os.path.exists(path):
-            raise ValueError(f"{kind} data: no such file or folder {path}")
+            hint = "; --download fetches the official files there" if kind in CHECKSUMS else ""
+            raise ValueError(f"{kind} data: no such file or folder {path}{hint}")
         data = FILE_LOADERS[kind](path)
+    elif name in FILE_LOADERS and (download or not os.path.exists(os.path.expanduser(name))):
+        folder = os.path.join(cache_dir(), name)
+        if not _has_files(name, folder):
+            raise ValueError(_missing_message(name, folder))
+        data = FILE_LOADERS[name](folder)
     elif os.path.exists(os.path.expanduser(name)):
         data = _detect(os.path.expanduser(name))
-    elif name in FILE_LOADERS:
-        raise ValueError(
-            f"data set {name!r} is read from local files: pass the path that holds them "
-            f"(or {name}:PATH); nothing is downloaded"
-        )
     else:
         looks_like_path = os.sep in name or "/" in name or name.startswith((".", "~"))
         what = f"no such file or folder {name!r}" if looks_like_path else f"unknown data set {name!r}"

@@ -39,6 +39,7 @@ import math
 import os
 import signal
 import statistics
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -99,7 +100,7 @@ class TrainConfig:
     ema_decay: float = 0.9999
     ema_ramp: float = 10.0  # the EMA's decay after n updates is min(ema_decay, (1 + n) / (ema_ramp + n))
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # "auto": CUDA when available, else the CPU (resolved once, at construction)
     precision: str = "fp32"  # "bf16": the network under torch.autocast; the bound's algebra stays fp32
     compile: bool = False  # torch.compile the network (in place, parameter names unchanged)
     log_every: int = 100
@@ -107,6 +108,10 @@ class TrainConfig:
     checkpoint_every: int = 1000
     validate: bool = False  # pyro.enable_validation during training (slower)
     threads: int | None = None  # torch threads; default: $OMP_NUM_THREADS, 1 under pytest-xdist, else torch's
+
+    def __post_init__(self):
+        # "auto" is resolved here, once, so every later use (and the checkpoint) sees the device itself
+        self.device = resolve_device(self.device)
 
     def model_class(self, trust_code: bool = True) -> type:
         return MODELS.resolve(self.model, trust_code=trust_code)
@@ -162,6 +167,7 @@ class TrainConfig:
             raise ValueError(f"ema_ramp must be a number >= 1, got {self.ema_ramp}")
         if not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be positive, got {self.grad_clip}")
+        self.device = resolve_device(self.device)
         check_device(self.device)
 
     @property
@@ -182,10 +188,32 @@ class TrainConfig:
         )
 
 
+AUTO_DEVICE = "auto"
+
+
+def resolve_device(device: str | None) -> str | None:
+    """The device ``"auto"`` stands for: ``"cuda"`` when torch sees a CUDA device, else ``"cpu"``; under
+    ``torchrun`` with CUDA, ``"cuda:LOCAL_RANK"`` (one GPU per process). Any other value is returned as is."""
+    if device != AUTO_DEVICE:
+        return device
+    if not torch.cuda.is_available():
+        return "cpu"
+    local_rank = os.environ.get("LOCAL_RANK")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and local_rank is not None and local_rank.isdigit():
+        return f"cuda:{int(local_rank)}"
+    return "cuda"
+
+
+def device_line(device: str) -> str:
+    """The line a run prints first: the device it trains on (on the CPU, whether CUDA was there to use)."""
+    no_cuda = torch.device(device).type == "cpu" and not torch.cuda.is_available()
+    return f"pyro-ddpm: training on {device}" + (" (no CUDA device found)" if no_cuda else "")
+
+
 def check_device(device: str) -> None:
-    """Raise ValueError unless ``device`` names a device this torch build has."""
+    """Raise ValueError unless ``device`` (or what ``"auto"`` resolves to) names a device this torch build has."""
     try:
-        d = torch.device(device)
+        d = torch.device(resolve_device(device))
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"unknown device {device!r}: {e}") from None
     if d.type == "cuda":
@@ -604,6 +632,8 @@ def train(
     locked (:class:`~pyro_ddpm.files.RunLock`: a second writer is refused, naming the holder's PID) and
     the temporaries of interrupted saves are removed.
 
+    With ``progress``, the first line on stderr names the device (:func:`device_line`).
+
     :param trust_code: whether a ``"module:Class"`` that is not registered may be imported (which runs its
         code). None (default): the classes ``config`` names may be, as they are the caller's choice, but
         on resume not those only the checkpoint names; True: those too; False: none.
@@ -648,6 +678,8 @@ def train(
                     )
                 remove_stale_temporaries(out)
             trust = trust_code is not False
+            if progress and processes.rank == 0:
+                print(device_line(config.device), file=sys.stderr, flush=True)
             return _train(config, dataset, data_fingerprint, out, state, processes, progress, trust)
     finally:
         processes.close()

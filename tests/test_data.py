@@ -297,11 +297,12 @@ def test_cifar_incomplete_or_corrupt(tmp_path):
         load(folder)
 
 
-def test_unknown_names(tmp_path):
+def test_unknown_names(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unknown data set 'cifar100'") as e:
         load("cifar100")
     assert all(name in str(e.value) for name in NAMES)
-    with pytest.raises(ValueError, match="'mnist' is read from local files"):
+    monkeypatch.setenv("PYRO_DDPM_DATA", str(tmp_path / "cache"))  # an empty data cache; nothing is downloaded
+    with pytest.raises(ValueError, match="no MNIST files in the data cache .*--download"):
         load("mnist")
     with pytest.raises(ValueError, match="no such file or folder"):
         load(str(tmp_path / "nowhere"))
