@@ -305,6 +305,8 @@ class Processes:
             dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
             self.created = True
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        # where collective operations take their tensors: NCCL reduces device tensors only
+        self.device = torch.device(device if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu")
 
     @property
     def many(self) -> bool:
@@ -337,9 +339,10 @@ class Processes:
 
     def mean(self, values: torch.Tensor) -> torch.Tensor:
         if self.many:
-            values = values.clone()
+            where = values.device
+            values = values.to(self.device, copy=True)
             dist.all_reduce(values)
-            values /= self.world
+            values = (values / self.world).to(where)
         return values
 
     def check_in_sync(self, net: torch.nn.Module, step: int) -> None:
@@ -349,6 +352,7 @@ class Processes:
         summary = torch.stack(
             [flat.sum(), flat.abs().sum(), (flat * torch.arange(len(flat), dtype=torch.float64)).sum()]
         )
+        summary = summary.to(self.device)  # NCCL gathers device tensors only
         gathered = [torch.zeros_like(summary) for _ in range(self.world)]
         dist.all_gather(gathered, summary)
         if not all(torch.equal(g, gathered[0]) for g in gathered):
