@@ -1,6 +1,6 @@
 """A learned noise schedule in the style of Variational Diffusion Models (Kingma et al. 2021).
 
-The schedule is a monotone function gamma(u) = -log SNR(u) of u in [0, 1] (VDM section 3.4):
+The schedule is a monotone function gamma(u) = -log SNR(u) of u in [0, 1] (VDM section 3.4)::
 
     gamma_tilde(u) = a u + sum_j c_j sigmoid(w_j u + b_j),           a, c_j, w_j > 0 (softplus)
     gamma(u)       = gamma_min + (gamma_max - gamma_min) (gamma_tilde(u) - gamma_tilde(0))
@@ -9,7 +9,7 @@ The schedule is a monotone function gamma(u) = -log SNR(u) of u in [0, 1] (VDM s
 so gamma is strictly increasing with gamma(0) = gamma_min and gamma(1) = gamma_max, both learnable
 (gamma_max = gamma_min + softplus(gap) keeps them ordered). VDM's monotone network is this with one
 hidden layer; started with c ~ 0 it is their linear initialization. On the discrete timesteps
-t = 1..T of the paper (u = t / T), with abar_0 = 1 (x_0 is the data):
+t = 1..T of the paper (u = t / T), with abar_0 = 1 (x_0 is the data)::
 
     abar_t = sigmoid(-gamma(t / T)),    beta_t = 1 - abar_t / abar_{t-1}
            = -expm1(log sigmoid(-gamma(t/T)) - log sigmoid(-gamma((t-1)/T)))   (t >= 2),

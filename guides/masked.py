@@ -73,8 +73,10 @@ class MaskingSchedule(CategoricalSchedule):
 class MaskedForwardProcess(CategoricalForwardProcess):
     """The absorbing forward process over the data's K levels (see the module docstring).
 
-    :param T: the number of steps. :param levels: K. :param schedule: the masking schedule
-    (``linear`` or ``cosine``). :param event_dim: the number of data dimensions.
+    :param T: the number of steps.
+    :param levels: K.
+    :param schedule: the masking schedule (``linear`` or ``cosine``).
+    :param event_dim: the number of data dimensions.
     """
 
     schedule_class = MaskingSchedule

@@ -65,8 +65,10 @@ class UniformSchedule(CategoricalSchedule):
 class UniformForwardProcess(CategoricalForwardProcess):
     """The uniform forward process over the data's K levels (see the module docstring).
 
-    :param T: the number of steps. :param levels: K. :param schedule: the schedule of alpha_t
-    (``linear`` or ``cosine``). :param event_dim: the number of data dimensions.
+    :param T: the number of steps.
+    :param levels: K.
+    :param schedule: the schedule of alpha_t (``linear`` or ``cosine``).
+    :param event_dim: the number of data dimensions.
     """
 
     schedule_class = UniformSchedule

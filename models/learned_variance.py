@@ -101,6 +101,7 @@ class LearnedVarianceReverseProcess(ReverseProcess):
     :param eps: a network ``eps(x_t, t)`` returning shape (B, 2C, ...) for x_t of shape (B, C, ...):
         eps_theta, then v_theta, concatenated along dimension 1.
     :param variance: ``"learned"`` (the only rule this class implements).
+
     Other parameters as for :class:`~pyro_ddpm.models.ReverseProcess`.
     """
 

@@ -62,9 +62,9 @@ def image_noise(
     image_ids, steps: torch.Tensor, T: int, shape, seed: int, draw: int, kind: str = "normal"
 ) -> torch.Tensor:
     """Standard noise of ``kind`` (the guide's ``noise``) for x_t of each image at ``steps``:
-    (len(image_ids), len(steps), *shape).
+    ``(len(image_ids), len(steps), *shape)``.
 
-    Image i's noise is one draw of shape (T, *shape) seeded by (seed, draw, i), read at rows t - 1.
+    Image i's noise is one draw of shape ``(T, *shape)`` seeded by (seed, draw, i), read at rows t - 1.
     """
     rows = steps.cpu() - 1
     out = []
@@ -89,14 +89,14 @@ def bound(
 ):
     """Per-image, per-term bound and progressive-coding distortion as an ``arviz.InferenceData``.
 
-    :param x0: images (N, *shape) on the model's device.
+    :param x0: images ``(N, *shape)`` on the model's device.
     :param draws: noise draws per term.
     :param image_ids: identifiers seeding each image's noise (default 0..N-1).
-    :param noise: optionally the standard-normal noise itself, (draws, N, T, *shape), t = 1..T.
+    :param noise: optionally the standard-normal noise itself, ``(draws, N, T, *shape)``, t = 1..T.
     :param strip_steps: the timesteps at which the x_0 prediction of the first image is kept (Figure 6).
     :returns: ``InferenceData`` with group ``bound``: ``L`` (draw, image, t) in nats with t = 0..T (column
         t holds L_t), ``sq_error`` (draw, image, step), the mean squared error of x0_hat on the 0..255
-        scale at reverse step 1..T, and ``x0_hat_strip`` (step_strip, *shape).
+        scale at reverse step 1..T, and ``x0_hat_strip`` ``(step_strip, *shape)``.
     """
     model.check_data(x0)  # one clear error before any tracing
     broken = [n for n, v in guide.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]

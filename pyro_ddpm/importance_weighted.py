@@ -15,7 +15,7 @@ as K -> infinity (Burda et al. Theorem 1). Computed with ``poutine.trace`` of ``
 ``poutine.trace(poutine.replay(model.chain, trace=guide_trace))``, Pyro's own importance machinery
 (``pyro.infer.Importance`` does the same per particle), vectorized over particles by repeating each
 image, in chunks of at most ``max_chains`` chains under ``torch.no_grad`` (a chunk holds T sites of
-(chains, *shape) values), and reduced per image with a running log-sum-exp, so memory does not grow
+``(chains, *shape)`` values), and reduced per image with a running log-sum-exp, so memory does not grow
 with K. The effective sample size (sum w)^2 / sum w^2 is reported beside it.
 """
 
@@ -32,7 +32,7 @@ from pyro_ddpm.adapters import to_grid
 
 
 def log_weights(model, guide, x0: torch.Tensor) -> torch.Tensor:
-    """log w of Eq. (1) for one chain per row of ``x0`` (B, *shape): a (B,) tensor, from traced log-probs.
+    """log w of Eq. (1) for one chain per row of ``x0`` ``(B, *shape)``: a (B,) tensor, from traced log-probs.
 
     Draws from the global RNG. Every sample site of both programs counts (with its scale and mask),
     so ``pyro.factor`` sites and any decoder are included.
@@ -63,7 +63,7 @@ def importance_weighted(
 ) -> dict:
     """L_K of Eq. (2) per image with its standard error over images; K = ``particles``.
 
-    :param x0: (N, *shape) images (on the decoder's grid, integer levels such as uint8 mapped by
+    :param x0: ``(N, *shape)`` images (on the decoder's grid, integer levels such as uint8 mapped by
         :func:`pyro_ddpm.adapters.to_grid`, or continuous data for a density decoder).
     :param max_chains: chains traced at once (memory: about T * max_chains * D values).
     :param seed: the chunks draw from the global RNG, forked and seeded by (seed, chunk): the result

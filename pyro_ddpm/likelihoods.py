@@ -365,7 +365,7 @@ class SignedBernoulli(TorchDistribution):
     ``log_prob`` is computed in float64 (returned in the inputs' dtype) with the logit clamped to
     +-1e10, so values stay finite (>= :data:`LOG_PROB_FLOOR`), and scale^2 floored at
     :data:`SCALE2_MIN`, so that d log_prob / d loc (about 2 / scale^2) stays finite in float32; the
-    floor changes the value only where |loc| < 5e-21. ``sample`` draws exactly on {-1, +1}.
+    floor changes the value only where ``|loc| < 5e-21``. ``sample`` draws exactly on {-1, +1}.
     """
 
     arg_constraints = {"loc": constraints.real, "scale": constraints.positive}

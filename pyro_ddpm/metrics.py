@@ -281,7 +281,7 @@ def _inputs(net: Classifier, x, what: str) -> torch.Tensor:
 
 @torch.no_grad()
 def features(net: Classifier, x: torch.Tensor, batch_size: int = 1000) -> np.ndarray:
-    """The classifier's penultimate-layer features of ``x`` (N, *shape): float64 array (N, feature_dim)."""
+    """The classifier's penultimate-layer features of ``x`` ``(N, *shape)``: float64 array (N, feature_dim)."""
     x = _inputs(net, x, "features: images")
     out = [net.eval().features(b) for b in x.split(batch_size)] if len(x) else [torch.zeros(0, net.feature_dim)]
     return torch.cat(out).double().numpy()
@@ -289,7 +289,7 @@ def features(net: Classifier, x: torch.Tensor, batch_size: int = 1000) -> np.nda
 
 @torch.no_grad()
 def predict_proba(net: Classifier, x: torch.Tensor, batch_size: int = 1000) -> np.ndarray:
-    """p(y | x) of the classifier for ``x`` (N, *shape): float64 array (N, classes)."""
+    """p(y | x) of the classifier for ``x`` ``(N, *shape)``: float64 array (N, classes)."""
     x = _inputs(net, x, "predict_proba: images")
     logits = torch.cat([net.eval()(b) for b in x.split(batch_size)]) if len(x) else torch.zeros(0, net.classes)
     return torch.softmax(logits.double(), dim=1).numpy()
@@ -442,7 +442,7 @@ def sample_quality(
     resamples: int = 50,
     net: Classifier | None = None,
 ) -> dict:
-    """Frechet distance, KID and classifier score of ``samples`` (N, *shape) against the ``reference``
+    """Frechet distance, KID and classifier score of ``samples`` ``(N, *shape)`` against the ``reference``
     split ("test" or "train") of ``data`` (a name or a Dataset split with ``seed``), in the feature
     space of :func:`classifier` (or ``net``). ``seed`` is the data split's seed; it also seeds the
     KID blocks and the FD bootstrap.

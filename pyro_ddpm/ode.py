@@ -186,7 +186,7 @@ def log_density(
 ) -> torch.Tensor:
     """log p(x) of the probability-flow model by Eq. (2) of the module docstring: a (B,) tensor, nats.
 
-    :param x: points (B, *shape), any real values (a dequantized image, or continuous data).
+    :param x: points ``(B, *shape)``, any real values (a dequantized image, or continuous data).
     :param divergence: ``exact``, ``rademacher`` or ``gaussian`` (Hutchinson; give ``probe_noise`` of
         shape (probes, B, D) for a reproducible estimate, else the global RNG draws it).
     :param method: ``rk4`` (this module's fixed grid of ``steps`` steps in rho) or a torchdiffeq
@@ -289,7 +289,7 @@ def ode_likelihood(
     :param eps_or_model: a :class:`~pyro_ddpm.models.ReverseProcess` (or the learned-variance one:
         its eps half is used) or a bare network ``eps(x_t, t)`` (then ``schedule`` is required). The
         network is called with a *float* t in [0, T] (see the module docstring).
-    :param x0: (N, *shape) images on the ``levels``-level grid of [-1, 1] (integer levels, e.g. uint8,
+    :param x0: ``(N, *shape)`` images on the ``levels``-level grid of [-1, 1] (integer levels, e.g. uint8,
         are mapped by :func:`pyro_ddpm.adapters.to_grid`); ``levels`` 0 or None for continuous data (no
         dequantization; the result is a log-density, in nats/dim). ``"auto"``: the model's decoder's
         ``levels`` (0 for a continuous decoder), 256 for a bare network.

@@ -16,9 +16,11 @@ Both programs expose the same two entry points with the same arguments, so that 
     - ``x_T`` under ``pyro.plate("images", B)``: L_T.
     - under :func:`timestep_plate`, a plate over the B*T (image, t) pairs subsampled to the B*K given
       ones (so each term carries the unbiasing scale T/K):
+
         - ``x_t``: x_t ~ q(x_t | x_0) (Eq. 4), masked out in both programs (it only conditions);
         - ``x_{t-1}``: q(x_{t-1} | x_t, x_0) against p_theta(x_{t-1} | x_t), masked to t > 1: L_{t-1};
         - ``x_0`` (observed, model only): the decoder at t = 1, masked to t = 1: L_0.
+
     - ``weight`` (optional, length T + 1, indexed by t) scales each pair's terms by weight[t] through
       ``poutine.scale`` in both programs: how L_simple reweights the bound.
 

@@ -118,7 +118,7 @@ def sample(
     batch_size: int = 256,
     progress: bool = False,
 ) -> torch.Tensor:
-    """``n`` draws x_0, shape (n, *model.shape), on the model's device, ``batch_size`` images per chain.
+    """``n`` draws x_0, shape ``(n, *model.shape)``, on the model's device, ``batch_size`` images per chain.
 
     :param sampler: ``"ancestral"`` or ``"ddim"`` (see :func:`sampling_program`).
     :param steps: S network calls per image, 2 <= S <= T (default T).
