@@ -1,6 +1,6 @@
 """One prepared check of the whole project on a device: train, resume, bound, sample, benchmarks.
 
-    python benchmarks/gpu_check.py --device cuda --out "$OUT"       # the GPU check (bash benchmarks/gpu_check.sh)
+    python benchmarks/gpu_check.py --device cuda --out runs/gpu_check   # on a GPU (or: bash benchmarks/gpu_check.sh)
     python benchmarks/gpu_check.py --device cpu --small --out runs/gpu_check   # the CI mode: tiny sizes, seconds
 
 In order, stopping at the first failure with one line ``gpu_check: FAILED <what>: <why>`` and exit code 1:
@@ -29,7 +29,8 @@ In order, stopping at the first failure with one line ``gpu_check: FAILED <what>
 
 ``--out`` receives ``gpu_check.md`` (the summary and every table), ``gpu_check.json`` (all numbers)
 and the benchmark tables ``bench_*.md``, rewritten after each phase so that a run stopped by a
-timeout still leaves what it measured. docs/gpu_check.md says how to run it on a lent GPU.
+timeout still leaves what it measured. docs/gpu_check.md says how to run it on a CUDA machine and how to
+read its report.
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ SIZES = {
         ],
     ),
 }
-TARGET_SECONDS = 240  # the issue's budget for the device mode
+TARGET_SECONDS = 240  # the device mode's time target on one GPU (an estimate; longer runs get a note)
 
 
 class Failed(Exception):

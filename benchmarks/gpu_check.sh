@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The one command a GPU session runs, from the repository root of a copy of the working tree:
+# Checks a CUDA machine in one command, from the repository root of a checkout (docs/gpu_check.md):
 #
 #     bash benchmarks/gpu_check.sh                 # = python3 benchmarks/gpu_check.py --device cuda --out "$OUT"
 #     bash benchmarks/gpu_check.sh --device cpu --small      # any gpu_check.py options are passed on
 #
-# On a machine where only torch is installed it first installs, with nothing fetched from outside, the
-# wheels carried in .whl/ (see docs/gpu_check.md for the command that downloads them) and the project
+# On a machine where only torch is installed it first installs, with nothing fetched from the network, the
+# wheels placed in .whl/ (see docs/gpu_check.md for the command that downloads them) and the project
 # from the working tree, both into $SITE (default /tmp/site, put on PYTHONPATH); where pyro_ddpm and
 # its dependencies already import, it installs nothing. Then it runs the check under `timeout`, writing
 # $OUT/gpu_check.log beside the check's own files. Exit code 0: every check passed; 1: a failure, named

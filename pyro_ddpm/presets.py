@@ -98,8 +98,8 @@ DEFAULT_ARMS = ("eps-elbo", "eps-simple", "grid-elbo", "grid-simple")
 # digits: the grid model wider, at twice the eps model's learning rate, over the cosine schedule, longer
 # (measured with the logistic prior, importance-sampled, all 360 test images: ch 16 / 1500 steps / lr 1e-3 /
 # linear 1.769; ch 32 / 1500 / 2e-3 / cosine 1.702; ch 24 / 2000 1.688; ch 32 / 2500 1.686 bits/dim, but ch 32 / 2500
-# took the main job to about 20 minutes). The eps model with cosine + lr 2e-3 reached 4.61 bits/dim, so
-# it keeps the base's settings.
+# makes the main job take about 20 minutes on 2 CPU cores). The eps model with cosine + lr 2e-3 reaches 4.61
+# bits/dim, so it keeps the base's settings.
 DIGITS_ARMS = _arms(
     dict(net_overrides={"ch": 24}, lr=2e-3, schedule="cosine", steps=2000), discrete=dict(lr=2e-3, steps=3000)
 )
@@ -108,7 +108,7 @@ DATASETS = {
     # digits: the CPU default, sized for the main job's 15-minute budget on 2 CPU cores; lr 5x the
     # paper's (measured: 1500 steps at 1e-3 reach 3.53 bits/dim where 2000 at 2e-4 reach 3.87). The eps
     # arms train 1000 steps and each model draws 128 samples: with 1500 steps and 256 samples the job
-    # took 16 min on a slow hour of the 2-core host (the grid arms' 2000 steps are what reach 1.69).
+    # takes up to 16 min on 2 CPU cores (the grid arms' 2000 steps are what reach 1.69).
     "digits": {
         "classifier": {"width": 32, "epochs": 30},
         "compare": {
