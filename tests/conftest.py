@@ -1,6 +1,6 @@
 """Shared fixtures and independent float64 reference formulas for the core correctness tests.
 
-The reference functions below are written from the equations in docs/ddpm-math.md (Ho et al. 2020)
+The reference functions below are written from the equations in docs/math.md (Ho et al. 2020)
 with numpy/scipy only; they never call the code under test.
 """
 

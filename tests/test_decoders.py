@@ -1,4 +1,4 @@
-"""The three decoders p_theta(x_0 | x_1) through one parametrized suite (issue #5).
+"""The three decoders p_theta(x_0 | x_1) through one parametrized suite.
 
 - ``bernoulli``: binary data x_0 in {-1, +1}, N(mu, s^2) restricted to the two points;
 - ``discretized``: Eq. 13 on a K = 17 level grid;

@@ -1,4 +1,4 @@
-"""The examples of issue #7, each run once with ``--quick`` (in-process, through ``main(argv)``).
+"""The examples, each run once with ``--quick`` (in-process, through ``main(argv)``).
 
 Numbers are checked against independent float64 references: the schedule constants of conftest's
 ``ref.constants`` for Eq. 12, scipy for the 2-D distances and the discretized Gaussian, closed-form

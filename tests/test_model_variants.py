@@ -1,4 +1,4 @@
-"""Model variants (issue #5): x_0- and v-prediction, learned variance, and the hybrid objective.
+"""Model variants: x_0- and v-prediction, learned variance, and the hybrid objective.
 
 Every expected number is recomputed in numpy/scipy float64 from the beta array (conftest.py's
 references); the networks are called directly, never through the model. Each variant goes through the

@@ -1,4 +1,4 @@
-"""The recipe examples of issue #5: a guide and a decoder of one's own, trained, evaluated and sampled.
+"""The recipe examples: a guide and a decoder of one's own, trained, evaluated and sampled.
 
 Each example runs once as a script with ``--quick`` (a subprocess: its classes live in ``__main__``,
 as for a user), and its outputs are checked. Numbers are checked against independent float64

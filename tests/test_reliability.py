@@ -1,4 +1,4 @@
-"""Issue 12 (hardening), item by item: each test reproduces what a user did and asserts the fixed behaviour.
+"""Hardening, item by item: each test reproduces what a user did and asserts the fixed behaviour.
 
 Everything runs on tiny settings (digits, T = 10, a network with 8 base channels, batches of 16) through
 the ``pyro-ddpm`` command in-process (``main(argv)``), except the signal tests, which start the command

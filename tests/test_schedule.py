@@ -1,4 +1,4 @@
-"""Schedule: every buffer against independent float64 formulas of docs/ddpm-math.md."""
+"""Schedule: every buffer against independent float64 formulas of docs/math.md."""
 
 from __future__ import annotations
 
