@@ -89,6 +89,16 @@ class CategoricalReverseProcess(ReverseProgram):
     def network_input_shape(cls, data: protocol.DataSpec) -> tuple:
         return (2 * data.channels,) + tuple(data.shape[1:])
 
+    @classmethod
+    def check_objective(cls, objective: str, guide_class: type) -> None:
+        """``simple`` needs a schedule with a ``weight`` (the masked process's): refused for the others."""
+        schedule_class = getattr(guide_class, "schedule_class", None)
+        if objective == "simple" and schedule_class is not None and not hasattr(schedule_class, "weight"):
+            raise ValueError(
+                f"objective 'simple' needs a forward process whose terms are weighted cross-entropies; "
+                f"{guide_class.__name__} has none: use 'elbo'"
+            )
+
     def training_program(self, objective: str):
         """``elbo``: this model, no weights. ``simple``: lambda_t = 1 / (T w_t) of the schedule's ``weight``."""
         if objective == "elbo":

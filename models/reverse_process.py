@@ -51,6 +51,14 @@ class ReverseProcess(ReverseProgram):
 
     family = "gaussian"
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "transition" in vars(cls):  # the program's distributions are built from mean_and_scale, not from it
+            raise TypeError(
+                f"{cls.__name__} overrides transition(): define mean_and_scale() (or mean() and scale()) instead, "
+                "from which transition(), p_prev() and p_x0() all follow"
+            )
+
     variances: tuple[str, ...] = ("large", "small")
     objectives: tuple[str, ...] = ("elbo", "simple")
     capabilities: tuple[str, ...] = ("ddim", "respace", "ode", "progressive")

@@ -264,7 +264,9 @@ def cmd_train(args) -> int:
         # Continue the run in --out with its stored settings: every field not set on this command line is
         # None ("not given"), so train() keeps the stored value, refuses a changed one, and imports no class
         # that only the checkpoint names (unless --trust-code).
-        config = TrainConfig(**{**{f.name: None for f in dataclasses.fields(TrainConfig)}, **given})
+        # The device is the exception: not given, it is "auto" on this machine (and for this process under
+        # torchrun), not the device the checkpoint was written on.
+        config = TrainConfig(**{**{f.name: None for f in dataclasses.fields(TrainConfig)}, "device": "auto", **given})
     else:
         config = TrainConfig(**given)
     if args.download:

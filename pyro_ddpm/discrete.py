@@ -57,9 +57,9 @@ def level_index(x0: torch.Tensor, levels: int) -> torch.Tensor:
     return ((x0 + 1.0) * ((levels - 1) / 2.0)).round().long().clamp(0, levels - 1)
 
 
-def level_value(k: torch.Tensor, levels: int, dtype=torch.get_default_dtype()) -> torch.Tensor:
-    """v_k = -1 + 2k/(K - 1): the grid value of level index ``k``."""
-    return k.to(dtype) * (2.0 / (levels - 1)) - 1.0
+def level_value(k: torch.Tensor, levels: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """v_k = -1 + 2k/(K - 1): the grid value of level index ``k`` (in ``dtype``, default torch's default)."""
+    return k.to(dtype or torch.get_default_dtype()) * (2.0 / (levels - 1)) - 1.0
 
 
 def floored_log(p: torch.Tensor) -> torch.Tensor:

@@ -92,7 +92,8 @@ def bound(
     :param x0: images ``(N, *shape)`` on the model's device.
     :param draws: noise draws per term.
     :param image_ids: identifiers seeding each image's noise (default 0..N-1).
-    :param noise: optionally the standard-normal noise itself, ``(draws, N, T, *shape)``, t = 1..T.
+    :param noise: optionally the guide's standard noise itself (normal or uniform, as ``guide.noise``
+        says), ``(draws, N, T, *shape)``, t = 1..T.
     :param strip_steps: the timesteps at which the x_0 prediction of the first image is kept (Figure 6).
     :returns: ``InferenceData`` with group ``bound``: ``L`` (draw, image, t) in nats with t = 0..T (column
         t holds L_t), ``sq_error`` (draw, image, step), the mean squared error of x0_hat on the 0..255

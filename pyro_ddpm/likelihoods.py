@@ -276,7 +276,7 @@ class Likelihood(abc.ABC):
                     f"likelihood {cls.__name__} needs data with {cls.levels} levels; data set "
                     f"{_data_name(dataset)} has levels = {dataset.levels}"
                 )
-        return cls(int(dataset.levels)) if takes_levels else cls()
+        return cls(levels=int(dataset.levels)) if takes_levels else cls()
 
     def __repr__(self):
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config().items())})"

@@ -262,6 +262,11 @@ class ReverseProgram(Complete, nn.Module, abc.ABC):
         return self.p_prev(x_t, t, out), lambda w: self.p_x0(x_t[w], t[w], subset(out, w))
 
     @classmethod
+    def check_objective(cls, objective: str, guide_class: type) -> None:
+        """Raise one ValueError if ``objective`` (one of :attr:`objectives`) cannot be trained with guides of
+        ``guide_class``: asked before anything is built or written. Every pairing works by default."""
+
+    @classmethod
     def network_input_shape(cls, data: protocol.DataSpec) -> tuple:
         """The shape of one network input for ``data`` (the network preset's ``shape``): the data's own here."""
         return tuple(data.shape)

@@ -8,8 +8,8 @@ network call over the B*K pairs. The guide draws x_t from that noise through
 :class:`~pyro_ddpm.protocol.FixedNoise` (the guide's ``from_noise``), so a run is reproduced exactly by
 its seed, whether it is resumed or split over processes. The objective changes only the model
 program and the per-timestep weights, as the model class declares (``training_program``). The model
-and guide are any classes following :mod:`pyro_ddpm.protocol`; parameters of either (e.g. a learned
-schedule) are trained by the same SVI step.
+and guide are any classes of :mod:`pyro_ddpm.programs` (sites as in :mod:`pyro_ddpm.protocol`);
+parameters of either (e.g. a learned schedule) are trained by the same SVI step.
 
 Optimizer: one torch optimizer (Adam by default) over all parameters with the paper's global-norm
 clipping and a linear warm-up (:class:`~pyro_ddpm.optim.JointOptimizer`). The EMA of the network
@@ -131,6 +131,8 @@ class TrainConfig:
                 f"{self.model} does not train on objective {self.objective!r}; "
                 f"it supports {list(model_class.objectives)}"
             )
+        if hasattr(model_class, "check_objective"):
+            model_class.check_objective(self.objective, guide_class)
         if self.variance is not None and self.variance not in model_class.variances:
             raise ValueError(
                 f"{self.model} has no variance {self.variance!r}; it implements {list(model_class.variances)}"

@@ -112,3 +112,17 @@ def test_a_bad_device_is_one_line(tmp_path, capsys, device, message):
         lines = captured.err.splitlines()
         assert captured.out == "" and len(lines) == 1 and lines[0].startswith("pyro-ddpm: error: " + message), lines
     assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fall-back to the CPU of a run stored on CUDA")
+def test_a_resume_without_device_resolves_auto_on_this_machine(tmp_path):
+    """A run whose checkpoint says it trained on a GPU resumes on a CPU-only machine without --device (and
+    under torchrun each process would resolve its own GPU rather than the one rank 0 stored)."""
+    run = tmp_path / "run"
+    assert cli.main(["train", *TINY_CLI, "--steps", "2", "--no-progress", "--out", str(run)]) == 0
+    state = TrainState.load(run)
+    state.config["device"] = "cuda:0"  # as written by rank 0 of a GPU run
+    (run / "checkpoint.pt").write_bytes(state.to_bytes())
+    assert cli.main(["train", "--out", str(run), "--resume", "--steps", "3", "--no-progress"]) == 0
+    state = TrainState.load(run)
+    assert state.step == 3 and state.config["device"] == "cpu"

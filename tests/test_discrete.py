@@ -767,3 +767,13 @@ def test_closed_form_evidence_and_mixture_equal_the_sums_over_every_x0(guide_cla
     ours, sums = s.mixture(x_t, log_p0, t).exp(), CategoricalSchedule.mixture(s, x_t, log_p0, t).exp()
     np.testing.assert_allclose(ours.numpy(), sums.numpy(), rtol=1e-12, atol=1e-300)
     np.testing.assert_allclose(ours.sum(-1).numpy(), 1.0, rtol=1e-12)
+
+
+def test_simple_on_the_uniform_process_is_refused_before_anything_is_written(tmp_path):
+    from pyro_ddpm.train import TrainConfig, train
+
+    config = TrainConfig(data="digits", model="CategoricalReverseProcess", guide="UniformForwardProcess")
+    config.objective = "simple"
+    with pytest.raises(ValueError, match="objective 'simple' needs a forward process whose terms are weighted"):
+        train(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

@@ -533,3 +533,13 @@ def test_network_without_shape_needs_shape():
     net = torch.nn.Linear(3, 3)
     with pytest.raises(ValueError, match="shape"):
         ReverseProcess(net, Schedule.linear(6, 0.05, 0.4))
+
+
+def test_a_gaussian_model_that_overrides_transition_is_refused():
+    """transition() is derived from mean_and_scale(); a class that overrode it would train on one mean and
+    sample with DDIM on another, so it is refused where it is defined."""
+    with pytest.raises(TypeError, match="overrides transition\\(\\): define mean_and_scale"):
+
+        class Own(ReverseProcess):
+            def transition(self, x_t, t):
+                return x_t, torch.ones_like(x_t)
