@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from pyro_ddpm.discrete import CategoricalForwardProcess, CategoricalSchedule, at, floored_log
+from pyro_ddpm.discrete import CategoricalForwardProcess, CategoricalSchedule, floored_log
 from pyro_ddpm.registry import GUIDES
+from pyro_ddpm.schedule import at
 
 
 class MaskingSchedule(CategoricalSchedule):
@@ -32,11 +33,12 @@ class MaskingSchedule(CategoricalSchedule):
         return self.levels
 
     def marginal(self, x0, t, dtype):
-        a = at(self.alpha, t, x0).to(dtype).unsqueeze(-1)
+        a = at(self.alpha, t, x0, dtype).unsqueeze(-1)
         return a * self.onehot(x0, dtype) + (1.0 - a) * self.onehot(torch.full_like(x0, self.mask), dtype)
 
     def posterior(self, x_t, x0, t, dtype):
-        a, a_prev = at(self.alpha, t, x_t).unsqueeze(-1), at(self.alpha, t - 1, x_t).unsqueeze(-1)
+        a = at(self.alpha, t, x_t, torch.float64).unsqueeze(-1)
+        a_prev = at(self.alpha, t - 1, x_t, torch.float64).unsqueeze(-1)
         unmask = ((a_prev - a) / (1.0 - a)).to(dtype)
         masked = unmask * self.onehot(x0, dtype) + (1.0 - unmask) * self.onehot(torch.full_like(x0, self.mask), dtype)
         return torch.where((x_t == self.mask).unsqueeze(-1), masked, self.onehot(x_t.expand_as(x0), dtype))
@@ -46,7 +48,7 @@ class MaskingSchedule(CategoricalSchedule):
 
     def evidence(self, x_t, t, dtype):
         """q(x_t | x_0 = v_k) for every k: 1 - alpha_t for a masked x_t, alpha_t [v_k = x_t] otherwise."""
-        a = at(self.alpha, t, x_t).to(dtype).unsqueeze(-1)
+        a = at(self.alpha, t, x_t, dtype).unsqueeze(-1)
         same = (torch.arange(self.levels, device=x_t.device) == x_t.unsqueeze(-1)).to(dtype)
         return torch.where((x_t == self.mask).unsqueeze(-1), 1.0 - a, a * same)
 
@@ -54,7 +56,7 @@ class MaskingSchedule(CategoricalSchedule):
         """In closed form: log w_t + log p(x_0 = v_k) at the levels and log(1 - w_t) at M for a masked x_t;
         an unmasked x_t is kept."""
         dtype = log_p0.dtype
-        w = at(self.weight.to(x_t.device), t, x_t).to(dtype).unsqueeze(-1)
+        w = at(self.weight, t, x_t, dtype).unsqueeze(-1)
         to_mask = floored_log(1.0 - w).expand(*log_p0.shape[:-1], 1)
         masked = torch.cat([floored_log(w) + log_p0, to_mask], dim=-1)
         return torch.where((x_t == self.mask).unsqueeze(-1), masked, floored_log(self.onehot(x_t, dtype)))

@@ -14,20 +14,23 @@ from __future__ import annotations
 
 import torch
 
-from pyro_ddpm.discrete import CategoricalForwardProcess, CategoricalSchedule, at, floored_log
+from pyro_ddpm.discrete import CategoricalForwardProcess, CategoricalSchedule, floored_log
 from pyro_ddpm.registry import GUIDES
+from pyro_ddpm.schedule import at
 
 
 class UniformSchedule(CategoricalSchedule):
     """The uniform process's probabilities over the K levels (no mask state)."""
 
     def marginal(self, x0, t, dtype):
-        a = at(self.alpha, t, x0).to(dtype).unsqueeze(-1)
+        a = at(self.alpha, t, x0, dtype).unsqueeze(-1)
         return a * self.onehot(x0, dtype) + (1.0 - a) / self.levels
 
     def posterior(self, x_t, x0, t, dtype):
-        a_prev = at(self.alpha, t - 1, x_t).unsqueeze(-1)
-        step = torch.where(a_prev > 0, at(self.alpha, t, x_t).unsqueeze(-1) / a_prev, torch.zeros_like(a_prev))
+        a_prev = at(self.alpha, t - 1, x_t, torch.float64).unsqueeze(-1)
+        step = torch.where(
+            a_prev > 0, at(self.alpha, t, x_t, torch.float64).unsqueeze(-1) / a_prev, torch.zeros_like(a_prev)
+        )
         K = self.levels
         joint = (step.to(dtype) * self.onehot(x_t.expand_as(x0), dtype) + (1.0 - step.to(dtype)) / K) * (
             a_prev.to(dtype) * self.onehot(x0, dtype) + (1.0 - a_prev.to(dtype)) / K
@@ -39,7 +42,7 @@ class UniformSchedule(CategoricalSchedule):
 
     def evidence(self, x_t, t, dtype):
         """q(x_t | x_0 = v_k) for every k: alpha_t [v_k = x_t] + (1 - alpha_t) / K."""
-        a = at(self.alpha, t, x_t).to(dtype).unsqueeze(-1)
+        a = at(self.alpha, t, x_t, dtype).unsqueeze(-1)
         return (
             a * (torch.arange(self.levels, device=x_t.device) == x_t.unsqueeze(-1)).to(dtype) + (1.0 - a) / self.levels
         )
@@ -51,8 +54,8 @@ class UniformSchedule(CategoricalSchedule):
             sum_k p_k A_j B_jk / Z_k = A_j (alpha_{t-1} p_j / Z_j + (1 - alpha_{t-1}) / K sum_k p_k / Z_k).
         """
         dtype, K = log_p0.dtype, self.levels
-        a_prev = at(self.alpha, t - 1, x_t).unsqueeze(-1)
-        step = (at(self.alpha, t, x_t).unsqueeze(-1) / a_prev).to(dtype)
+        a_prev = at(self.alpha, t - 1, x_t, torch.float64).unsqueeze(-1)
+        step = (at(self.alpha, t, x_t, torch.float64).unsqueeze(-1) / a_prev).to(dtype)
         same = (torch.arange(K, device=x_t.device) == x_t.unsqueeze(-1)).to(dtype)
         log_A = floored_log(step * same + (1.0 - step) / K)
         log_r = log_p0 - self.evidence(x_t, t, dtype).log()

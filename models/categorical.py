@@ -33,7 +33,6 @@ from torch import nn
 from pyro_ddpm import protocol
 from pyro_ddpm.discrete import GridCategorical, PosteriorMixture, level_value
 from pyro_ddpm.elbo import simple_weights
-from pyro_ddpm.likelihoods import check_images
 from pyro_ddpm.programs import ReverseProgram
 from pyro_ddpm.registry import MODELS
 
@@ -119,9 +118,7 @@ class CategoricalReverseProcess(ReverseProgram):
 
     def check_data(self, x0: torch.Tensor, t: torch.Tensor | None = None) -> None:
         protocol.check_batch(x0, self.shape, t, self.T)
-        check_images(x0, self.levels)
-        if self.likelihood is not None:
-            self.likelihood.check(x0)
+        self.likelihood.check(x0)  # data on its K-level grid (the constructor matched K to the schedule's)
 
     # ------------------------------------------------------------------ one network call
     def network_output(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

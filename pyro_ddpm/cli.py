@@ -38,7 +38,6 @@ from pyro_ddpm.train import (
     Terminated,
     TrainConfig,
     check_device,
-    resolve_device,
     torch_threads,
     train,
 )
@@ -322,8 +321,7 @@ def cmd_evaluate(args) -> int:
     _positive("--particles", args.particles)
     _positive("--ode-steps", args.ode_steps)
     _positive("--probes", args.probes)
-    args.device = resolve_device(args.device)
-    check_device(args.device)
+    args.device = check_device(args.device)
     if (args.run is None) == (args.diffusers is None):
         raise ValueError("evaluate: give a run directory (or checkpoint) or --diffusers DIR, not both")
     if args.diffusers is not None:
@@ -438,8 +436,7 @@ def cmd_evaluate(args) -> int:
 def cmd_sample(args) -> int:
     _positive("--n", args.n)
     _positive("--steps", args.steps)
-    args.device = resolve_device(args.device)
-    check_device(args.device)
+    args.device = check_device(args.device)
     state, run_dir = _load_run(args)
     out = check_output_file(Path(args.out) if args.out else run_dir / "samples.png", "sample grid", create=False)
     model, _ = state.build(device=args.device, trust_code=args.trust_code)

@@ -475,6 +475,11 @@ def cache_dir() -> str:
     return os.path.abspath(os.path.expanduser(os.environ.get(CACHE_ENV) or DEFAULT_CACHE))
 
 
+def cache_folder(name: str) -> str:
+    """Where the downloadable set ``name`` lives in the data cache: ``cache_dir()/name``."""
+    return os.path.join(cache_dir(), name)
+
+
 def md5sum(path: str) -> str:
     """The MD5 hex digest of the file ``path``, read in blocks."""
     digest = hashlib.md5(usedforsecurity=False)
@@ -532,7 +537,7 @@ def download(
     """
     if name not in CHECKSUMS:
         raise ValueError(f"nothing to download for data set {name!r}; downloadable: {sorted(CHECKSUMS)}")
-    folder = os.path.join(cache_dir(), name) if folder is None else os.path.abspath(os.path.expanduser(folder))
+    folder = cache_folder(name) if folder is None else os.path.abspath(os.path.expanduser(folder))
     base = base_url or os.environ.get(URL_ENV[name])
     bases = (base,) if base else MIRRORS[name]
     for file, md5 in CHECKSUMS[name].items():
@@ -578,7 +583,7 @@ def _download_target(name: str) -> tuple[str, str] | None:
     """(set, folder) that ``load(name, download=True)`` downloads into, or None when ``name`` has no download."""
     kind, sep, rest = name.partition(":")
     if name in CHECKSUMS:
-        return name, os.path.join(cache_dir(), name)
+        return name, cache_folder(name)
     if sep and kind in CHECKSUMS and not os.path.isfile(os.path.expanduser(rest)):
         return kind, os.path.expanduser(rest)
     return None
@@ -647,7 +652,7 @@ def load(name: str, seed: int = 0, download: bool = False) -> Dataset:
             raise ValueError(f"{kind} data: no such file or folder {path}{hint}")
         data = FILE_LOADERS[kind](path)
     elif name in FILE_LOADERS and (download or not os.path.exists(os.path.expanduser(name))):
-        folder = os.path.join(cache_dir(), name)
+        folder = cache_folder(name)
         if not _has_files(name, folder):
             raise ValueError(_missing_message(name, folder))
         data = FILE_LOADERS[name](folder)

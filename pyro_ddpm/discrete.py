@@ -67,12 +67,6 @@ def floored_log(p: torch.Tensor) -> torch.Tensor:
     return p.clamp_min(torch.finfo(p.dtype).tiny).log()
 
 
-def at(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """values[t] shaped to broadcast against ``like`` (t indexes its leading dimension)."""
-    v = values.to(like.device)[t]
-    return v.reshape(v.shape + (1,) * (like.dim() - v.dim()))
-
-
 class CategoricalSchedule(nn.Module, abc.ABC):
     """A categorical forward process's probabilities over S states for data with K levels.
 

@@ -50,7 +50,7 @@ from pyro_ddpm.files import atomic_path, atomic_write
 from pyro_ddpm.guides import ForwardProcess
 from pyro_ddpm.models import ReverseProcess
 from pyro_ddpm.nets import EpsNetwork
-from pyro_ddpm.sample import finite_network_outputs
+from pyro_ddpm.sample import finite_network_outputs, non_finite_tensors
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)  # arviz announces its 1.0 refactor on import
@@ -100,7 +100,7 @@ def bound(
         scale at reverse step 1..T, and ``x0_hat_strip`` ``(step_strip, *shape)``.
     """
     model.check_data(x0)  # one clear error before any tracing
-    broken = [n for n, v in guide.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    broken = non_finite_tensors(guide)
     if broken:  # a diverged learned schedule (or a damaged checkpoint): said before Pyro's argument checks see it
         raise ValueError(
             f"the guide's weights are not finite ({len(broken)} tensors, e.g. {broken[0]}): "
@@ -152,20 +152,14 @@ def bound(
                     L[d, rows, steps.cpu() - 1] = per_pair.reshape(t.shape).double().cpu()
                     if t0 == 1:
                         L[d, rows, T] = terms[protocol.X_T].value.double().cpu()
-                    if not progressive:
-                        bar.update(t.numel())
-                        continue
-                    # progressive coding: x0_hat from the traced transition (no extra network call)
-                    x_t = guide_trace.nodes[protocol.X_t]["value"]
-                    x_t = x_t.double() if x_t.is_floating_point() else x_t
-                    fn = model_trace.nodes[protocol.X_PREV]["fn"]
-                    x0_hat = model.x0_from_transition(fn, x_t, t.reshape(-1)).double().reshape(*t.shape, *shape)
-                    err = ((x0_hat - x.double().unsqueeze(1)) * 127.5) ** 2
-                    sq_error[d, rows, steps.cpu() - 1] = err.flatten(2).mean(-1).cpu()
-                    if d == 0 and i == 0:
-                        for j, step in enumerate(strip_steps):
-                            if t0 <= step < t0 + len(steps):
-                                strip[j] = x0_hat[0, step - t0].cpu()
+                    if progressive:
+                        x0_hat = _x0_hat(model, model_trace, guide_trace, t).reshape(*t.shape, *shape)
+                        err = ((x0_hat - x.double().unsqueeze(1)) * 127.5) ** 2
+                        sq_error[d, rows, steps.cpu() - 1] = err.flatten(2).mean(-1).cpu()
+                        if d == 0 and i == 0:
+                            for j, step in enumerate(strip_steps):
+                                if t0 <= step < t0 + len(steps):
+                                    strip[j] = x0_hat[0, step - t0].cpu()
                     bar.update(t.numel())
     finally:
         guard.close()
@@ -203,6 +197,15 @@ def bound(
         },
     )
     return az.InferenceData(bound=ds)
+
+
+def _x0_hat(model, model_trace, guide_trace, t: torch.Tensor) -> torch.Tensor:
+    """Progressive coding's prediction of x_0 per pair, read off the traced transition (no extra network
+    call), in float64."""
+    x_t = guide_trace.nodes[protocol.X_t]["value"]
+    x_t = x_t.double() if x_t.is_floating_point() else x_t
+    fn = model_trace.nodes[protocol.X_PREV]["fn"]
+    return model.x0_from_transition(fn, x_t, t.reshape(-1)).double()
 
 
 def bound_of_network(

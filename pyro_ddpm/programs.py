@@ -42,18 +42,7 @@ from pyro.distributions import TorchDistribution, constraints
 from torch import nn
 
 from pyro_ddpm import protocol
-
-
-def missing_methods(cls: type) -> list[str]:
-    """The abstract methods ``cls`` leaves undefined (empty for a complete program class)."""
-    return sorted(getattr(cls, "__abstractmethods__", ()))
-
-
-def check_complete(cls: type, what: str = "program") -> None:
-    """Raise one TypeError naming the contract methods ``cls`` does not define."""
-    missing = missing_methods(cls)
-    if missing:
-        raise TypeError(f"{cls.__name__} is not a complete {what}: it does not define {', '.join(missing)}")
+from pyro_ddpm.registry import check_complete
 
 
 def require(program, capability: str, what: str | None = None) -> None:
@@ -301,10 +290,8 @@ class ReverseProgram(Complete, nn.Module, abc.ABC):
         if num_images is None:
             raise ValueError("chain: give x0 or num_images")
         param = next(self.eps.parameters(), None)
-        buffer = next(self.buffers(), None)
-        device = param.device if param is not None else buffer.device if buffer is not None else None
         dtype = param.dtype if param is not None else torch.get_default_dtype()
-        return num_images, torch.zeros((), dtype=dtype, device=device)
+        return num_images, torch.zeros((), dtype=dtype, device=self.device)
 
     def chain(self, x0: torch.Tensor | None = None, num_images: int | None = None) -> torch.Tensor:
         """p(x_T) prod_t p_theta(x_{t-1} | x_t) p_theta(x_0 | x_1): every term of Eq. 5 at its own site.

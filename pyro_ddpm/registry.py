@@ -28,6 +28,13 @@ import math
 import numbers
 
 
+def check_complete(cls: type, what: str = "program") -> None:
+    """Raise one TypeError naming the abstract (contract) methods ``cls`` leaves undefined."""
+    missing = sorted(getattr(cls, "__abstractmethods__", ()))
+    if missing:
+        raise TypeError(f"{cls.__name__} is not a complete {what}: it does not define {', '.join(missing)}")
+
+
 class Registry:
     """Names -> classes for one kind of program (``kind`` names it in errors).
 
@@ -51,9 +58,7 @@ class Registry:
         def add(c: type) -> type:
             if not isinstance(c, type):
                 raise TypeError(f"{self.kind} registry: can register classes only, got {c!r}")
-            missing = sorted(getattr(c, "__abstractmethods__", ()))
-            if missing:  # a program class must define its contract (pyro_ddpm.programs)
-                raise TypeError(f"{c.__name__} is not a complete {self.kind}: it does not define {', '.join(missing)}")
+            check_complete(c, self.kind)  # a program class must define its contract (pyro_ddpm.programs)
             key = name or (c.__name__ if c.__module__.startswith("pyro_ddpm.") else qualified_name(c))
             known = self._classes.get(key)
             if known is not None and known is not c and not _same_definition(known, c):

@@ -46,6 +46,15 @@ class Progress(Messenger):
             self.bar.update(1)
 
 
+def non_finite_tensors(module: torch.nn.Module) -> list[str]:
+    """The names of ``module``'s floating-point parameters and buffers that hold NaN or infinite values."""
+    return [
+        n
+        for n, v in list(module.named_parameters()) + list(module.named_buffers())
+        if v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
+
+
 @contextlib.contextmanager
 def finite_network_outputs(model):
     """Inside, a network call of ``model`` (its ``eps`` module) that returns NaN or infinite values raises one
@@ -72,11 +81,7 @@ def finite_network_outputs(model):
                 f" at t = {int(t.min())}" if int(t.min()) == int(t.max()) else f" at t = {int(t.min())}..{int(t.max())}"
             )
         )
-        broken = [
-            n
-            for n, v in list(module.named_parameters()) + list(module.named_buffers())
-            if v.is_floating_point() and not bool(torch.isfinite(v).all())
-        ]
+        broken = non_finite_tensors(module)
         cause = (
             f"its weights are not finite ({len(broken)} tensors, e.g. {broken[0]}): the checkpoint holds a "
             "diverged model"

@@ -262,7 +262,8 @@ class Schedule(ScheduleBase, nn.Module):
         return constructors[name](T)
 
 
-def at(constant: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``constant[t]`` shaped to broadcast against ``x`` (batch dims of ``t`` first) in ``x``'s dtype."""
-    c = constant[t].to(dtype=x.dtype)
+def at(constant: torch.Tensor, t: torch.Tensor, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``constant[t]`` shaped to broadcast against ``x`` (batch dims of ``t`` first), in ``dtype`` (default
+    ``x``'s: give it when ``x`` holds integer states)."""
+    c = constant[t].to(dtype=dtype or x.dtype)
     return c.reshape(c.shape + (1,) * (x.dim() - c.dim()))

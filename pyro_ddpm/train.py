@@ -169,8 +169,7 @@ class TrainConfig:
             raise ValueError(f"ema_ramp must be a number >= 1, got {self.ema_ramp}")
         if not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be positive, got {self.grad_clip}")
-        self.device = resolve_device(self.device)
-        check_device(self.device)
+        self.device = check_device(self.device)
 
     @property
     def warmup_steps(self) -> int:
@@ -212,10 +211,12 @@ def device_line(device: str) -> str:
     return f"pyro-ddpm: training on {device}" + (" (no CUDA device found)" if no_cuda else "")
 
 
-def check_device(device: str) -> None:
-    """Raise ValueError unless ``device`` (or what ``"auto"`` resolves to) names a device this torch build has."""
+def check_device(device: str) -> str:
+    """The device ``device`` stands for (``"auto"`` resolved), or one ValueError unless it names a device this
+    torch build has."""
+    device = resolve_device(device)
     try:
-        d = torch.device(resolve_device(device))
+        d = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"unknown device {device!r}: {e}") from None
     if d.type == "cuda":
@@ -225,6 +226,7 @@ def check_device(device: str) -> None:
             raise ValueError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
     elif d.type not in ("cpu", "mps"):
         raise ValueError(f"device {device!r} is not supported (use cpu or cuda[:N])")
+    return device
 
 
 # ----------------------------------------------------------------------------- building the programs
