@@ -100,12 +100,7 @@ def bound(
         scale at reverse step 1..T, and ``x0_hat_strip`` ``(step_strip, *shape)``.
     """
     model.check_data(x0)  # one clear error before any tracing
-    broken = non_finite_tensors(guide)
-    if broken:  # a diverged learned schedule (or a damaged checkpoint): said before Pyro's argument checks see it
-        raise ValueError(
-            f"the guide's weights are not finite ({len(broken)} tensors, e.g. {broken[0]}): "
-            "the checkpoint holds a diverged or damaged forward process"
-        )
+    _check_finite_guide(guide)
     for name, value in (("draws", draws), ("max_batch", max_batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -197,6 +192,17 @@ def bound(
         },
     )
     return az.InferenceData(bound=ds)
+
+
+def _check_finite_guide(guide) -> None:
+    """One ValueError naming the guide's non-finite weights (a diverged learned schedule, a damaged
+    checkpoint), said before Pyro's argument checks meet them."""
+    broken = non_finite_tensors(guide)
+    if broken:
+        raise ValueError(
+            f"the guide's weights are not finite ({len(broken)} tensors, e.g. {broken[0]}): "
+            "the checkpoint holds a diverged or damaged forward process"
+        )
 
 
 def _x0_hat(model, model_trace, guide_trace, t: torch.Tensor) -> torch.Tensor:
