@@ -1,0 +1,216 @@
+"""Options declared once: a dataclass field says its default, its help, its check and whether a resumed run
+may change it; the command line's flags and the checks are generated from the fields.
+
+    @dataclass
+    class Settings:
+        steps: int = option(3000, "total training steps", check=positive, resumable=True)
+
+:func:`add_arguments` turns every field into a flag (``steps`` -> ``--steps``, its type from the
+annotation, ``dict`` fields as repeatable ``KEY=VALUE``, ``bool`` fields as switches: ``--name``, or
+``--no-name`` for one that is on by default) whose default is
+"not given", and :func:`given` reads back the fields a command line set, so a caller can tell the
+settings a user chose from the defaults (a resumed run keeps its stored ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import types
+import typing
+
+NOT_GIVEN = argparse.SUPPRESS
+
+
+def option(
+    default=None,
+    help: str | typing.Callable[[], str] = "",
+    *,
+    check: typing.Callable[[str, object], None] | None = None,
+    resumable: bool = False,
+    choices: typing.Callable[[], list] | list | None = None,
+    flags: tuple[str, ...] = (),
+    metavar: str | None = None,
+    factory: typing.Callable[[], object] | None = None,
+):
+    """A dataclass field with what the command line and the checks need.
+
+    :param help: the flag's help (or a function returning it, for text read from the registries); " (default
+        X)" is added unless the default is None, whose meaning the help states.
+    :param check: ``check(name, value)`` raises one ValueError naming the field (see :func:`positive` etc.).
+    :param resumable: a resumed run may set it again (every other field must match the stored run).
+    :param choices: the allowed values (or a function returning them), offered by the flag.
+    :param flags: extra flag spellings (e.g. ``("-K",)``) beside ``--field-name``.
+    :param factory: a default factory (for a ``dict`` field), instead of ``default``.
+    """
+    metadata = {
+        "help": help,
+        "check": check,
+        "resumable": resumable,
+        "choices": choices,
+        "flags": tuple(flags),
+        "metavar": metavar,
+    }
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+# ----------------------------------------------------------------------------- checks
+def positive(name: str, value) -> None:
+    """A positive integer (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def optional(check):
+    """``check``, or None."""
+
+    def checked(name: str, value) -> None:
+        if value is not None:
+            check(name, value)
+
+    return checked
+
+
+def at_least(low: float, integer: bool = False):
+    """A finite number >= ``low`` (an integer when ``integer``)."""
+
+    def checked(name: str, value) -> None:
+        kind = int if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value < low:
+            what = "an integer" if integer else "a number"
+            raise ValueError(f"{name} must be {what} >= {low:g}, got {value!r}")
+
+    return checked
+
+
+def greater_than(low: float):
+    """A finite number > ``low``."""
+
+    def checked(name: str, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= low:
+            raise ValueError(f"{name} must be a number > {low:g}, got {value!r}")
+
+    return checked
+
+
+def within(low: float, high: float):
+    """A number in [low, high)."""
+
+    def checked(name: str, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
+            raise ValueError(f"{name} must lie in [{low:g}, {high:g}), got {value!r}")
+
+    return checked
+
+
+def one_of(values):
+    """One of ``values`` (or of ``values()`` when it is a function)."""
+
+    def checked(name: str, value) -> None:
+        allowed = list(values() if callable(values) else values)
+        if value not in allowed:
+            raise ValueError(f"unknown {name} {value!r}; choose one of {allowed}")
+
+    return checked
+
+
+def check_all(obj) -> None:
+    """Run every field's check on ``obj`` (a dataclass instance), in field order."""
+    for f in dataclasses.fields(obj):
+        if f.metadata.get("check") is not None:
+            f.metadata["check"](f.name, getattr(obj, f.name))
+
+
+def resumable(cls) -> tuple[str, ...]:
+    """The fields a resumed run may change."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("resumable"))
+
+
+# ----------------------------------------------------------------------------- the command line
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _kind(annotation) -> type:
+    """int, float, str, bool or dict: the type a field's annotation names (``X | None`` is X)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    return typing.get_origin(annotation) or annotation
+
+
+def parse_value(text: str):
+    """A ``KEY=VALUE`` value: a number, true/false/none, or the text itself."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser,
+    cls,
+    *,
+    defaults=None,
+    note: typing.Callable[[str], str | None] | None = None,
+    skip: tuple[str, ...] = (),
+) -> None:
+    """A flag for every field of ``cls`` not in ``skip``; none has a default (``given`` reads what was set).
+
+    :param defaults: an instance whose values the help quotes as defaults (default: ``cls()``).
+    :param note: ``note(field)`` -> the default's text for the help instead of its value (or None).
+    """
+    defaults = defaults if defaults is not None else cls()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        meta = f.metadata
+        help_text = meta.get("help", "")
+        help_text = help_text() if callable(help_text) else help_text
+        value = getattr(defaults, f.name)
+        default_text = note(f.name) if note is not None else None
+        if default_text is None and value is not None and value != {} and not isinstance(value, bool):
+            default_text = f"default {value}"
+        if default_text:
+            help_text = f"{help_text} ({default_text})"
+        kwargs = {"dest": f.name, "default": NOT_GIVEN, "help": help_text.replace("%", "%%")}
+        kind = _kind(hints[f.name])
+        name = flag(f.name)
+        if kind is bool:  # a switch: --name sets True; a field that defaults to True is switched off by --no-name
+            kwargs.update(action="store_const", const=not f.default)
+            name = name if not f.default else "--no-" + name[2:]
+        elif kind is dict:
+            kwargs.update(action="append", metavar=meta.get("metavar") or "KEY=VALUE")
+        else:
+            kwargs["type"] = kind
+            choices = meta.get("choices")
+            if choices is not None:
+                kwargs["choices"] = list(choices() if callable(choices) else choices)
+            if meta.get("metavar"):
+                kwargs["metavar"] = meta["metavar"]
+        parser.add_argument(name, *meta.get("flags", ()), **kwargs)
+
+
+def given(args: argparse.Namespace, cls) -> dict:
+    """The fields of ``cls`` that the parsed command line set, ``dict`` fields read from their KEY=VALUEs."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if not hasattr(args, f.name):
+            continue
+        value = getattr(args, f.name)
+        if _kind(hints[f.name]) is dict and isinstance(value, list):
+            pairs = {}
+            for item in value:
+                key, sep, text = item.partition("=")
+                if not sep or not key:
+                    raise ValueError(f"{flag(f.name)} expects KEY=VALUE, got {item!r}")
+                pairs[key] = parse_value(text)
+            value = pairs
+        out[f.name] = value
+    return out
