@@ -384,7 +384,7 @@ def check_environment(report: Report, args) -> None:
     with step("environment"):
         import pyro
 
-        from pyro_ddpm.train import check_device
+        from pyro_ddpm.runtime import check_device
 
         try:
             check_device(args.device)

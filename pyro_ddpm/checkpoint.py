@@ -243,6 +243,101 @@ def _load_weights(module: torch.nn.Module, state: dict, what: str, origin: str) 
 load_weights = _load_weights  # public name: the trainer loads a resumed run's weights with the same checks
 
 
+# ----------------------------------------------------------------------------- a trainer's state
+def snapshot(trainer, step: int) -> TrainState:
+    """The state of a :class:`~pyro_ddpm.train.Trainer` after ``step`` steps: what its resume needs to go on
+    exactly as the uninterrupted run (weights, optimizer, EMA, data order, losses, every random stream)."""
+    optim = trainer.svi.optim.get_state()
+    return TrainState(
+        step=step,
+        config=dataclasses.asdict(trainer.config),
+        programs={
+            "model": MODELS.describe(trainer.model),
+            "guide": GUIDES.describe(trainer.guide),
+            "likelihood": LIKELIHOODS.describe(trainer.model.likelihood),
+            "network": NETWORKS.describe(trainer.net),
+            "timesteps": TIMESTEPS.describe(trainer.sampler),
+        },
+        data=trainer.data_record,
+        weights={
+            "net": _cpu(trainer.net.state_dict()),
+            "ema": _cpu(trainer.ema.module.state_dict()),
+            "guide": _cpu(trainer.guide.state_dict()),
+            "timesteps": _cpu(trainer.sampler.state_dict()),
+        },
+        training={
+            "optim": dict(optim, names=[k.replace(trainer.param_prefix, "$$$", 1) for k in optim["names"]]),
+            "ema_updates": int(trainer.ema.n_averaged),
+            "order": trainer.order,
+            "losses": list(trainer.losses),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "generator": trainer.generator.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+            "world_size": trainer.processes.world,
+        },
+        finished=step >= trainer.config.steps,
+    )
+
+
+def restore(trainer, state: TrainState, *, trust_code: bool = False) -> None:
+    """Put a freshly built :class:`~pyro_ddpm.train.Trainer` in the state ``state`` holds (the inverse of
+    :func:`snapshot`); its random streams are set last, so nothing drawn after them is lost."""
+    _load_weights(trainer.net, state.weights["net"], "network", state.origin)
+    _load_weights(trainer.guide, state.weights["guide"], "guide", state.origin)
+    stored = state.programs["timesteps"]  # its class is imported only if it is the one the (checked) config names
+    trainer.sampler = state.timestep_sampler(
+        trust_code=trust_code and isinstance(stored, dict) and stored.get("class") == trainer.config.timesteps
+    )
+    training = state.training
+    names = [k.replace("$$$", trainer.param_prefix, 1) for k in training["optim"]["names"]]
+    trainer.svi.optim.set_state(dict(training["optim"], names=names))
+    _load_weights(trainer.ema.module, state.weights["ema"], "network (EMA)", state.origin)
+    trainer.ema.n_averaged.fill_(int(training["ema_updates"]))
+    trainer.start, trainer.order, trainer.losses = state.step, training["order"], list(training.get("losses", []))
+    trainer.generator.set_state(training["rng"]["generator"])
+    torch.set_rng_state(training["rng"]["torch"])
+    if torch.cuda.is_available() and training["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state_all(training["rng"]["cuda"])
+
+
+# The config fields that name program classes, and where each is resolved.
+CLASS_FIELDS = {"model": MODELS, "guide": GUIDES, "likelihood": LIKELIHOODS, "timesteps": TIMESTEPS}
+
+
+def resumed_config(path: Path, asked: dict, resumable, trust_code: bool | None) -> tuple[TrainState, dict]:
+    """The checkpoint at ``path`` and the config its resumed run uses (:meth:`TrainState.resume_config`).
+
+    A class name that only the checkpoint supplies (the caller did not name it) must be registered,
+    unless ``trust_code`` is True: importing it would run code the checkpoint chose.
+    """
+    state = TrainState.load(path)
+    unknown = sorted(set(state.config) - set(asked))
+    if unknown:
+        raise ValueError(f"{state.origin} holds settings this version does not know: {unknown}")
+    config = state.resume_config(asked, resumable)
+    for field_name, registry in CLASS_FIELDS.items():
+        name = config.get(field_name)
+        if name is None or trust_code is True or asked.get(field_name) == name:
+            continue
+        registry.resolve(name, trust_code=False, origin=state.origin)
+    return state, config
+
+
+def stamp(path: Path):
+    """(size, mtime) of ``path``, or None: whether a file was replaced between two looks."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _cpu(state: dict) -> dict:
+    return {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in state.items()}
+
+
 def resolve(path: str | os.PathLike) -> Path:
     """A checkpoint file, or the run directory holding ``checkpoint.pt``."""
     path = Path(path)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from pyro_ddpm import data as datasets
-from pyro_ddpm import presets
+from pyro_ddpm import options, presets
 from pyro_ddpm.adapters import from_diffusers_pipeline
 from pyro_ddpm.checkpoint import FILENAME, TrainState, resolve
 from pyro_ddpm.compare import DEFAULT_SAMPLES, compare, compare_config, default_samples
@@ -29,18 +29,10 @@ from pyro_ddpm.files import atomic_write, check_directory, check_output_file
 from pyro_ddpm.importance_weighted import importance_weighted
 from pyro_ddpm.likelihoods import by_name
 from pyro_ddpm.ode import ode_likelihood
-from pyro_ddpm.registry import GUIDES, LIKELIHOODS, MODELS, TIMESTEPS
+from pyro_ddpm.registry import LIKELIHOODS
+from pyro_ddpm.runtime import Interrupted, Terminated, check_device, torch_threads
 from pyro_ddpm.sample import SAMPLERS, sample, save_png
-from pyro_ddpm.train import (
-    LR_DECAYS,
-    RESUMABLE,
-    Interrupted,
-    Terminated,
-    TrainConfig,
-    check_device,
-    torch_threads,
-    train,
-)
+from pyro_ddpm.train import RESUMABLE, TrainConfig, train
 
 DEFAULTS = TrainConfig()
 DEVICE_HELP = "cpu, cuda, cuda:N, or auto (default): CUDA when torch sees a GPU, else the CPU"
@@ -54,207 +46,35 @@ THREADS_HELP = (
 )
 
 
-def _declared(attribute: str) -> list[str]:
-    """The union, in registration order, of what the registered model classes declare (variances, objectives)."""
-    out = []
-    for name in MODELS.names():
-        for value in getattr(MODELS.resolve(name), attribute):
-            if value not in out:
-                out.append(value)
-    return out
-
-
 def _names(registry) -> str:
     return ", ".join(registry.names())
 
 
-# Flags that set TrainConfig fields: (flags, field, argparse keywords). Their default is "not given"
-# (argparse.SUPPRESS), so a resumed run can tell the settings the user set again from the stored ones.
-def _compare_defaults() -> tuple[TrainConfig, set, tuple]:
-    """The settings ``compare`` uses on its default data set, which of them its preset sets, its default arms."""
-    config, _, default_arms = compare_config({})
-    preset = set(presets.settings(config.data).get("compare", {}).get("train", {}))
-    return config, preset, default_arms
-
-
-def _train_flags(compare_mode: bool):
-    d, preset = (_compare_defaults()[:2]) if compare_mode else (DEFAULTS, set())
-
-    def note(field: str) -> str:
-        """' (default V)', saying where V comes from when it is the comparison preset's."""
-        if field in preset:
-            return (
-                f" (default {getattr(d, field)}: the {d.data} preset of pyro_ddpm.presets; "
-                "other data sets have their own)"
-            )
-        return f" (default {getattr(d, field)})"
-
-    return [
-        (
-            ("--data",),
-            "data",
-            dict(
-                help=f"a data set ({', '.join(datasets.NAMES)}), mnist or cifar10 (from the data cache; "
-                "--download fetches them), or a path (MNIST IDX files, "
-                f"CIFAR-10 python tarball or folder); default {d.data}"
-            ),
-        ),
-        (("--steps",), "steps", dict(type=int, help=f"total training steps{note('steps')}")),
-        (("--batch-size",), "batch_size", dict(type=int, help=f"global batch{note('batch_size')}")),
-        (
-            ("--timesteps-per-image", "-K"),
-            "timesteps_per_image",
-            dict(type=int, help=f"K timesteps per image per step (default {d.timesteps_per_image})"),
-        ),
-        (("--T",), "T", dict(type=int, help=f"number of diffusion steps (default {d.T})")),
-        (
-            ("--schedule",),
-            "schedule",
-            dict(
-                help="what the guide class reads as its schedule (its from_spec: a schedule "
-                "name, or betas as a comma list or .npy/text file for a guide over "
-                f"given betas){note('schedule')}"
-            ),
-        ),
-        (
-            ("--variance",),
-            "variance",
-            dict(
-                choices=_declared("variances"),
-                help="sigma_t^2 rule; each model implements some (default: the model's first)",
-            ),
-        ),
-        (
-            ("--model",),
-            "model",
-            dict(help=f"the reverse-process program: {_names(MODELS)}, or 'module:Class' (default {d.model})"),
-        ),
-        (
-            ("--model-option",),
-            "model_options",
-            dict(
-                action="append",
-                metavar="KEY=VALUE",
-                help="a keyword argument of the model class (VALUE read as a number, true/false or text); repeatable",
-            ),
-        ),
-        (
-            ("--guide",),
-            "guide",
-            dict(help=f"the forward-process program: {_names(GUIDES)}, or 'module:Class' (default {d.guide})"),
-        ),
-        (
-            ("--likelihood",),
-            "likelihood",
-            dict(help=f"the decoder p(x_0 | x_1): {_names(LIKELIHOODS)}, or 'module:Class' (default: the data set's)"),
-        ),
-        (
-            ("--timesteps",),
-            "timesteps",
-            dict(
-                choices=TIMESTEPS.names(),
-                help=f"timestep sampling: uniform, or loss-aware importance sampling (unbiased); default {d.timesteps}",
-            ),
-        ),
-        (("--optimizer",), "optimizer", dict(help=f"a torch.optim class (default {d.optimizer})")),
-        (("--net",), "net", dict(choices=sorted(presets.NETWORKS), help="network preset (default: the data set's)")),
-        (("--lr",), "lr", dict(type=float, help=f"learning rate{note('lr')}")),
-        (("--warmup",), "warmup", dict(type=int, help="warm-up steps (default min(5000, steps/10) of the first run)")),
-        (
-            ("--lr-decay",),
-            "lr_decay",
-            dict(choices=list(LR_DECAYS), help=f"after the warm-up: constant, or cosine decay to 0{note('lr_decay')}"),
-        ),
-        (
-            ("--lr-decay-steps",),
-            "lr_decay_steps",
-            dict(type=int, help="length of the cosine decay (default: the first run's steps)"),
-        ),
-        (
-            ("--guide-lr-scale",),
-            "guide_lr_scale",
-            dict(
-                type=float,
-                help="learning-rate factor of the guide's "
-                "parameters, e.g. a learned schedule "
-                f"(default {d.guide_lr_scale})",
-            ),
-        ),
-        (("--grad-clip",), "grad_clip", dict(type=float, help=f"global gradient-norm clip (default {d.grad_clip})")),
-        (("--ema-decay",), "ema_decay", dict(type=float, help=f"EMA decay (default {d.ema_decay})")),
-        (
-            ("--ema-ramp",),
-            "ema_ramp",
-            dict(
-                type=float,
-                help="the EMA decay after n updates is min(decay, (1 + n) / "
-                f"(ramp + n)): it averages about the last n / (ramp - 1) "
-                f"steps early on{note('ema_ramp')}",
-            ),
-        ),
-        (("--seed",), "seed", dict(type=int, help=f"default {d.seed}")),
-        (("--device",), "device", dict(help=DEVICE_HELP)),
-        (
-            ("--precision",),
-            "precision",
-            dict(choices=["fp32", "bf16"], help="bf16: the network under autocast; the bound's algebra stays fp32"),
-        ),
-        (("--compile",), "compile", dict(action="store_const", const=True, help="torch.compile the network")),
-        (("--log-every",), "log_every", dict(type=int, help=f"default {d.log_every}")),
-        (("--sample-every",), "sample_every", dict(type=int, help="sample grid every N steps (0: never; default 0)")),
-        (("--checkpoint-every",), "checkpoint_every", dict(type=int, help=f"default {d.checkpoint_every}")),
-        (("--threads",), "threads", dict(type=int, help=THREADS_HELP)),
-    ]
-
-
 def _add_train_args(p: argparse.ArgumentParser, compare_mode: bool = False) -> None:
-    for flags, dest, kwargs in _train_flags(compare_mode):
-        p.add_argument(*flags, dest=dest, default=argparse.SUPPRESS, **kwargs)
-    d = _compare_defaults()[0] if compare_mode else DEFAULTS
-    name = d.net or d.data  # the registered image sets share their network preset's name
-    network = dict(presets.NETWORKS.get(name, {}), **d.net_overrides)
-    where = f"the {d.data} network: " if compare_mode else f"e.g. the {name} network: "
-    p.add_argument(
-        "--ch",
-        type=int,
-        default=argparse.SUPPRESS,
-        help=f"override the preset's base channel count ({where}{network.get('ch')})",
-    )
-    p.add_argument(
-        "--dropout",
-        type=float,
-        default=argparse.SUPPRESS,
-        help=f"override the preset's dropout ({where}{network.get('dropout')})",
-    )
+    """Every :class:`~pyro_ddpm.train.TrainConfig` field as a flag (generated from its declaration); for
+    ``compare`` the defaults shown are the comparison's on its default data set."""
+    defaults = compare_config({})[0] if compare_mode else TrainConfig()
+    preset = set(presets.settings(defaults.data).get("compare", {}).get("train", {})) if compare_mode else set()
+    name = defaults.net or defaults.data  # the registered image sets share their network preset's name
+    network = dict(presets.NETWORKS.get(name, {}), **defaults.net_overrides)
+
+    def note(field: str) -> str | None:
+        if field.startswith("net_overrides."):  # --ch, --dropout: the preset's value
+            key = field.partition(".")[2]
+            return f"{'the' if compare_mode else 'e.g. the'} {name} network: {network.get(key)}"
+        if field in preset:
+            value = getattr(defaults, field)
+            return f"default {value}: the {defaults.data} preset of pyro_ddpm.presets; other data sets have their own"
+        return None
+
+    options.add_arguments(p, TrainConfig, defaults=defaults, note=note, skip=("objective",) if compare_mode else ())
     p.add_argument("--download", action="store_true", help=DOWNLOAD_HELP)
     p.add_argument("--no-progress", action="store_true")
 
 
-def _value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
-
-
 def _given(args) -> dict:
     """The TrainConfig fields the user set on the command line."""
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    given = {k: v for k, v in vars(args).items() if k in fields}
-    if "model_options" in given:
-        options = {}
-        for item in given["model_options"]:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise ValueError(f"--model-option expects KEY=VALUE, got {item!r}")
-            options[key] = _value(value)
-        given["model_options"] = options
-    overrides = {k: getattr(args, k) for k in ("ch", "dropout") if hasattr(args, k)}
-    if overrides:
-        given["net_overrides"] = overrides
-    return given
+    return options.given(args, TrainConfig)
 
 
 def cmd_train(args) -> int:
@@ -561,19 +381,12 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model with Pyro SVI")
     _add_train_args(p)
-    p.add_argument(
-        "--objective",
-        dest="objective",
-        default=argparse.SUPPRESS,
-        choices=_declared("objectives"),
-        help="what SVI optimizes; each model declares which it supports (default elbo)",
-    )
     p.add_argument("--out", required=True, help="run directory (checkpoint.pt, metrics.jsonl, samples/)")
     p.add_argument(
         "--resume",
         action="store_true",
         help="continue the run in --out with its stored settings; only "
-        + ", ".join(f"--{k.replace('_', '-')}" for k in RESUMABLE if k != "validate")
+        + ", ".join(options.flag(k) for k in RESUMABLE)
         + " may change",
     )
     _trust_arg(p)
@@ -608,7 +421,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="train each arm and compare bounds, their split, sample scores and baselines")
     _add_train_args(p, compare_mode=True)
     _eval_args(p, standalone=False)
-    base, _, default_arms = _compare_defaults()
+    base, _, default_arms = compare_config({})
     p.add_argument(
         "--arms",
         nargs="+",

@@ -26,7 +26,7 @@ estimate and the loss against the step). A run that is unfinished (interrupted) 
 that finished is measured again without retraining, so re-running the same command continues.
 
 On the CPU the runs train side by side, one process each, and are then measured one after another
-with every thread (:func:`parallelism` says why and how many); an interrupt stops every training run
+with every thread (:func:`~pyro_ddpm.runtime.parallelism` says why and how many); an interrupt stops every training run
 where it can resume.
 """
 
@@ -35,13 +35,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import multiprocessing
-import os
-import signal
-import threading
-import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor
-from concurrent.futures import wait as wait_for
 from pathlib import Path
 
 import numpy as np
@@ -61,9 +54,11 @@ from pyro_ddpm.figures import (
     total_text,
 )
 from pyro_ddpm.files import atomic_write, check_directory
+from pyro_ddpm.hooks import read_metrics
 from pyro_ddpm.metrics import pixel_categorical_baseline, sample_quality
+from pyro_ddpm.runtime import parallelism, run_side_by_side, torch_threads
 from pyro_ddpm.sample import MIN_TILE, PAD, PAD_COLOR, image_grid, sample
-from pyro_ddpm.train import RESUMABLE, Interrupted, Terminated, TrainConfig, torch_threads, train
+from pyro_ddpm.train import RESUMABLE, TrainConfig, train
 from pyro_ddpm.vae import train_vae, vae_bounds
 
 DEFAULT_SAMPLES = 256  # samples per model for the sample scores, unless the data set's settings say
@@ -136,17 +131,6 @@ def _trained(config: TrainConfig, run: Path, progress: bool) -> Path:
     return run / FILENAME
 
 
-def _training_curve(run: Path) -> dict:
-    steps, bound_bpd, loss = [], [], []
-    with open(run / "metrics.jsonl") as f:
-        for line in f:
-            r = json.loads(line)
-            steps.append(r["step"])
-            loss.append(r["loss_per_image"])
-            bound_bpd.append(r.get("bits_per_dim", float("nan")))
-    return {"step": steps, "bound_bits_per_dim": bound_bpd, "loss_per_image": loss}
-
-
 def measure(
     run: Path,
     dataset,
@@ -173,104 +157,19 @@ def measure(
         quality = sample_quality(samples, dataset)
     except ValueError as e:  # e.g. a data set without class labels: no classifier to score samples with
         quality = {"unavailable": str(e)}
-    return {"bound": summary, "quality": quality, "training": _training_curve(run), "idata": idata, "samples": samples}
+    return {
+        "bound": summary,
+        "quality": quality,
+        "training": read_metrics(run / "metrics.jsonl"),
+        "idata": idata,
+        "samples": samples,
+    }
 
 
-def parallelism(base: TrainConfig, runs: int, jobs: int | None = None) -> tuple[int, int, int]:
-    """(training processes, torch threads per training process, torch threads for measuring) for ``runs``
-    runs of a comparison.
-
-    A small network's training step gains little from a second thread (on 2 cores the digits eps model
-    trains at the same images/s with 1 thread as with 2), so on the CPU the runs train side by side, as
-    many processes as there are threads to share (or runs), each with an equal share. Measuring (batches
-    of up to ``max_batch`` pairs) does use the threads -- two one-thread evaluations side by side each
-    took 2.2 times as long as one with both threads -- so the runs are then measured one after another
-    with every thread. The threads to share are ``base.threads`` per process when it is set, else torch's
-    thread count (``$OMP_NUM_THREADS``, ``--threads``, or torch's choice: the physical cores). Runs on a
-    GPU share one process. ``jobs`` fixes the number of training processes.
-    """
-    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
-        raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
-    budget = torch.get_num_threads()
-    if jobs is None:
-        if base.device != "cpu":
-            jobs = 1
-        else:
-            jobs = budget // base.threads if base.threads else budget
-    jobs = max(1, min(jobs, runs))
-    return jobs, base.threads or max(1, budget // jobs), base.threads or budget
-
-
-def _stop(signum, frame):
-    raise KeyboardInterrupt
-
-
-def _watch_parent(parent: int, grace: float = 60.0) -> None:
-    """Stop this process once its parent is gone (killed however it was): SIGTERM (a training run saves
-    its checkpoint and stops, and the process exits), and if it is still alive after ``grace`` seconds,
-    exit."""
-    while os.getppid() == parent:
-        time.sleep(1.0)
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(grace)
-    os._exit(1)
-
-
-def _start_worker(threads: int) -> None:
-    """A comparison's training process: its own process group (the terminal's Ctrl-C goes to the
-    comparison, which stops its processes once, by SIGTERM), ``threads`` torch threads, signals ignored
-    between runs, and a watch on its parent (an orphan stops as on SIGTERM)."""
-    if hasattr(os, "setpgrp"):
-        os.setpgrp()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    torch.set_num_threads(threads)
-    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
-
-
-def _train_task(config: TrainConfig, run: Path, parent: int) -> None:
-    """One run in a training process, one the parent found to need training (:func:`_to_train`). SIGTERM
-    stops it: inside training by saving a checkpoint (training's own handler), before or after it at once."""
-    signal.signal(signal.SIGTERM, _stop)
-    try:
-        train(config, run, progress=False, resume=(run / FILENAME).exists())
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if os.getppid() != parent:  # orphaned: nobody will read the result
-            os._exit(1)
-
-
-def _train_side_by_side(tasks: dict, jobs: int, threads: int, log) -> None:
-    """Train every ``key: (config, run)`` of ``tasks``, ``jobs`` at a time, each in a process of ``threads``
-    torch threads. A run starts only when a process is free, so a stop leaves none queued; on an interrupt
-    or a run's error the runs under way are stopped (SIGTERM: each saves its checkpoint) before it is
-    raised again -- an interrupt as one :class:`~pyro_ddpm.train.Interrupted` naming every stopped run
-    and the signal this process got, which says how to resume."""
-    context = multiprocessing.get_context("spawn")  # forking a process that has run torch's thread pools can hang
-    before = set(multiprocessing.active_children())
-    queue, running, finished = list(tasks.items()), {}, 0
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker, initargs=(threads,)) as pool:
-        try:
-            while queue or running:
-                while queue and len(running) < jobs:
-                    key, (config, run) = queue.pop(0)
-                    running[pool.submit(_train_task, config, run, os.getpid())] = key
-                done, _ = wait_for(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    key = running.pop(future)
-                    future.result()
-                    finished += 1
-                    log(f"trained {key[0]}, seed {key[1]} ({finished} of {len(tasks)})")
-        except BaseException as error:
-            for child in set(multiprocessing.active_children()) - before:  # this pool's processes
-                child.terminate()
-            wait_for(running)
-            stopped = [f.exception() for f in running if isinstance(f.exception(), Interrupted)]
-            if isinstance(error, KeyboardInterrupt) and stopped:
-                name = "SIGTERM" if isinstance(error, Terminated) else "SIGINT"
-                raise stopped[0].with_others(name, stopped[1:]) from None
-            raise
+def _train_task(config: TrainConfig, run: Path) -> None:
+    """One run in a training process of :func:`~pyro_ddpm.runtime.run_side_by_side`, one that needs training
+    (:func:`_to_train`)."""
+    train(config, run, progress=False, resume=(run / FILENAME).exists())
 
 
 def _mean_se_over(values: list[float], ses: list[float]) -> tuple[float, float]:
@@ -471,8 +370,8 @@ def compare(
     :param num_samples: samples per model for the sample scores (default: the data set's ``samples``
         in :data:`pyro_ddpm.presets.DATASETS`, else :data:`DEFAULT_SAMPLES`).
     :param jobs: how many runs (arm and seed) train side by side, each in its own process (None:
-        :func:`parallelism`'s choice); they are then measured one after another. A run's numbers do not
-        depend on which process trained it, only on its torch thread count.
+        :func:`~pyro_ddpm.runtime.parallelism`'s choice); they are then measured one after another. A run's
+        numbers do not depend on which process trained it, only on its torch thread count.
     """
     out = check_directory(out, "comparison folder")
     if arms is None:
@@ -491,15 +390,15 @@ def compare(
     for config in configs.values():
         config.check()  # every arm's settings are refused before the first one trains
     dataset = datasets.load(base.data)
-    jobs, threads, measure_threads = parallelism(base, len(configs), jobs)
+    jobs, threads, measure_threads = parallelism(base.device, base.threads, len(configs), jobs)
     runs = {key: out / (key[0] if len(seeds) == 1 else f"{key[0]}-seed{key[1]}") for key in configs}
     if jobs > 1:
         # a run trained with other settings is refused here, before any trains; finished runs are kept
-        todo = {key: (configs[key], run) for key, run in runs.items() if _to_train(configs[key], run)}
+        todo = {f"{a}, seed {s}": (configs[a, s], run) for (a, s), run in runs.items() if _to_train(configs[a, s], run)}
         if todo:
             processes = min(jobs, len(todo))
             log(f"training {len(todo)} runs in {processes} processes of {threads} torch thread(s) each")
-            _train_side_by_side(todo, processes, threads, log)
+            run_side_by_side(_train_task, todo, processes, threads, log)
     done = {}
     with torch_threads(measure_threads):
         for (arm, seed), run in runs.items():

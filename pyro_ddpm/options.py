@@ -31,6 +31,8 @@ def option(
     resumable: bool = False,
     choices: typing.Callable[[], list] | list | None = None,
     flags: tuple[str, ...] = (),
+    name: str | None = None,
+    shortcuts: dict[str, tuple[type, str]] | None = None,
     metavar: str | None = None,
     factory: typing.Callable[[], object] | None = None,
 ):
@@ -42,6 +44,8 @@ def option(
     :param resumable: a resumed run may set it again (every other field must match the stored run).
     :param choices: the allowed values (or a function returning them), offered by the flag.
     :param flags: extra flag spellings (e.g. ``("-K",)``) beside ``--field-name``.
+    :param name: the flag instead of ``--field-name`` (e.g. ``--model-option`` for ``model_options``).
+    :param shortcuts: for a ``dict`` field, ``{key: (type, help)}``: a flag ``--key`` that sets that key.
     :param factory: a default factory (for a ``dict`` field), instead of ``default``.
     """
     metadata = {
@@ -50,6 +54,8 @@ def option(
         "resumable": resumable,
         "choices": choices,
         "flags": tuple(flags),
+        "name": name,
+        "shortcuts": dict(shortcuts or {}),
         "metavar": metavar,
     }
     if factory is not None:
@@ -62,6 +68,12 @@ def positive(name: str, value) -> None:
     """A positive integer (bools refused)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def positive_number(name: str, value) -> None:
+    """A finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
 def optional(check):
@@ -161,8 +173,10 @@ def add_arguments(
 ) -> None:
     """A flag for every field of ``cls`` not in ``skip``; none has a default (``given`` reads what was set).
 
-    :param defaults: an instance whose values the help quotes as defaults (default: ``cls()``).
-    :param note: ``note(field)`` -> the default's text for the help instead of its value (or None).
+    :param defaults: an instance whose ``dict`` fields' values the shortcuts' help quotes (default: ``cls()``);
+        every other default quoted is the field's declared one.
+    :param note: ``note(field)`` -> the default's text for the help instead of its value (or None); for a
+        shortcut of a ``dict`` field, ``note("field.key")``.
     """
     defaults = defaults if defaults is not None else cls()
     hints = typing.get_type_hints(cls)
@@ -172,7 +186,7 @@ def add_arguments(
         meta = f.metadata
         help_text = meta.get("help", "")
         help_text = help_text() if callable(help_text) else help_text
-        value = getattr(defaults, f.name)
+        value = f.default if f.default is not dataclasses.MISSING else None  # as declared ("auto", not its resolution)
         default_text = note(f.name) if note is not None else None
         if default_text is None and value is not None and value != {} and not isinstance(value, bool):
             default_text = f"default {value}"
@@ -180,12 +194,23 @@ def add_arguments(
             help_text = f"{help_text} ({default_text})"
         kwargs = {"dest": f.name, "default": NOT_GIVEN, "help": help_text.replace("%", "%%")}
         kind = _kind(hints[f.name])
-        name = flag(f.name)
+        name = meta.get("name") or flag(f.name)
         if kind is bool:  # a switch: --name sets True; a field that defaults to True is switched off by --no-name
             kwargs.update(action="store_const", const=not f.default)
             name = name if not f.default else "--no-" + name[2:]
         elif kind is dict:
             kwargs.update(action="append", metavar=meta.get("metavar") or "KEY=VALUE")
+            for key, (key_type, key_help) in meta.get("shortcuts", {}).items():
+                shown = (note(f"{f.name}.{key}") if note is not None else None) or default_of(defaults, f.name, key)
+                shown = f" ({shown})" if shown else ""
+                parser.add_argument(
+                    flag(key),
+                    dest=f"{f.name}.{key}",
+                    type=key_type,
+                    default=NOT_GIVEN,
+                    metavar=key.upper(),
+                    help=f"override {key_help}{shown}",
+                )
         else:
             kwargs["type"] = kind
             choices = meta.get("choices")
@@ -194,6 +219,12 @@ def add_arguments(
             if meta.get("metavar"):
                 kwargs["metavar"] = meta["metavar"]
         parser.add_argument(name, *meta.get("flags", ()), **kwargs)
+
+
+def default_of(defaults, field: str, key: str) -> str:
+    """The text a shortcut's help quotes: the key's value in the defaults' dict, if it is set there."""
+    value = getattr(defaults, field, {}).get(key)
+    return "" if value is None else f"default {value}"
 
 
 def given(args: argparse.Namespace, cls) -> dict:
@@ -213,4 +244,8 @@ def given(args: argparse.Namespace, cls) -> dict:
                 pairs[key] = parse_value(text)
             value = pairs
         out[f.name] = value
+    for f in dataclasses.fields(cls):  # the dict fields' shortcut flags, merged over their KEY=VALUEs
+        for key in f.metadata.get("shortcuts", {}):
+            if hasattr(args, f"{f.name}.{key}"):
+                out[f.name] = {**out.get(f.name, {}), key: getattr(args, f"{f.name}.{key}")}
     return out

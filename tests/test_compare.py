@@ -221,23 +221,19 @@ def test_runs_side_by_side_give_the_numbers_of_runs_one_after_another(compared, 
 def test_the_runs_train_side_by_side_and_are_measured_with_every_thread(
     torch_threads, threads, device, runs, jobs, expected
 ):
-    from pyro_ddpm import compare
-    from pyro_ddpm.train import TrainConfig
-    from pyro_ddpm.train import torch_threads as using
+    from pyro_ddpm.runtime import parallelism
+    from pyro_ddpm.runtime import torch_threads as using
 
-    base = TrainConfig(data="digits", threads=threads, device="cpu")
-    base.device = device  # not checked here: no GPU is needed to choose the split
-    with using(torch_threads):
-        assert compare.parallelism(base, runs, jobs) == expected
+    with using(torch_threads):  # the device is not checked here: no GPU is needed to choose the split
+        assert parallelism(device, threads, runs, jobs) == expected
 
 
 @pytest.mark.parametrize("jobs", [0, -1, 1.5, True])
 def test_a_bad_number_of_jobs_is_refused(jobs):
-    from pyro_ddpm.compare import parallelism
-    from pyro_ddpm.train import TrainConfig
+    from pyro_ddpm.runtime import parallelism
 
     with pytest.raises(ValueError, match="jobs must be a positive integer"):
-        parallelism(TrainConfig(data="digits"), 4, jobs)
+        parallelism("cpu", None, 4, jobs)
 
 
 def _start_compare(args, **kwargs):
@@ -325,7 +321,7 @@ def test_an_interrupt_crosses_processes_with_every_stopped_run():
     import pickle
     from pathlib import Path
 
-    from pyro_ddpm.train import Interrupted
+    from pyro_ddpm.runtime import Interrupted
 
     first = Interrupted("SIGTERM", 3, 10, Path("a/checkpoint.pt"), Path("a"))
     second = Interrupted("SIGTERM", 4, 10, Path("b/checkpoint.pt"), Path("b"))

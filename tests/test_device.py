@@ -11,7 +11,8 @@ import torch
 from pyro_ddpm import cli
 from pyro_ddpm.checkpoint import TrainState
 from pyro_ddpm.compare import compare_config
-from pyro_ddpm.train import TrainConfig, check_device, device_line, resolve_device, train
+from pyro_ddpm.runtime import check_device, device_line, resolve_device
+from pyro_ddpm.train import TrainConfig, train
 
 TINY = dict(data="digits", T=10, batch_size=16, net_overrides={"ch": 8}, warmup=2, lr=1e-3, log_every=1)
 TINY_CLI = ["--data", "digits", "--T", "10", "--ch", "8", "--batch-size", "16", "--lr", "1e-3", "--threads", "1"]

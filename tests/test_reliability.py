@@ -26,7 +26,7 @@ import pytest
 import torch
 from pyro.infer.util import is_validation_enabled
 
-from pyro_ddpm import checkpoint, data, files, presets
+from pyro_ddpm import checkpoint, data, files, hooks, presets, runtime
 from pyro_ddpm import train as trainer
 from pyro_ddpm.checkpoint import TrainState
 from pyro_ddpm.cli import main, parser
@@ -103,7 +103,7 @@ def crafted(run: Path, where: Path, change) -> Path:
 
 def interrupt_at(monkeypatch, step: int, sig=signal.SIGINT) -> None:
     """Deliver ``sig`` to this process during training step ``step`` (counted from the run's first step)."""
-    real_add, calls = trainer.MetricsLog.add, []
+    real_add, calls = hooks.MetricsLog.add, []
 
     def add(self, *args, **kwargs):
         calls.append(1)
@@ -111,7 +111,7 @@ def interrupt_at(monkeypatch, step: int, sig=signal.SIGINT) -> None:
             signal.raise_signal(sig)
         return real_add(self, *args, **kwargs)
 
-    monkeypatch.setattr(trainer.MetricsLog, "add", add)
+    monkeypatch.setattr(hooks.MetricsLog, "add", add)
 
 
 # =========================================================================== a checkpoint must not run code
@@ -426,7 +426,7 @@ def test_metrics_get_no_duplicate_row_after_a_kill_and_resume(tmp_path, capsys, 
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     argv = ["--steps", "8", "--log-every", "1", "--checkpoint-every", "2", "--warmup", "2"]
     assert train_cli(capsys, straight, *argv)[0] == 0
-    real_flush = trainer.MetricsLog.flush
+    real_flush = hooks.MetricsLog.flush
 
     def flush(self, step, *args):
         record = real_flush(self, step, *args)
@@ -434,7 +434,7 @@ def test_metrics_get_no_duplicate_row_after_a_kill_and_resume(tmp_path, capsys, 
             raise Killed  # after writing row 5; the last checkpoint on disk is step 4's
         return record
 
-    monkeypatch.setattr(trainer.MetricsLog, "flush", flush)
+    monkeypatch.setattr(hooks.MetricsLog, "flush", flush)
     with pytest.raises(Killed):
         main(["train", *TINY, *argv, "--out", str(killed)])
     monkeypatch.undo()
@@ -482,7 +482,7 @@ def test_a_diverging_loss_stops_and_the_kept_checkpoint_holds_no_exploding_loss(
     losses = state.training["losses"]
     assert state.step == 2 and len(losses) == 2 and all(math.isfinite(v) for v in losses)
     median = float(np.median(losses))
-    assert all(abs(v - median) <= trainer.DIVERGENCE_FACTOR * max(abs(median), 1.0) for v in losses)
+    assert all(abs(v - median) <= hooks.DIVERGENCE_FACTOR * max(abs(median), 1.0) for v in losses)
 
 
 def test_a_nan_right_after_a_checkpoint_step_keeps_no_checkpoint_of_those_weights(tmp_path, capsys, monkeypatch):
@@ -589,12 +589,12 @@ def test_threads_option_and_its_default(tmp_path, capsys, monkeypatch):
     rc, _, err = train_cli(capsys, tmp_path / "other", "--steps", "2", "--threads", "0")
     assert rc == 2 and one_error(err) == "threads must be a positive integer, got 0"
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert trainer.default_threads() == 3
+    assert runtime.default_threads() == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
-    assert trainer.default_threads() == 1
+    assert runtime.default_threads() == 1
     monkeypatch.delenv("PYTEST_XDIST_WORKER")
-    assert trainer.default_threads() is None
+    assert runtime.default_threads() is None
     assert "two jobs side by side on N cores: --threads N/2 each" in " ".join(
         parser()._subparsers._group_actions[0].choices["train"].format_help().split()
     )
@@ -931,7 +931,7 @@ def test_compare_help_shows_the_values_that_will_be_used():
     for flag, key in (
         ("--steps STEPS total training steps", "steps"),
         ("--lr LR learning rate", "lr"),
-        ("--batch-size BATCH_SIZE global batch", "batch_size"),
+        ("--batch-size BATCH_SIZE the global batch, over all processes", "batch_size"),
     ):
         assert f"{flag} (default {digits['train'][key]}: the digits preset of pyro_ddpm.presets" in text
     # argparse may break a line after a hyphen inside an arm's name: compare without white space
