@@ -378,12 +378,9 @@ def compare(
         _, all_arms, default = compare_config({"data": base.data})
         arms = {a: all_arms[a] for a in default}
     seeds = list(seeds)
-    if not seeds:
-        raise ValueError("compare: give at least one seed")
-    if not arms:
-        raise ValueError("compare: give at least one arm")
-    if num_samples is None:
-        num_samples = default_samples(base.data)
+    num_samples = default_samples(base.data) if num_samples is None else num_samples
+    if not seeds or not arms:
+        raise ValueError(f"compare: give at least one {'seed' if not seeds else 'arm'}")
     if num_samples < 2:
         raise ValueError(f"compare: need at least 2 samples per model, got {num_samples}")
     configs = {(a, s): arm_config(base, arms[a], s) for a in arms for s in seeds}
@@ -393,48 +390,56 @@ def compare(
     jobs, threads, measure_threads = parallelism(base.device, base.threads, len(configs), jobs)
     runs = {key: out / (key[0] if len(seeds) == 1 else f"{key[0]}-seed{key[1]}") for key in configs}
     if jobs > 1:
-        # a run trained with other settings is refused here, before any trains; finished runs are kept
-        todo = {f"{a}, seed {s}": (configs[a, s], run) for (a, s), run in runs.items() if _to_train(configs[a, s], run)}
-        if todo:
-            processes = min(jobs, len(todo))
-            log(f"training {len(todo)} runs in {processes} processes of {threads} torch thread(s) each")
-            run_side_by_side(_train_task, todo, processes, threads, log)
+        _train_side_by_side(configs, runs, jobs, threads, log)
+    settings = dict(num_samples=num_samples, draws=draws, max_batch=max_batch, limit=limit, device=base.device)
     done = {}
     with torch_threads(measure_threads):
         for (arm, seed), run in runs.items():
-            if jobs == 1:
+            if jobs == 1:  # one process: each run is trained just before it is measured
                 _trained(configs[arm, seed], run, progress)
-            r = measure(
-                run,
-                dataset,
-                num_samples=num_samples,
-                draws=draws,
-                max_batch=max_batch,
-                limit=limit,
-                device=base.device,
-                seed=seed,
-                progress=progress,
-            )
-            q = r["quality"]
-            scores = q.get("unavailable") or ", ".join(
-                f"{k} {q[k]:.4g} ± {q[k + '_se']:.2g}" for k, _ in QUALITY_COLUMNS
-            )
-            log(f"\n== arm {arm}, seed {seed} ==\n{format_summary(r['bound'])}\nsample scores: {scores}")
-            done[arm, seed] = r
+            r = done[arm, seed] = measure(run, dataset, seed=seed, progress=progress, **settings)
+            log(f"\n== arm {arm}, seed {seed} ==\n{format_summary(r['bound'])}\n{_scores(r)}")
     results = {a: [done[a, s] for s in seeds] for a in arms}
+    baselines = _baselines(dataset, limit, seeds[0], vae, vae_settings, log)
+    return report(results, baselines, base, dataset, arms, seeds, out, log)
 
-    table = aggregate(results)
-    discrete = not dataset.continuous
+
+def _train_side_by_side(configs: dict, runs: dict, jobs: int, threads: int, log) -> None:
+    """Train the runs that need it, ``jobs`` processes of ``threads`` torch threads at a time; a run
+    trained with other settings is refused here, before any trains; finished runs are kept."""
+    todo = {f"{a}, seed {s}": (configs[a, s], run) for (a, s), run in runs.items() if _to_train(configs[a, s], run)}
+    if todo:
+        processes = min(jobs, len(todo))
+        log(f"training {len(todo)} runs in {processes} processes of {threads} torch thread(s) each")
+        run_side_by_side(_train_task, todo, processes, threads, log)
+
+
+def _scores(result: dict) -> str:
+    q = result["quality"]
+    scores = q.get("unavailable") or ", ".join(f"{k} {q[k]:.4g} ± {q[k + '_se']:.2g}" for k, _ in QUALITY_COLUMNS)
+    return f"sample scores: {scores}"
+
+
+def _baselines(dataset, limit: int | None, seed: int, vae: bool, vae_settings: dict | None, log) -> dict:
+    """The rows beside the arms: per-pixel categoricals fit on the training split and, for images, the Pyro
+    VAE (discrete data only); ``{"per-pixel": the baseline's record, label: (mean, se), ...}``."""
+    if dataset.continuous:
+        return {}
     test = dataset.test[:limit]
-    baselines = {}
-    baseline = pixel_categorical_baseline(dataset.train, test, dataset.levels) if discrete else None
-    if baseline is not None:
-        baselines["per-pixel categorical (fit on train)"] = (baseline["bits_per_dim"], baseline["se"])
-    if vae and discrete and len(dataset.shape) == 3:
-        baselines.update(vae_rows(dataset, test, seeds[0], vae_settings, log))
-    first = next(iter(results.values()))[0]["quality"]
-    reference = first.get("data_vs_data")
-    text = markdown(table, baselines, reference, len(seeds), dataset.name, arms, "bits/dim" if discrete else "nats/dim")
+    baseline = pixel_categorical_baseline(dataset.train, test, dataset.levels)
+    rows = {"per-pixel categorical (fit on train)": (baseline["bits_per_dim"], baseline["se"])}
+    if vae and len(dataset.shape) == 3:
+        rows.update(vae_rows(dataset, test, seed, vae_settings, log))
+    return {"record": baseline, "rows": rows}
+
+
+def report(results: dict, baselines: dict, base: TrainConfig, dataset, arms: dict, seeds: list, out: Path, log) -> dict:
+    """The table (``comparison.md``), every number (``comparison.json``) and the figures of measured runs."""
+    table = aggregate(results)
+    rows = baselines.get("rows", {})
+    reference = next(iter(results.values()))[0]["quality"].get("data_vs_data")
+    unit = "nats/dim" if dataset.continuous else "bits/dim"
+    text = markdown(table, rows, reference, len(seeds), dataset.name, arms, unit)
     log("\n" + text)
     paths = figures(results, out)
     record = {
@@ -443,8 +448,8 @@ def compare(
         "arms": arms,
         "config": dataclasses.asdict(base),
         "table": {a: {k: {"mean": v[0], "se": v[1]} for k, v in row.items()} for a, row in table.items()},
-        "baselines": {k: {"mean": v[0], "se": v[1]} for k, v in baselines.items()},
-        "pixel_categorical_baseline": baseline,
+        "baselines": {k: {"mean": v[0], "se": v[1]} for k, v in rows.items()},
+        "pixel_categorical_baseline": baselines.get("record"),
         "test_vs_train_quality": reference,
         "runs": {a: [{k: r[k] for k in ("bound", "quality", "training")} for r in runs] for a, runs in results.items()},
     }
@@ -452,4 +457,4 @@ def compare(
     paths["json"] = atomic_write(
         out / "comparison.json", lambda f: f.write(json.dumps(record, indent=2, default=float).encode())
     )
-    return {"table": table, "baselines": baselines, "reference": reference, "paths": paths, "markdown": text}
+    return {"table": table, "baselines": rows, "reference": reference, "paths": paths, "markdown": text}
