@@ -1,5 +1,5 @@
 """Options declared once: a dataclass field says its default, its help, its check and whether a resumed run
-may change it; the command line's flags and the checks are generated from the fields.
+may change it; the command line's flags and the checks are generated from the fields::
 
     @dataclass
     class Settings:
