@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyro_ddpm import checkpoint, data, protocol
+from pyro_ddpm import checkpoint, data, grid, protocol, stats
 from pyro_ddpm.elbo import TermwiseELBO
 from pyro_ddpm.evaluate import bound, format_summary, summarize
 from pyro_ddpm.figures import new_figure, save_figure
@@ -170,7 +169,7 @@ def main(argv=None) -> dict:
         start_model = type(model)(model.eps, before, model.variance, model.likelihood, shape=model.shape)
         ones = torch.ones(len(x), 1, dtype=torch.long)
         prior = TermwiseELBO().terms(start_model.per_timestep, start.per_timestep, x, ones)[protocol.X_T]
-        L_T_before = float(prior.value.sum()) / (len(x) * digits.dims * math.log(2))
+        L_T_before = stats.bits_per_dim(float(prior.value.sum()), len(x) * digits.dims)
     print(
         f"\nL_T (test split, bits/dim): {L_T_before:.5f} at the initial schedule -> "
         f"{summary['prior_L_T']['bits_per_dim']:.5f} at the learned one"
@@ -208,9 +207,7 @@ def main(argv=None) -> dict:
         "gamma_after": g1.tolist(),
         "abar_before": a0.tolist(),
         "abar_after": a1.tolist(),
-        "samples_levels": sorted(
-            {int(v) for v in ((samples + 1) * (digits.levels - 1) / 2).round().flatten().tolist()}
-        ),
+        "samples_levels": sorted({int(v) for v in grid.position(samples, digits.levels).round().flatten().tolist()}),
     }
     atomic_write(out / f"{NAME}.json", lambda f: f.write(json.dumps(result, indent=1).encode()))
     print(f"\nwrote {out / 'samples.png'}, {out / 'schedule.png'}, {out / f'{NAME}.json'} and the run in {run}")

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributions.utils import broadcast_all
 
-from pyro_ddpm import checkpoint, data
+from pyro_ddpm import checkpoint, data, grid
 from pyro_ddpm.evaluate import bound, format_summary, summarize
 from pyro_ddpm.files import atomic_write
 from pyro_ddpm.likelihoods import LOG_PROB_FLOOR, DiscretizedGaussian, DiscretizedGaussianLikelihood, check_images
@@ -78,9 +78,9 @@ class DiscretizedLogistic(DiscretizedGaussian):
         value, loc, scale = broadcast_all(value, self.loc, self.scale)
         x, mu, s = value.double(), loc.double(), scale.double()
         K = self.levels
-        k = ((x + 1.0) * (K - 1) / 2.0).round()  # the level index: bin edges shared exactly by neighbours
-        a = (-1.0 + (2.0 * k - 1.0) / (K - 1) - mu) / s
-        b = (-1.0 + (2.0 * k + 1.0) / (K - 1) - mu) / s
+        k = grid.position(x, K).round()  # the level index: bin edges shared exactly by neighbours
+        lower, upper = grid.edges(k, K)
+        a, b = (lower - mu) / s, (upper - mu) / s
         first, last = k <= 0, k >= K - 1
         zero = torch.zeros_like(a)
         lp = (
@@ -97,8 +97,7 @@ class DiscretizedLogistic(DiscretizedGaussian):
             tiny = torch.finfo(self.loc.dtype).tiny
             u = torch.rand(shape, dtype=self.loc.dtype, device=self.loc.device).clamp(tiny, 1.0 - 1e-7)
             y = self.loc.expand(shape) + self.scale.expand(shape) * (torch.log(u) - torch.log1p(-u))
-            k = ((y.clamp(-1.0, 1.0) + 1.0) * (self.levels - 1) / 2.0).round()
-            return k * (2.0 / (self.levels - 1)) - 1.0
+            return grid.value(grid.position(y.clamp(-1.0, 1.0), self.levels).round(), self.levels)
 
 
 @LIKELIHOODS.register(name="discretized_logistic")
@@ -190,13 +189,8 @@ def main(argv=None) -> dict:
             label: {k: s[k]["bits_per_dim"] for k in ("total", "prior_L_T", "rate_L_1_to_L_T-1", "distortion_L_0")}
             for label, s in summaries.items()
         },
-        "samples_levels": sorted(
-            {int(v) for v in ((samples + 1) * (digits.levels - 1) / 2).round().flatten().tolist()}
-        ),
-        "samples_on_grid": bool(
-            ((samples + 1) * (digits.levels - 1) / 2 - ((samples + 1) * (digits.levels - 1) / 2).round()).abs().max()
-            < 1e-4
-        ),
+        "samples_levels": sorted({int(v) for v in grid.position(samples, digits.levels).round().flatten().tolist()}),
+        "samples_on_grid": bool(grid.off_grid(samples, digits.levels).max() < 1e-4),
     }
     atomic_write(out / f"{NAME}.json", lambda f: f.write(json.dumps(result, indent=1).encode()))
     print(f"\nwrote {out / 'samples.png'}, {out / f'{NAME}.json'} and the run in {run}")

@@ -44,7 +44,7 @@ import numpy as np
 import pyro
 import torch
 
-from pyro_ddpm import checkpoint, data, protocol
+from pyro_ddpm import checkpoint, data, protocol, stats
 from pyro_ddpm.elbo import TermwiseELBO
 from pyro_ddpm.evaluate import bound, summarize
 from pyro_ddpm.figures import new_figure, save_figure
@@ -120,10 +120,6 @@ def train_ddpm(args, out: Path, digits):
     return checkpoint.build(checkpoint.load(ckpt))
 
 
-def mean_se(v: np.ndarray) -> tuple[float, float]:
-    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
-
-
 def plot(result: dict, path: Path) -> Path:
     fig, ((ax,),) = new_figure(size=(7.0, 5.0))
     labels = ["DDPM ELBO", "VAE ELBO", f"VAE IWAE-{result['particles']}"]
@@ -149,7 +145,7 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     digits = data.load("digits")
     x = digits.test[: args.test_images]
-    to_bpd = 1.0 / (digits.dims * math.log(2))
+    to_bpd = stats.unit_scale(digits.dims)
 
     model, guide = train_ddpm(args, out, digits)
     idata = bound(model, guide, x)
@@ -193,7 +189,7 @@ def main(argv=None) -> dict:
         },
     }
     for name in ("rate", "distortion", "elbo", "iwae"):
-        mean, se = mean_se(vb[name] * to_bpd)
+        mean, se = stats.mean_se(vb[name] * to_bpd)
         result["vae"][f"{name}_bits_per_dim"], result["vae"][f"{name}_se"] = mean, se
 
     r_d, r_v = result["ddpm"], result["vae"]

@@ -42,8 +42,8 @@ from pathlib import Path
 import pyro
 import torch
 
-from pyro_ddpm import data, presets, protocol
-from pyro_ddpm.discrete import MASKING_SCHEDULES, level_index
+from pyro_ddpm import data, grid, presets, protocol
+from pyro_ddpm.discrete import MASKING_SCHEDULES
 from pyro_ddpm.elbo import TermwiseELBO
 from pyro_ddpm.files import atomic_write
 from pyro_ddpm.guides import MaskedForwardProcess
@@ -137,7 +137,7 @@ def masked_cross_entropy(model, guide, x0: torch.Tensor, t: torch.Tensor, noise:
     x0, t = protocol.pairs(x0, t)
     x_t = guide.from_noise(guide.q_xt(x0, t), noise)
     log_p = model.network_output(x_t, t)
-    at_x0 = log_p.gather(-1, level_index(x0, LEVELS).unsqueeze(-1)).squeeze(-1)
+    at_x0 = log_p.gather(-1, grid.index(x0, LEVELS).unsqueeze(-1)).squeeze(-1)
     masked = x_t == guide.schedule.mask
     return -(at_x0 * masked).flatten(1).sum(-1), masked.flatten(1).sum(-1), x_t
 

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 
-from pyro_ddpm import data
+from pyro_ddpm import data, grid, stats
 from pyro_ddpm.files import atomic_write
 from pyro_ddpm.protocol import X_0
 
@@ -86,11 +86,6 @@ class PixelCNN(nn.Module):
         return self.head(h)
 
 
-def level_index(x: torch.Tensor, levels: int) -> torch.Tensor:
-    """k for x = -1 + 2k/(K - 1) (the data's grid), as integers."""
-    return torch.round((x + 1.0) * (levels - 1) / 2.0).long().clamp(0, levels - 1)
-
-
 class PixelCNNReference:
     """The autoregressive model as a Pyro program over the network ``net``."""
 
@@ -102,7 +97,7 @@ class PixelCNNReference:
         pyro.module("pixelcnn", self.net)
         logits = self.net(x0).movedim(1, -1)  # (B, H, W, K)
         with pyro.plate("images", x0.shape[0]):
-            pyro.sample(X_0, dist.Categorical(logits=logits).to_event(2), obs=level_index(x0[:, 0], self.levels))
+            pyro.sample(X_0, dist.Categorical(logits=logits).to_event(2), obs=grid.index(x0[:, 0], self.levels))
 
     def guide(self, x0: torch.Tensor) -> None:
         """No latent variables: the ELBO is the log-likelihood itself."""
@@ -165,8 +160,7 @@ def parse(argv=None) -> argparse.Namespace:
 
 def bits_per_dim(log_p: torch.Tensor, dims: int) -> tuple[float, float]:
     """Mean and standard error over images of -log2 p(x_0) / D."""
-    v = (-log_p.double() / (dims * math.log(2))).numpy()
-    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v)))
+    return stats.mean_se(stats.bits_per_dim(-log_p.double(), dims).numpy())
 
 
 def main(argv=None) -> dict:
@@ -195,7 +189,7 @@ def main(argv=None) -> dict:
         loss = svi.step(batch)
         if step % args.eval_every == 0 or step == args.steps:
             held_bpd, _ = bits_per_dim(ref.log_prob(held), ds.dims)
-            train_bpd = loss / (args.batch_size * ds.dims * math.log(2))
+            train_bpd = stats.bits_per_dim(loss, args.batch_size * ds.dims)
             curve.append({"step": step, "held_out_bits_per_dim": held_bpd, "train_batch_bits_per_dim": train_bpd})
             if held_bpd < best[0]:
                 best = (held_bpd, step, copy.deepcopy(net.state_dict()))

@@ -11,13 +11,12 @@ Writes ``quickstart.json`` (the bound's summary, the chain-form estimate) and ``
 
 import argparse
 import json
-import math
 
 import pyro
 import torch
 from pyro.infer import SVI, Predictive, TraceMeanField_ELBO
 
-from pyro_ddpm import data, protocol
+from pyro_ddpm import data, protocol, stats
 from pyro_ddpm.elbo import TermwiseELBO, objective
 from pyro_ddpm.evaluate import bound, format_summary, summarize
 from pyro_ddpm.files import atomic_write, check_directory
@@ -78,7 +77,7 @@ def main(argv=None) -> dict:
 
     # The chain form, traced by Pyro's own ELBO, estimates the same bound (one chain sample per image).
     with torch.no_grad():
-        chain = TraceMeanField_ELBO().loss(model.chain, guide.chain, x) / (len(x) * digits.dims * math.log(2))
+        chain = stats.bits_per_dim(TraceMeanField_ELBO().loss(model.chain, guide.chain, x), len(x) * digits.dims)
         terms = TermwiseELBO().terms(model.chain, guide.chain, x)
     print(f"chain form: {chain:.4f} bits/dim; per-site terms: {', '.join(list(terms)[:3])} ... x_0")
 

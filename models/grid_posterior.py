@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import torch
 
+from pyro_ddpm import grid
 from pyro_ddpm.protocol import DataSpec
 from pyro_ddpm.registry import MODELS
 from pyro_ddpm.schedule import at
@@ -45,9 +46,8 @@ from .reverse_process import ReverseProcess
 
 
 def grid_values(levels: int, like: torch.Tensor) -> torch.Tensor:
-    """v_k = -1 + 2k/(K - 1), k = 0..K-1, in ``like``'s dtype and device."""
-    k = torch.arange(levels, dtype=like.dtype, device=like.device)
-    return k * (2.0 / (levels - 1)) - 1.0
+    """v_k = -1 + 2k/(K - 1), k = 0..K-1 (:func:`pyro_ddpm.grid.values`), in ``like``'s dtype and device."""
+    return grid.values(levels, like.dtype, like.device)
 
 
 def grid_posterior(

@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pyro_ddpm import grid
 from pyro_ddpm.registry import MODELS
 
 from .grid_posterior import GridPosteriorReverseProcess, grid_values
@@ -53,7 +54,7 @@ def logistic_mixture_logits(out: torch.Tensor, levels: int, components: int) -> 
     o = out.reshape(B, -1, 3, components, *rest)  # (B, C, 3, M, ...)
     log_pi = torch.log_softmax(o[:, :, 0], dim=2).unsqueeze(3)  # (B, C, M, 1, ...)
     mu, inv_s = o[:, :, 1].unsqueeze(3), (-o[:, :, 2]).exp().unsqueeze(3) / S0
-    half = 1.0 / (levels - 1)
+    half = grid.half_width(levels)
     edges = (grid_values(levels, out)[:-1] + half).reshape((1, 1, 1, levels - 1) + (1,) * len(rest))
     z = (edges - mu) * inv_s  # (B, C, M, K - 1, ...): the K - 1 edges between levels
     below, above = F.logsigmoid(z), F.logsigmoid(-z)  # log CDF and log survival at each edge

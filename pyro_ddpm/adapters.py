@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pyro_ddpm import evaluate
+from pyro_ddpm import evaluate, grid
 from pyro_ddpm.guides import ForwardProcess
 from pyro_ddpm.likelihoods import check_images, default_likelihood
 from pyro_ddpm.models import LearnedVarianceReverseProcess, ReverseProcess
@@ -267,7 +267,7 @@ def to_grid(images, levels: int = 256, channels_last: bool = False) -> torch.Ten
             raise ValueError(
                 f"to_grid: integer images must hold levels 0..{K - 1}, got values in {int(x.min())}..{int(x.max())}"
             )
-        return (x.to(torch.float64) * (2.0 / (K - 1)) - 1.0).to(torch.float32).contiguous()
+        return grid.value(x, K, torch.float64).to(torch.float32).contiguous()
     check_images(x, K, name="to_grid input")
     return x
 

@@ -72,6 +72,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pyro_ddpm import grid
 from pyro_ddpm.files import atomic_path
 from pyro_ddpm.likelihoods import CONTINUOUS, check_images, check_levels, is_continuous
 
@@ -111,8 +112,7 @@ def quantize(x: np.ndarray, levels: int) -> np.ndarray:
     check_levels(levels, name="quantize: levels")
     if is_continuous(levels):
         raise ValueError(f"quantize: need K >= 2 levels, got {levels}")
-    k = np.rint((np.clip(x, -1.0, 1.0) + 1.0) * (levels - 1) / 2.0)
-    return k * 2.0 / (levels - 1) - 1.0
+    return grid.quantize(x, levels)
 
 
 def _split(x: np.ndarray, test_size: int, seed: int, labels=None) -> dict:

@@ -26,7 +26,7 @@ import torch
 from pyro.distributions import Categorical, TorchDistribution, constraints
 from torch import nn
 
-from pyro_ddpm import protocol
+from pyro_ddpm import grid, protocol
 from pyro_ddpm.likelihoods import check_images
 from pyro_ddpm.programs import ForwardProgram
 
@@ -52,14 +52,10 @@ def alphas(name: str, T: int) -> torch.Tensor:
     return a
 
 
-def level_index(x0: torch.Tensor, levels: int) -> torch.Tensor:
-    """k = round((x + 1)(K - 1) / 2): the level index of grid data (a long tensor)."""
-    return ((x0 + 1.0) * ((levels - 1) / 2.0)).round().long().clamp(0, levels - 1)
-
-
-def level_value(k: torch.Tensor, levels: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """v_k = -1 + 2k/(K - 1): the grid value of level index ``k`` (in ``dtype``, default torch's default)."""
-    return k.to(dtype or torch.get_default_dtype()) * (2.0 / (levels - 1)) - 1.0
+# The level index of grid data and the grid value of a level index (:mod:`pyro_ddpm.grid`), under the
+# names the categorical programs read them by.
+level_index = grid.index
+level_value = grid.value
 
 
 def floored_log(p: torch.Tensor) -> torch.Tensor:
@@ -221,7 +217,7 @@ class GridCategorical(TorchDistribution):
 
     @property
     def mean(self) -> torch.Tensor:
-        v = level_value(torch.arange(self.levels, device=self.logits.device), self.levels, self.logits.dtype)
+        v = grid.values(self.levels, self.logits.dtype, self.logits.device)
         return (self.logits.exp() * v).sum(-1)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pyro_ddpm import protocol
+from pyro_ddpm import protocol, stats
 from pyro_ddpm.elbo import TermwiseELBO
 from pyro_ddpm.files import atomic_path, atomic_write
 from pyro_ddpm.guides import ForwardProcess
@@ -239,11 +239,8 @@ def bound_terms(model, guide, x0: torch.Tensor, **kwargs) -> torch.Tensor:
 
 def _mean_se(v: np.ndarray) -> tuple[float, float, float | None]:
     """Mean over (draw, image) of ``v``, its standard error over images and (draws > 1) the noise-only one."""
-    draws, N = v.shape
-    per_image = v.mean(0)
-    se = float(per_image.std(ddof=1) / math.sqrt(N)) if N > 1 else float("nan")
-    se_noise = float(math.sqrt(v.var(0, ddof=1).sum() / draws) / N) if draws > 1 else None
-    return float(per_image.mean()), se, se_noise
+    mean, se = stats.mean_se(v.mean(0))
+    return mean, se, stats.noise_se(v)
 
 
 def rate_bands(T: int) -> list[tuple[int, int]]:
@@ -271,7 +268,7 @@ def summarize(idata, coding_points: int = 10) -> dict:
     draws, N, _ = L.shape
     D = int(ds.attrs["dims"])
     discrete = bool(int(ds.attrs.get("discrete", 1)))
-    to_bpd = 1.0 / (D * math.log(2))
+    to_bpd = stats.unit_scale(D)
     parts = {
         "total": L.sum(-1),
         "prior_L_T": L[..., -1],
@@ -284,7 +281,7 @@ def summarize(idata, coding_points: int = 10) -> dict:
         "draws": draws,
         "T": int(ds.attrs["T"]),
         "discrete": discrete,
-        "unit": "bits_per_dim" if discrete else "nats_per_dim",
+        "unit": stats.unit(discrete),
     }
     for name, v in parts.items():
         mean, se, se_noise = _mean_se(v * to_bpd)
@@ -314,7 +311,7 @@ def format_summary(summary: dict, header: str = "") -> str:
     """The summary as a table: bits/dim (nats/dim for continuous data) and nats per image per term."""
     rows = [header] if header else []
     discrete = summary.get("discrete", True)
-    label = "bits/dim" if discrete else "nats/dim"
+    label = stats.unit_label(discrete)
     noise = summary["draws"] > 1
     rows.append(
         f"{'term':<20} {label:>10} {'+- s.e.':>9}"
@@ -324,7 +321,7 @@ def format_summary(summary: dict, header: str = "") -> str:
     for name in ("total", "prior_L_T", "rate_L_1_to_L_T-1", "distortion_L_0"):
         v = summary[name]
         value, se = (v["bits_per_dim"], v["se"]) if discrete else (v["nats_per_dim"], v["se_nats_per_dim"])
-        se_noise = v["se_noise"] * (1.0 if discrete else math.log(2)) if "se_noise" in v else None
+        se_noise = v["se_noise"] * (1.0 if discrete else stats.LN2) if "se_noise" in v else None
         rows.append(
             f"{name:<20} {value:>10.5f} {se:>9.5f}"
             + (f" {se_noise:>9.5f}" if se_noise is not None else "")

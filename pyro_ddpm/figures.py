@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pyro_ddpm import stats
 from pyro_ddpm.files import atomic_write
 
 
@@ -53,13 +54,7 @@ def save_figure(fig, path) -> Path:
 
 def _bits_per_dim(ds) -> np.ndarray:
     """Per-image terms in bits/dim, averaged over draws: (images, T + 1), column t = L_t."""
-    return ds["L"].values.mean(0) / (int(ds.attrs["dims"]) * math.log(2))
-
-
-def _mean_se(per_image: np.ndarray):
-    n = per_image.shape[0]
-    se = per_image.std(0, ddof=1) / math.sqrt(n) if n > 1 else np.zeros(per_image.shape[1:])
-    return per_image.mean(0), se
+    return stats.bits_per_dim(ds["L"].values.mean(0), int(ds.attrs["dims"]))
 
 
 def _name(label: str, text: str) -> str:
@@ -84,10 +79,8 @@ TERMS_RANGE = 1e6
 def term_unit(ds) -> tuple[str, float]:
     """The bound's unit and the factor from nats per image to it: bits/dim for discrete data, nats/dim for
     continuous data (a density bound, see :func:`pyro_ddpm.evaluate.summarize`)."""
-    D = int(ds.attrs["dims"])
-    if bool(int(ds.attrs.get("discrete", 1))):
-        return "bits/dim", 1.0 / (D * math.log(2))
-    return "nats/dim", 1.0 / D
+    discrete = bool(int(ds.attrs.get("discrete", 1)))
+    return stats.unit_label(discrete), stats.unit_scale(int(ds.attrs["dims"]), discrete)
 
 
 def term_summary(ds) -> dict[str, tuple[float, float]]:
@@ -100,11 +93,7 @@ def term_summary(ds) -> dict[str, tuple[float, float]]:
     parts = {"total": L.sum(-1), "L_0": L[:, 0], "L_T": L[:, -1]}
     for lo, hi in rate_bands(int(ds.attrs["T"])):
         parts[f"L_{lo}..L_{hi}"] = L[:, lo : hi + 1].sum(-1)
-    n = L.shape[0]
-    return {
-        name: (float(v.mean()), float(v.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"))
-        for name, v in parts.items()
-    }
+    return {name: stats.mean_se(v) for name, v in parts.items()}
 
 
 def format_value(mean: float, se: float | None = None) -> str:
@@ -136,7 +125,8 @@ def draw_terms(ax, runs: dict, labels: dict[str, str] | None = None) -> str:
     curves, unit, T_max = {}, "", 2
     for label, ds in runs.items():
         unit, scale = term_unit(ds)
-        mean, se = _mean_se(ds["L"].values.mean(0) * scale)
+        mean, se = stats.mean_se(ds["L"].values.mean(0) * scale)
+        se = np.nan_to_num(se)  # a single image: no band
         T = int(ds.attrs["T"])
         curves[label] = (np.arange(1, T), mean[1:T], se[1:T], mean, se)
         T_max = max(T_max, T)

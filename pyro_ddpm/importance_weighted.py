@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from pyro import poutine
 
+from pyro_ddpm import stats
 from pyro_ddpm.adapters import to_grid
 
 
@@ -117,16 +118,15 @@ def importance_weighted(
         model.train(was_training)
     nats = -(lse - math.log(K))
     discrete = bool(getattr(model.likelihood, "discrete", True))
-    unit = D * math.log(2.0) if discrete else float(D)
-    value = nats / unit
+    mean, se = stats.mean_se(stats.per_dim(nats, D, discrete))
     out = {
         "nats": nats.numpy(),
         "elbo_nats": (-mean_lw).numpy(),
         "ess": torch.exp(2 * lse - lse2).numpy(),
         "discrete": discrete,
-        "unit": "bits_per_dim" if discrete else "nats_per_dim",
-        ("bits_per_dim" if discrete else "nats_per_dim"): float(value.mean()),
-        "se": float(value.std(unbiased=True) / math.sqrt(N)) if N > 1 else float("nan"),
+        "unit": stats.unit(discrete),
+        stats.unit(discrete): mean,
+        "se": se,
         "particles": K,
         "images": N,
         "dims": D,

@@ -29,6 +29,7 @@ from pyro.distributions import Normal, TorchDistribution
 from torch.distributions import constraints
 from torch.distributions.utils import broadcast_all
 
+from pyro_ddpm import grid
 from pyro_ddpm.registry import LIKELIHOODS
 
 # A per-dimension log-probability floor. It is reached only for |x - mu| / sigma > ~1.4e5, where the
@@ -69,21 +70,8 @@ def check_images(x: torch.Tensor, levels: int | None = None, name: str = "x_0") 
         raise ValueError(f"{name} contains NaN ({int(torch.isnan(x).sum())} values)")
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains infinite values")
-    if is_continuous(levels) or x.numel() == 0:
-        return
-    lo, hi = float(x.min()), float(x.max())
-    if lo < -1.0 - 1e-6 or hi > 1.0 + 1e-6:
-        raise ValueError(
-            f"{name} must lie in [-1, 1] (data scaled from {levels} levels), got values in [{lo:.4g}, {hi:.4g}]"
-        )
-    k = (x.double() + 1.0) * (levels - 1) / 2.0
-    off = (k - k.round()).abs()
-    if float(off.max()) > 1e-3:
-        bad = x.reshape(-1)[off.reshape(-1).argmax()].item()
-        raise ValueError(
-            f"{name} is off the {levels}-level grid -1 + 2k/{levels - 1}: e.g. {bad:.6g} "
-            f"({int((off > 1e-3).sum())} values off the grid)"
-        )
+    if not is_continuous(levels):
+        grid.check(x, levels, name)
 
 
 class _Grid(constraints.Constraint):
@@ -96,8 +84,7 @@ class _Grid(constraints.Constraint):
         super().__init__()
 
     def check(self, value):
-        k = (value + 1.0) * (self.levels - 1) / 2.0
-        return (value >= -1.0 - 1e-6) & (value <= 1.0 + 1e-6) & ((k - k.round()).abs() <= 1e-3)
+        return grid.on_grid(value, self.levels)
 
 
 # |z| beyond this gives log-probabilities far below LOG_PROB_FLOOR; clamping keeps log_ndtr's gradient finite.
@@ -175,9 +162,10 @@ class DiscretizedGaussian(TorchDistribution):
         x, mu, s = value.double(), loc.double(), scale.double()
         K = self.levels
         # Bin edges from the level index, so that neighbouring bins share their edge exactly.
-        k = ((x + 1.0) * (K - 1) / 2.0).round()
-        z_hi = ((-1.0 + (2.0 * k + 1.0) / (K - 1) - mu) / s).clamp(-Z_MAX, Z_MAX)
-        z_lo = ((-1.0 + (2.0 * k - 1.0) / (K - 1) - mu) / s).clamp(-Z_MAX, Z_MAX)
+        k = grid.position(x, K).round()
+        lower, upper = grid.edges(k, K)
+        z_hi = ((upper - mu) / s).clamp(-Z_MAX, Z_MAX)
+        z_lo = ((lower - mu) / s).clamp(-Z_MAX, Z_MAX)
         interior = _log_normal_mass(z_lo, z_hi)
         lower_edge = torch.special.log_ndtr(z_hi)  # x = -1: Phi(z_hi)
         upper_edge = torch.special.log_ndtr(-z_lo)  # x = +1: 1 - Phi(z_lo)
@@ -191,8 +179,7 @@ class DiscretizedGaussian(TorchDistribution):
             y = self.loc.expand(shape) + self.scale.expand(shape) * torch.randn(
                 shape, dtype=self.loc.dtype, device=self.loc.device
             )
-            k = ((y.clamp(-1.0, 1.0) + 1.0) * (self.levels - 1) / 2.0).round()
-            return k * (2.0 / (self.levels - 1)) - 1.0
+            return grid.value(grid.position(y.clamp(-1.0, 1.0), self.levels).round(), self.levels)
 
 
 class TanhDiscretizedGaussian(DiscretizedGaussian):
@@ -207,14 +194,14 @@ class TanhDiscretizedGaussian(DiscretizedGaussian):
             check_images(value, self.levels, name="TanhDiscretizedGaussian value")
         value, loc, scale = broadcast_all(value, self.loc, self.scale)
         K = self.levels
-        k = ((value + 1.0) * (K - 1) / 2.0).round()
+        k = grid.position(value, K).round()
         centered = value - loc
 
         def cdf(z):
             return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z**3)))
 
-        cdf_plus = cdf((centered + 1.0 / (K - 1)) / scale)
-        cdf_min = cdf((centered - 1.0 / (K - 1)) / scale)
+        cdf_plus = cdf((centered + grid.half_width(K)) / scale)
+        cdf_min = cdf((centered - grid.half_width(K)) / scale)
         log_cdf_plus = torch.log(cdf_plus.clamp_min(1e-12))
         log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp_min(1e-12))
         log_delta = torch.log((cdf_plus - cdf_min).clamp_min(1e-12))

@@ -51,7 +51,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pyro_ddpm import presets
+from pyro_ddpm import grid, presets, stats
 from pyro_ddpm.data import Dataset, load
 from pyro_ddpm.files import atomic_write
 from pyro_ddpm.likelihoods import check_images
@@ -411,8 +411,7 @@ def classifier_score(probs, splits: int = 10) -> tuple[float, float]:
         with np.errstate(divide="ignore", invalid="ignore"):
             kl = np.where(part > 0, part * (np.log(part) - np.log(marginal)), 0.0).sum(1)
         scores.append(math.exp(kl.mean()))
-    scores = np.array(scores)
-    return float(scores.mean()), float(scores.std(ddof=1) / math.sqrt(splits))
+    return stats.mean_se(np.array(scores))
 
 
 # --------------------------------------------------------------------------- entry point
@@ -511,18 +510,16 @@ def pixel_categorical_baseline(train: torch.Tensor, test: torch.Tensor, levels: 
             f"test images {tuple(test.shape[1:])}"
         )
 
-    def index(x):
-        return np.rint((x.double().reshape(len(x), -1).numpy() + 1.0) * (levels - 1) / 2.0).astype(np.int64)
-
-    k_train, k_test = index(train), index(test)
+    k_train, k_test = (grid.index(x.double().reshape(len(x), -1), levels).numpy() for x in (train, test))
     n, dims = k_train.shape
     counts = np.zeros((dims, levels))
     np.add.at(counts, (np.broadcast_to(np.arange(dims), k_train.shape), k_train), 1.0)
     log2p = np.log2(counts + alpha) - np.log2(n + alpha * levels)
     per_image = -log2p[np.arange(dims), k_test].mean(1)
+    mean, se = stats.mean_se(per_image)
     return {
-        "bits_per_dim": float(per_image.mean()),
-        "se": float(per_image.std(ddof=1) / math.sqrt(len(per_image))),
+        "bits_per_dim": mean,
+        "se": se,
         "alpha": float(alpha),
         "levels": levels,
         "dims": int(dims),

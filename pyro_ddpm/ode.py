@@ -55,6 +55,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pyro_ddpm import grid, stats
 from pyro_ddpm.adapters import EpsNetwork, to_grid
 from pyro_ddpm.likelihoods import check_images
 from pyro_ddpm.models import LearnedVarianceReverseProcess, ReverseProcess
@@ -335,7 +336,7 @@ def ode_likelihood(
     N, D = x0.shape[0], int(np.prod(x0.shape[1:]))
     div = divergence if divergence != "auto" else ("exact" if D <= EXACT_MAX_DIMS else "rademacher")
     ids = list(range(N)) if image_ids is None else [int(i) for i in image_ids]
-    delta = 2.0 / (int(levels) - 1) if discrete else None
+    delta = grid.width(int(levels)) if discrete else None
     counter = _Counter()
     logp = torch.zeros(draws, N, dtype=torch.float64)
     for d in range(draws):
@@ -374,18 +375,17 @@ def ode_likelihood(
                 .cpu()
             )
     nats_draws = -logp - (D * math.log(delta) if discrete else 0.0)
-    unit = D * math.log(2.0) if discrete else float(D)
+    unit = stats.nats_per_unit(D, discrete)
     per_image = nats_draws.mean(0)
-    value = per_image / unit
-    se = float(value.std(unbiased=True) / math.sqrt(N)) if N > 1 else float("nan")
+    mean, se = stats.mean_se(per_image / unit)
     out = {
         "nats": per_image.numpy(),
         "nats_draws": nats_draws.numpy(),
         "log_density": logp.numpy(),
         "discrete": discrete,
         "bound": bool(discrete and dequantize) or not discrete,
-        "unit": "bits_per_dim" if discrete else "nats_per_dim",
-        ("bits_per_dim" if discrete else "nats_per_dim"): float(value.mean()),
+        "unit": stats.unit(discrete),
+        stats.unit(discrete): mean,
         "se": se,
         "images": N,
         "dims": D,
@@ -394,7 +394,7 @@ def ode_likelihood(
         "function_evaluations": counter.evaluations,
     }
     if draws > 1:
-        out["se_noise"] = float(math.sqrt(float((nats_draws / unit).var(0, unbiased=True).sum()) / draws) / N)
+        out["se_noise"] = stats.noise_se(nats_draws / unit)
     cs = ContinuousSchedule(schedule)
     out["settings"] = {
         "method": method,

@@ -388,7 +388,14 @@ class Trainer:
     run's random generator, at step ``start``. :meth:`step` is Algorithm 1; :meth:`run` loops over it and
     calls the hooks (:mod:`pyro_ddpm.hooks`) after every step."""
 
-    def __init__(self, config: TrainConfig, dataset, processes: Processes, trust_code: bool = True):
+    def __init__(
+        self,
+        config: TrainConfig,
+        dataset,
+        processes: Processes,
+        fingerprint: dict | None = None,
+        trust_code: bool = True,
+    ):
         self.config, self.dataset, self.processes = config, dataset, processes
         self.B, self.K = min(config.batch_size, len(dataset.train)), config.timesteps_per_image
         self.shard = processes.shard(self.B)
@@ -418,7 +425,7 @@ class Trainer:
             "shape": list(dataset.shape),
             "levels": dataset.levels,
             "source": dataset.source,
-            "fingerprint": None,
+            "fingerprint": fingerprint,  # of the training split (checkpoint.fingerprint): a resume must match it
         }
 
     def batch(self, step: int) -> torch.Tensor:
@@ -519,8 +526,7 @@ def train(
                 remove_stale_temporaries(out)
             if progress and processes.rank == 0:
                 print(device_line(config.device), file=sys.stderr, flush=True)
-            trainer = Trainer(config, dataset, processes, trust_code=trust_code is not False)
-            trainer.data_record["fingerprint"] = fingerprint
+            trainer = Trainer(config, dataset, processes, fingerprint, trust_code=trust_code is not False)
             if state is not None:
                 checkpoint.restore(trainer, state, trust_code=trust_code is not False)
             trainer.run(training_hooks(trainer, out), progress)

@@ -21,7 +21,7 @@ from pyro.infer import SVI, RenyiELBO, TraceMeanField_ELBO
 from torch import nn
 from torch.nn import functional as F
 
-from pyro_ddpm import protocol
+from pyro_ddpm import protocol, stats
 from pyro_ddpm.elbo import TermwiseELBO
 from pyro_ddpm.likelihoods import default_likelihood
 
@@ -109,7 +109,7 @@ def train_vae(
     losses = []
     for step in range(steps):
         x0 = digits.train[torch.randint(len(digits.train), (batch_size,), generator=g)]
-        losses.append(svi.step(x0) / (len(x0) * digits.dims * math.log(2)))
+        losses.append(stats.bits_per_dim(svi.step(x0), len(x0) * digits.dims))
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"VAE training diverged at step {step + 1}")
     pyro.clear_param_store()
