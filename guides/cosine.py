@@ -14,24 +14,12 @@ from .forward_process import ForwardProcess
 
 @GUIDES.register
 class CosineForwardProcess(ForwardProcess):
-    """:class:`ForwardProcess` over the cosine schedule (:meth:`Schedule.cosine`)."""
+    """:class:`ForwardProcess` over the cosine schedule (:meth:`Schedule.cosine`); its config is its
+    constructor's arguments, and ``from_spec(T, "cosine")`` gives Nichol and Dhariwal's s = 0.008 and
+    clipping at 0.999 with T steps."""
 
     NAME = "cosine"
 
     def __init__(self, T: int = 1000, s: float = 0.008, max_beta: float = 0.999, event_dim: int | None = None):
         super().__init__(Schedule.cosine(T, s, max_beta), event_dim=event_dim)
         self.s, self.max_beta = float(s), float(max_beta)
-
-    def config(self) -> dict:
-        return {"T": self.T, "s": self.s, "max_beta": self.max_beta, "event_dim": self.event_dim}
-
-    @classmethod
-    def from_config(cls, **config) -> CosineForwardProcess:
-        return cls(**config)
-
-    @classmethod
-    def from_spec(cls, T: int, spec: str = NAME, event_dim: int | None = None) -> CosineForwardProcess:
-        """Nichol and Dhariwal's s = 0.008 and clipping at 0.999 with T steps; ``spec`` must be ``"cosine"``."""
-        if spec != cls.NAME:
-            raise ValueError(f"{cls.__name__}: schedule must be {cls.NAME!r}, got {spec!r}")
-        return cls(T, event_dim=event_dim)

@@ -16,20 +16,26 @@ from __future__ import annotations
 import pyro.distributions as dist
 import torch
 
+from pyro_ddpm.config import Configurable
 from pyro_ddpm.programs import ForwardProgram
 from pyro_ddpm.registry import GUIDES
 from pyro_ddpm.schedule import Schedule, at
 
 
 @GUIDES.register
-class ForwardProcess(ForwardProgram):
+class ForwardProcess(Configurable, ForwardProgram):
     """The fixed noising process, as the variational family of the reverse process.
 
     :param schedule: the variance schedule (a :class:`~pyro_ddpm.schedule.Schedule`, or a learned one).
     :param event_dim: the number of data dimensions (default: every dimension after the batch).
+
+    The schedule is an object, so this constructor's config stores its betas instead (:meth:`config`).
+    The subclasses over a schedule they build themselves (:class:`~pyro_ddpm.guides.LinearForwardProcess`,
+    ...) are described by their own constructor's arguments.
     """
 
     family = "gaussian"
+    NAME: str | None = None  # a guide over one named schedule: the only ``spec`` its from_spec takes
 
     def __init__(self, schedule: Schedule, event_dim: int | None = None):
         super().__init__()
@@ -37,7 +43,7 @@ class ForwardProcess(ForwardProgram):
         self.event_dim = event_dim
 
     def config(self) -> dict:
-        """Plain data that rebuilds this guide with :meth:`from_config`: the betas themselves."""
+        """The constructor's arguments with the schedule stored as its betas (rebuilt by :meth:`from_config`)."""
         return {"betas": [float(b) for b in self.schedule.betas.detach().cpu().tolist()], "event_dim": self.event_dim}
 
     @classmethod
@@ -47,8 +53,16 @@ class ForwardProcess(ForwardProgram):
 
     @classmethod
     def from_spec(cls, T: int, spec: str, event_dim: int | None = None) -> ForwardProcess:
-        """The guide a training config asks for: the named fixed schedule (``linear``, ``cosine``) with T steps."""
-        return cls(Schedule.from_name(spec, T), event_dim=event_dim)
+        """The guide a training config asks for: the named fixed schedule (``linear``, ``cosine``) with T steps.
+
+        A class over one named schedule (:attr:`NAME`) takes that name only, and is built with its own
+        defaults for everything but T: ``from_config(T=T, event_dim=event_dim)``.
+        """
+        if cls.NAME is None:
+            return cls(Schedule.from_name(spec, T), event_dim=event_dim)
+        if spec != cls.NAME:
+            raise ValueError(f"{cls.__name__}: schedule must be {cls.NAME!r}, got {spec!r}")
+        return cls.from_config(T=T, event_dim=event_dim)
 
     @property
     def T(self) -> int:

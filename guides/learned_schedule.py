@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyro_ddpm.config import Configurable
 from pyro_ddpm.registry import GUIDES
 from pyro_ddpm.schedule import CONSTANTS, Schedule, ScheduleBase, derive
 
@@ -110,13 +111,15 @@ for _name in CONSTANTS:
     setattr(GammaSchedule, _name, _constant(_name))
 
 
-class LearnedSchedule(GammaSchedule):
+class LearnedSchedule(Configurable, GammaSchedule):
     """gamma(u) = -log SNR(u) from a monotone network with learnable endpoints (see the module docstring).
 
     :param T: number of timesteps (>= 2).
     :param hidden: number of sigmoid units of the monotone network (>= 1).
     :param gamma_min, gamma_max: initial endpoints gamma(0) < gamma(1).
     :param seed: seed of the hidden units' initial weights (so that ``from_config`` is reproducible).
+
+    ``config()`` is these arguments; the learned values are in ``state_dict()``.
     """
 
     def __init__(
@@ -130,13 +133,6 @@ class LearnedSchedule(GammaSchedule):
         if not (math.isfinite(gamma_min) and math.isfinite(gamma_max) and gamma_min < gamma_max):
             raise ValueError(f"learned schedule: need finite gamma_min < gamma_max, got {gamma_min!r}, {gamma_max!r}")
         self.T = int(T)
-        self._config = {
-            "T": self.T,
-            "hidden": int(hidden),
-            "gamma_min": float(gamma_min),
-            "gamma_max": float(gamma_max),
-            "seed": int(seed),
-        }
         g = torch.Generator().manual_seed(seed)
         f64 = dict(dtype=torch.float64)
         self.gamma_min = nn.Parameter(torch.tensor(float(gamma_min), **f64))
@@ -145,10 +141,6 @@ class LearnedSchedule(GammaSchedule):
         self.w = nn.Parameter(torch.randn(int(hidden), generator=g, **f64))  # softplus -> w_j
         self.b = nn.Parameter(torch.randn(int(hidden), generator=g, **f64))  # b_j
         self.c = nn.Parameter(torch.full((int(hidden),), -6.0, **f64))  # softplus -> c_j ~ 2.5e-3
-
-    def config(self) -> dict:
-        """The construction arguments (plain data); the learned values are in ``state_dict()``."""
-        return dict(self._config)
 
     @property
     def gamma_max(self) -> torch.Tensor:
@@ -178,7 +170,8 @@ class LearnedForwardProcess(ForwardProcess):
     """:class:`ForwardProcess` over a :class:`LearnedSchedule`, whose parameters it registers with Pyro.
 
     Build the model around ``guide.schedule``; then one ``SVI`` (e.g. with ``TraceMeanField_ELBO``
-    on the true bound) trains network and schedule together.
+    on the true bound) trains network and schedule together. ``from_spec(T, "learned")`` is the
+    VDM-initialized schedule with T steps.
     """
 
     NAME = "learned"
@@ -189,7 +182,8 @@ class LearnedForwardProcess(ForwardProcess):
         super().__init__(schedule, event_dim=event_dim)
 
     def config(self) -> dict:
-        """The schedule's construction arguments (its learned values are the guide's ``state_dict()``)."""
+        """The schedule's constructor arguments and ``event_dim`` (the learned values are the guide's
+        ``state_dict()``): the schedule is an object, stored as the arguments that make it."""
         return {**self.schedule.config(), "event_dim": self.event_dim}
 
     @classmethod
@@ -204,10 +198,3 @@ class LearnedForwardProcess(ForwardProcess):
         event_dim: int | None = None,
     ) -> LearnedForwardProcess:
         return cls(LearnedSchedule(T, hidden, gamma_min, gamma_max, seed), event_dim=event_dim)
-
-    @classmethod
-    def from_spec(cls, T: int, spec: str = NAME, event_dim: int | None = None) -> LearnedForwardProcess:
-        """A VDM-initialized learned schedule with T steps; ``spec`` must be ``"learned"``."""
-        if spec != cls.NAME:
-            raise ValueError(f"{cls.__name__}: schedule must be {cls.NAME!r}, got {spec!r}")
-        return cls(LearnedSchedule(T), event_dim=event_dim)

@@ -58,7 +58,8 @@ class LearnedTableForwardProcess(ForwardProcess):
         super().__init__(schedule, event_dim=event_dim)
 
     def config(self) -> dict:
-        """The betas the table started at (its learned values are the guide's ``state_dict()``)."""
+        """The betas the table started at and ``event_dim`` (the learned values are the guide's
+        ``state_dict()``): the schedule is an object, stored as the betas that make it."""
         return {"start": self.schedule.start, "event_dim": self.event_dim}
 
     @classmethod
@@ -68,4 +69,4 @@ class LearnedTableForwardProcess(ForwardProcess):
     @classmethod
     def from_spec(cls, T: int, spec: str = "linear", event_dim: int | None = None) -> LearnedTableForwardProcess:
         """The table started at the fixed schedule ``spec`` (``linear`` or ``cosine``) with T steps."""
-        return cls(TableSchedule(Schedule.from_name(spec, T).betas), event_dim=event_dim)
+        return cls.from_config(start=Schedule.from_name(spec, T).betas, event_dim=event_dim)

@@ -34,14 +34,11 @@ def read_betas(spec: str) -> np.ndarray:
 
 @GUIDES.register
 class UserBetasForwardProcess(ForwardProcess):
-    """:class:`ForwardProcess` over a given array of betas (validated by :class:`Schedule`)."""
+    """:class:`ForwardProcess` over a given array of betas (validated by :class:`Schedule`); its config is
+    its constructor's arguments, the betas as a list."""
 
     def __init__(self, betas, event_dim: int | None = None):
         super().__init__(Schedule(betas), event_dim=event_dim)
-
-    @classmethod
-    def from_config(cls, *, betas, event_dim: int | None = None) -> UserBetasForwardProcess:
-        return cls(betas, event_dim=event_dim)
 
     @classmethod
     def from_spec(cls, T: int, spec: str, event_dim: int | None = None) -> UserBetasForwardProcess:

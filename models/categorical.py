@@ -31,6 +31,7 @@ from pyro.distributions import Categorical
 from torch import nn
 
 from pyro_ddpm import protocol
+from pyro_ddpm.config import Configurable
 from pyro_ddpm.discrete import GridCategorical, PosteriorMixture, level_value
 from pyro_ddpm.elbo import simple_weights
 from pyro_ddpm.programs import ReverseProgram
@@ -38,7 +39,7 @@ from pyro_ddpm.registry import MODELS
 
 
 @MODELS.register
-class CategoricalReverseProcess(ReverseProgram):
+class CategoricalReverseProcess(Configurable, ReverseProgram):
     """p_theta(x_{0:T}) over the states of a categorical forward process, x_0-parameterized.
 
     :param eps: the network ``net(h, t)``: ``h`` (B, 2C, ...) holds each element's level value (0 where
@@ -46,9 +47,12 @@ class CategoricalReverseProcess(ReverseProgram):
     :param schedule: the guide's :class:`~pyro_ddpm.discrete.CategoricalSchedule` (shared).
     :param likelihood: the data's decoder; only its ``levels`` (K) and its data check are read.
     :param shape: the shape of one datum.
+
+    Its config is ``shape``: the network, schedule and likelihood are what it is built around.
     """
 
     family = "categorical"
+    built_around = ("eps", "schedule", "likelihood")
 
     objectives = ("elbo", "simple")
     capabilities = ("progressive",)
@@ -68,13 +72,6 @@ class CategoricalReverseProcess(ReverseProgram):
         self.autocast = None
         if getattr(schedule, "weight", None) is None:  # no weighted cross-entropy form: the bound only
             self.objectives = ("elbo",)
-
-    def config(self) -> dict:
-        return {"shape": list(self.shape)}
-
-    @classmethod
-    def from_config(cls, *, eps, schedule, likelihood, **config) -> CategoricalReverseProcess:
-        return cls(eps, schedule, likelihood=likelihood, **config)
 
     @classmethod
     def network_config(cls, preset: dict, data: protocol.DataSpec) -> dict:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from pyro_ddpm import protocol
+from pyro_ddpm.config import Configurable
 from pyro_ddpm.elbo import simple_weights
 from pyro_ddpm.likelihoods import DiscretizedGaussianLikelihood, GaussianLikelihood
 from pyro_ddpm.programs import ReverseProgram
@@ -29,7 +30,7 @@ from pyro_ddpm.schedule import Schedule, at
 
 
 @MODELS.register
-class ReverseProcess(ReverseProgram):
+class ReverseProcess(Configurable, ReverseProgram):
     """The generative model: a Markov chain from N(0, I) down to the data through eps_theta.
 
     :param eps: any ``nn.Module`` ``eps(x_t, t)`` with integer ``t`` in 1..T returning a tensor
@@ -42,6 +43,11 @@ class ReverseProcess(ReverseProgram):
     :param clip_denoised: centre the mean on the posterior mean at the prediction of x_0 clipped to
         [-1, 1] (the official evaluation's ``clip_denoised=True``); see :meth:`with_clipping`.
 
+    Its config is the constructor's arguments, with the variance and shape it resolved, other than the
+    network, schedule and likelihood it is built around (:attr:`built_around`) and ``clip_denoised``, a
+    choice made where the model is used (:attr:`chosen_at_use`):
+    ``Model.from_config(eps=..., schedule=..., likelihood=..., **model.config())`` rebuilds it.
+
     What the class declares, read by the trainer and the command line (nothing outside names a variant):
 
     - :attr:`variances`: the variance rules it implements, the first being the default;
@@ -50,6 +56,8 @@ class ReverseProcess(ReverseProgram):
     """
 
     family = "gaussian"
+    built_around = ("eps", "schedule", "likelihood")
+    chosen_at_use = ("clip_denoised",)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -87,16 +95,7 @@ class ReverseProcess(ReverseProgram):
         self.data = DataSpec(self.shape, int(getattr(self.likelihood, "levels", 0) or 0))
         self.clip_denoised = bool(clip_denoised)
         self.autocast = None  # e.g. torch.bfloat16: the network (only) runs under torch.autocast
-
-    # ------------------------------------------------------------------ self-description
-    def config(self) -> dict:
-        """Plain data that, with the network, schedule and likelihood, rebuilds this model (:meth:`from_config`)."""
-        return {"variance": self.variance, "shape": list(self.shape)}
-
-    @classmethod
-    def from_config(cls, *, eps: nn.Module, schedule, likelihood, **config) -> ReverseProcess:
-        """The model of :meth:`config` around the given network, schedule and likelihood."""
-        return cls(eps, schedule, likelihood=likelihood, **config)
+        self.record_config(variance=variance, shape=self.shape)
 
     @classmethod
     def output_channels(cls, data: DataSpec) -> int:

@@ -27,6 +27,7 @@ from pyro.distributions import Categorical, TorchDistribution, constraints
 from torch import nn
 
 from pyro_ddpm import grid, protocol
+from pyro_ddpm.config import Configurable
 from pyro_ddpm.likelihoods import check_images
 from pyro_ddpm.programs import ForwardProgram
 
@@ -126,12 +127,13 @@ class CategoricalSchedule(nn.Module, abc.ABC):
         return torch.logsumexp(log_p0.unsqueeze(-1) + floored_log(q), dim=-2)
 
 
-class CategoricalForwardProcess(ForwardProgram):
+class CategoricalForwardProcess(Configurable, ForwardProgram):
     """A forward process over the states of a :class:`CategoricalSchedule`, as a Pyro guide.
 
     The sites' values are state indices (long tensors); x_0 itself is given on the data grid. Its draws
     are inverse-CDF draws from standard uniform noise (:meth:`from_noise`): one uniform per element.
     A family's guide file subclasses this with its schedule class (``schedule_class``) and nothing else.
+    Its config is its constructor's arguments (``schedule`` is the masking schedule's name).
     """
 
     family = "categorical"
@@ -146,20 +148,9 @@ class CategoricalForwardProcess(ForwardProgram):
         self.schedule = self.schedule_class(alphas(schedule, T), levels, schedule)
         self.event_dim = event_dim
 
-    def config(self) -> dict:
-        return {
-            "T": self.T,
-            "levels": self.schedule.levels,
-            "schedule": self.schedule.name,
-            "event_dim": self.event_dim,
-        }
-
-    @classmethod
-    def from_config(cls, **config) -> CategoricalForwardProcess:
-        return cls(**config)
-
     @classmethod
     def from_spec(cls, T: int, spec: str, event_dim: int | None = None, levels: int = 2) -> CategoricalForwardProcess:
+        """T steps of the masking schedule named ``spec`` over K = ``levels`` levels."""
         return cls(T, levels, spec, event_dim)
 
     @classmethod

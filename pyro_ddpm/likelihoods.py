@@ -30,6 +30,7 @@ from torch.distributions import constraints
 from torch.distributions.utils import broadcast_all
 
 from pyro_ddpm import grid
+from pyro_ddpm.config import Configurable
 from pyro_ddpm.registry import LIKELIHOODS
 
 # A per-dimension log-probability floor. It is reached only for |x - mu| / sigma > ~1.4e5, where the
@@ -220,12 +221,12 @@ def _arguments(cls: type) -> list[str]:
     return [n for n, p in inspect.signature(cls.__init__).parameters.items() if n != "self" and p.kind in kinds]
 
 
-class Likelihood(abc.ABC):
+class Likelihood(Configurable, abc.ABC):
     """The base of every decoder p_theta(x_0 | x_1): a subclass defines :meth:`__call__` and its data kind.
 
     :attr:`levels` (K for data on the K-level grid of [-1, 1], 0 for continuous data) and :attr:`discrete`
     (whether ``log_prob`` is a log-mass) are class attributes or set by the constructor; the constructor's
-    arguments, stored under their own names, are the config.
+    arguments are the config (:class:`~pyro_ddpm.config.Configurable`: ``config()``, ``from_config(**config)``).
     """
 
     discrete: bool = True  # log_prob is a log-probability mass: -log p is a code length
@@ -238,14 +239,6 @@ class Likelihood(abc.ABC):
     def check(self, x: torch.Tensor, name: str = "x_0") -> None:
         """One ValueError unless ``x`` is data this decoder scores (finite; on the grid when it has levels)."""
         check_images(x, None if is_continuous(self.levels) else self.levels, name)
-
-    def config(self) -> dict:
-        """The constructor's arguments (plain data), read from the attributes of the same names."""
-        return {n: getattr(self, n) for n in _arguments(type(self))}
-
-    @classmethod
-    def from_config(cls, **config) -> Likelihood:
-        return cls(**config)
 
     @classmethod
     def for_data(cls, dataset) -> Likelihood:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pyro_ddpm.config import Configurable
 from pyro_ddpm.registry import NETWORKS
 
 
@@ -78,11 +79,12 @@ class AttnBlock(nn.Module):
 
 
 @NETWORKS.register(name="unet")
-class UNet(nn.Module):
+class UNet(Configurable, nn.Module):
     """The DDPM U-Net eps_theta(x_t, t) for images of shape (in_channels, resolution, resolution).
 
     ``out_channels`` (default ``in_channels``) sets the output's channels: twice the input's for a
     model that also predicts its variance (:class:`~pyro_ddpm.models.LearnedVarianceReverseProcess`).
+    ``config()`` is the constructor's arguments: ``UNet(**net.config())`` builds the same architecture.
     """
 
     def __init__(
@@ -101,17 +103,7 @@ class UNet(nn.Module):
         out_channels = in_channels if out_channels is None else int(out_channels)
         if out_channels < 1:
             raise ValueError(f"UNet: out_channels must be positive, got {out_channels}")
-        self._config = dict(
-            resolution=resolution,
-            in_channels=in_channels,
-            ch=ch,
-            ch_mult=tuple(ch_mult),
-            num_res_blocks=num_res_blocks,
-            attn_resolutions=tuple(attn_resolutions),
-            dropout=dropout,
-            groups=groups,
-            out_channels=out_channels,
-        )
+        self.record_config(out_channels=out_channels)
         self.shape = (in_channels, resolution, resolution)
         self.ch = ch
         temb_dim = 4 * ch
@@ -153,14 +145,6 @@ class UNet(nn.Module):
         self.norm_out = _norm(c, groups)
         self.conv_out = _zero(nn.Conv2d(c, out_channels, 3, padding=1))
 
-    def config(self) -> dict:
-        """The constructor arguments (plain data): ``UNet(**net.config())`` builds the same architecture."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in self._config.items()}
-
-    @classmethod
-    def from_config(cls, **config) -> UNet:
-        return cls(**config)
-
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         temb = self.temb(timestep_embedding(t, self.ch).to(x.dtype))
         hs = [self.conv_in(x)]
@@ -185,7 +169,7 @@ class UNet(nn.Module):
 
 
 @NETWORKS.register(name="mlp")
-class MLP(nn.Module):
+class MLP(Configurable, nn.Module):
     """eps_theta(x_t, t) for flat data of shape (dim,): residual MLP blocks with a time embedding.
 
     ``out_channels`` (default ``dim``) sets the output's size, as it does for :class:`UNet`: for flat
@@ -199,7 +183,7 @@ class MLP(nn.Module):
         out_dim = dim if out_channels is None else int(out_channels)
         if out_dim < 1:
             raise ValueError(f"MLP: out_channels must be positive, got {out_dim}")
-        self._config = dict(dim=dim, hidden=hidden, depth=depth, temb_dim=temb_dim, out_channels=out_dim)
+        self.record_config(out_channels=out_dim)
         self.shape = (dim,)
         self.temb_dim = temb_dim
         self.temb = nn.Sequential(nn.Linear(temb_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
@@ -209,14 +193,6 @@ class MLP(nn.Module):
         )
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, out_dim))
 
-    def config(self) -> dict:
-        """The constructor arguments (plain data)."""
-        return dict(self._config)
-
-    @classmethod
-    def from_config(cls, **config) -> MLP:
-        return cls(**config)
-
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         temb = self.temb(timestep_embedding(t, self.temb_dim).to(x.dtype))
         h = self.inp(x)
@@ -225,7 +201,7 @@ class MLP(nn.Module):
         return self.out(h)
 
 
-class EpsNetwork(nn.Module):
+class EpsNetwork(Configurable, nn.Module):
     """``eps(x_t, t)`` in the library's convention around any network or plain callable.
 
     An ``nn.Module`` even when the callable has no parameters, so that ``pyro.module`` (which needs
@@ -237,24 +213,35 @@ class EpsNetwork(nn.Module):
     :param zero_based: call ``fn(x, t - 1)`` (improved-diffusion, guided-diffusion, diffusers).
     :param time_scale: multiply the network's timestep by this (improved-diffusion's
         ``rescale_timesteps``: 1000 / T); 1 leaves it an integer.
-    :param dtype: the dtype the network is run in; default the dtype of its first floating-point
-        parameter, and for a network without parameters (a plain function) the dtype of its input.
+    :param dtype: the dtype the network is run in (a ``torch.dtype`` or its name, e.g. ``"float16"``);
+        default the dtype of its first floating-point parameter, and for a network without parameters
+        (a plain function) the dtype of its input.
     :param shape: the shape of one datum (read by ``ReverseProcess`` as ``eps.shape``).
 
     ``t`` may be a float tensor (the probability-flow ODE calls the network between the integers):
-    it is shifted and scaled the same way and passed on as a float.
+    it is shifted and scaled the same way and passed on as a float. The wrapped callable is what the
+    wrapper is built around: ``config()`` holds the other arguments (``dtype`` by name), and
+    ``EpsNetwork.from_config(fn=fn, **config)`` wraps a callable the same way.
     """
 
+    built_around = ("fn",)
+
     def __init__(
-        self, fn, zero_based: bool = False, time_scale: float = 1.0, dtype: torch.dtype | None = None, shape=None
+        self, fn, zero_based: bool = False, time_scale: float = 1.0, dtype: torch.dtype | str | None = None, shape=None
     ):
         super().__init__()
         if not callable(fn):
             raise ValueError(f"EpsNetwork: the network must be callable as fn(x_t, t), got {type(fn).__name__}")
+        if isinstance(dtype, str):
+            named = getattr(torch, dtype, None)
+            if not isinstance(named, torch.dtype):
+                raise ValueError(f"EpsNetwork: {dtype!r} names no torch dtype (e.g. 'float32', 'bfloat16')")
+            dtype = named
         self.fn = fn  # an nn.Module becomes a registered submodule; a plain function is a plain attribute
         self.zero_based = bool(zero_based)
         self.time_scale = float(time_scale)
         self._dtype = dtype
+        self.record_config(dtype=None if dtype is None else str(dtype).removeprefix("torch."))
         if shape is not None:
             self.shape = tuple(int(s) for s in shape)
 

@@ -3,8 +3,9 @@
 Every configurable piece of a run -- reverse-process model, forward-process guide, decoder
 (likelihood), network, timestep sampler -- is a class that describes itself: ``obj.config()`` returns
 plain data (numbers, strings, lists, dicts) and ``Class.from_config(**config)`` rebuilds it (models
-and guides take the objects they are built around, e.g. the network, as keyword arguments beside the
-config). A checkpoint stores ``{"class": NAME, "config": {...}}`` for each, nothing else.
+take the objects they are built around, e.g. the network, as keyword arguments beside the config).
+The shipped classes derive both from their constructor's arguments (:class:`pyro_ddpm.config.Configurable`).
+A checkpoint stores ``{"class": NAME, "config": {...}}`` for each, nothing else.
 
 ``NAME`` is resolved here, in one of two ways:
 
@@ -17,7 +18,8 @@ config). A checkpoint stores ``{"class": NAME, "config": {...}}`` for each, noth
   checkpoint can never make ``pyro-ddpm sample`` or ``evaluate`` import code by itself.
 
 Configs read from a file are checked against the class's own schema before anything is built
-(:func:`check_config`): plain data only, and only the keyword arguments ``from_config`` accepts.
+(:func:`check_config`): plain data only, only the keyword arguments ``from_config`` accepts, and none
+of the objects the class is built around.
 """
 
 from __future__ import annotations
@@ -207,10 +209,12 @@ def check_config(cls: type, config, *, reserved=(), what: str = "") -> dict:
     """``config`` checked against ``cls.from_config``'s keyword arguments (its schema) and returned.
 
     Plain data only (:func:`check_plain`); every key must be an argument of ``from_config`` (or, when
-    that takes ``**kwargs``, of ``__init__``); no key may shadow an object the caller passes (``reserved``).
+    that takes ``**kwargs``, of ``__init__``); no key may name an object: one the caller passes
+    (``reserved``) or one the class is built around (its ``built_around``).
     Floats must be finite where they stand alone (a NaN or inf hyper-parameter is refused).
     """
     what = what or cls.__name__
+    reserved = set(reserved) | set(getattr(cls, "built_around", ()))
     if not isinstance(config, dict):
         raise ValueError(f"{what}: its config must be a dict, got {_short(config)}")
     check_plain(config, what)

@@ -2,7 +2,7 @@
 
 Every training run draws its timesteps from a sampler object (:class:`UniformSampler` is Algorithm 1's
 uniform draw); each is registered (:data:`pyro_ddpm.registry.TIMESTEPS`: ``uniform``, ``importance``),
-describes itself with ``config()`` and keeps its state in buffers.
+describes itself with ``config()`` (its constructor's arguments) and keeps its state in buffers.
 
 The training form (:mod:`pyro_ddpm.protocol`) scores K (image, t) pairs per image under a plate that
 scales each by T/K, and scales pair (b, k) by ``weight[t_bk]``. Drawing t_k ~ p and weighting by
@@ -31,6 +31,7 @@ import abc
 import torch
 from torch import nn
 
+from pyro_ddpm.config import Configurable
 from pyro_ddpm.registry import TIMESTEPS
 
 
@@ -40,7 +41,7 @@ def _check_count(value, what: str, least: int = 1) -> int:
     return int(value)
 
 
-class TimestepSampler(nn.Module, abc.ABC):
+class TimestepSampler(Configurable, nn.Module, abc.ABC):
     """A proposal p_1..p_T over the timesteps 1..T, the weights 1/(T p_t) and draws from it.
 
     ``learns``: whether :meth:`update` changes the proposal (the trainer then feeds it each pair's loss).
@@ -132,13 +133,6 @@ class FixedProposal(TimestepSampler):
         """p_t = 1/T: Algorithm 1's draw, with weights 1."""
         return UniformSampler(T)
 
-    def config(self) -> dict:
-        return {"probs": [float(p) for p in self.p.tolist()]}
-
-    @classmethod
-    def from_config(cls, *, probs) -> FixedProposal:
-        return cls(probs)
-
     def probs(self) -> torch.Tensor:
         return self.p
 
@@ -150,13 +144,6 @@ class UniformSampler(FixedProposal):
     def __init__(self, T: int):
         T = _check_count(T, "T")
         super().__init__(torch.full((T,), 1.0 / T, dtype=torch.float64))
-
-    def config(self) -> dict:
-        return {"T": self.T}
-
-    @classmethod
-    def from_config(cls, *, T: int) -> UniformSampler:
-        return cls(T)
 
 
 @TIMESTEPS.register(name="importance")
@@ -182,13 +169,6 @@ class LossAwareSampler(TimestepSampler):
         self.uniform_fraction = float(uniform_fraction)
         self.register_buffer("history", torch.zeros(self.T, history, dtype=torch.float64))
         self.register_buffer("count", torch.zeros(self.T, dtype=torch.long))
-
-    def config(self) -> dict:
-        return {"T": self.T, "history": int(self.history.shape[1]), "uniform_fraction": self.uniform_fraction}
-
-    @classmethod
-    def from_config(cls, **config) -> LossAwareSampler:
-        return cls(**config)
 
     def warmed_up(self) -> bool:
         """Whether every timestep has a full history."""
