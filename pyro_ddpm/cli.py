@@ -13,6 +13,7 @@ import json
 import signal
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,13 +30,14 @@ from pyro_ddpm.files import atomic_write, check_directory, check_output_file
 from pyro_ddpm.importance_weighted import importance_weighted
 from pyro_ddpm.likelihoods import by_name
 from pyro_ddpm.ode import ode_likelihood
+from pyro_ddpm.options import one_of, option, optional, positive
 from pyro_ddpm.registry import LIKELIHOODS
 from pyro_ddpm.runtime import Interrupted, Terminated, check_device, torch_threads
 from pyro_ddpm.sample import SAMPLERS, sample, save_png
 from pyro_ddpm.train import RESUMABLE, TrainConfig, train
 
 DEFAULTS = TrainConfig()
-DEVICE_HELP = "cpu, cuda, cuda:N, or auto (default): CUDA when torch sees a GPU, else the CPU"
+DEVICE_HELP = "cpu, cuda, cuda:N, or auto: CUDA when torch sees a GPU, else the CPU"
 DOWNLOAD_HELP = (
     "fetch mnist / cifar10 into the data cache ($PYRO_DDPM_DATA, else ~/.cache/pyro-ddpm) first, MD5-checked "
     "(files already there are kept); without it nothing is downloaded"
@@ -253,18 +255,38 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+@dataclass
+class Sampling:
+    """The options of ``pyro-ddpm sample``: the flags are generated from these fields."""
+
+    n: int = option(64, "number of samples", check=positive)
+    sampler: str = option(
+        "ancestral",
+        "ancestral (Algorithm 2; respaced when --steps < T) or DDIM",
+        choices=SAMPLERS,
+        check=one_of(SAMPLERS),
+    )
+    steps: int | None = option(None, "network calls per image, 2..T (default T)", check=optional(positive))
+    eta: float = option(0.0, "DDIM's eta (0: deterministic given x_T)")
+    out: str | None = option(None, "PNG path (default RUN/samples.png)")
+    seed: int = option(0, "seed of the samples' noise")
+    device: str = option("auto", DEVICE_HELP)
+    progress: bool = option(True, "no progress bar")
+    threads: int | None = option(None, THREADS_HELP, check=optional(positive))
+
+
 def cmd_sample(args) -> int:
-    _positive("--n", args.n)
-    _positive("--steps", args.steps)
-    args.device = check_device(args.device)
+    o = Sampling(**options.given(args, Sampling))
+    options.check_all(o, as_flags=True)
+    device = check_device(o.device)
     state, run_dir = _load_run(args)
-    out = check_output_file(Path(args.out) if args.out else run_dir / "samples.png", "sample grid", create=False)
-    model, _ = state.build(device=args.device, trust_code=args.trust_code)
-    torch.manual_seed(args.seed)
-    x = sample(model, args.n, sampler=args.sampler, steps=args.steps, eta=args.eta, progress=not args.no_progress)
+    out = check_output_file(Path(o.out) if o.out else run_dir / "samples.png", "sample grid", create=False)
+    model, _ = state.build(device=device, trust_code=args.trust_code)
+    torch.manual_seed(o.seed)
+    x = sample(model, o.n, sampler=o.sampler, steps=o.steps, eta=o.eta, progress=o.progress)
     reference = datasets.load(state.data["name"]).test if x.dim() == 2 else None  # 2-D toys: registered names
     save_png(x, out, reference=reference)
-    print(f"{args.n} samples written to {out}")
+    print(f"{o.n} samples written to {out}")
     return 0
 
 
@@ -401,21 +423,8 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="ancestral sampling (Algorithm 2) or DDIM to a PNG")
     p.add_argument("run", help="run directory or checkpoint file")
-    p.add_argument("--n", type=int, default=64)
-    p.add_argument(
-        "--sampler",
-        default="ancestral",
-        choices=SAMPLERS,
-        help="ancestral (Algorithm 2; respaced when --steps < T) or DDIM",
-    )
-    p.add_argument("--steps", type=int, default=None, help="network calls per image, 2..T (default T)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic given x_T)")
-    p.add_argument("--out", default=None, help="PNG path (default RUN/samples.png)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--no-progress", action="store_true")
+    options.add_arguments(p, Sampling)
     _trust_arg(p)
-    _threads_arg(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("compare", help="train each arm and compare bounds, their split, sample scores and baselines")

@@ -129,11 +129,12 @@ def one_of(values):
     return checked
 
 
-def check_all(obj) -> None:
-    """Run every field's check on ``obj`` (a dataclass instance), in field order."""
+def check_all(obj, as_flags: bool = False) -> None:
+    """Run every field's check on ``obj`` (a dataclass instance), in field order; ``as_flags``: the error
+    names the field's flag (``--max-batch``), as a command's options do."""
     for f in dataclasses.fields(obj):
         if f.metadata.get("check") is not None:
-            f.metadata["check"](f.name, getattr(obj, f.name))
+            f.metadata["check"](flag_name(f) if as_flags else f.name, getattr(obj, f.name))
 
 
 def resumable(cls) -> tuple[str, ...]:
@@ -146,10 +147,24 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _kind(annotation) -> type:
-    """int, float, str, bool or dict: the type a field's annotation names (``X | None`` is X)."""
+def flag_name(f: dataclasses.Field) -> str:
+    """The flag of a field: its declared ``name``, else ``--field-name`` (``--no-name`` for a switch that is on
+    by default)."""
+    if f.metadata.get("name"):
+        return f.metadata["name"]
+    return "--no-" + flag(f.name)[2:] if f.default is True else flag(f.name)
+
+
+def _bare(annotation):
+    """``X`` for ``X | None``."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        return next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def _kind(annotation) -> type:
+    """int, float, str, bool, list or dict: the type a field's annotation names (``X | None`` is X)."""
+    annotation = _bare(annotation)
     return typing.get_origin(annotation) or annotation
 
 
@@ -194,10 +209,11 @@ def add_arguments(
             help_text = f"{help_text} ({default_text})"
         kwargs = {"dest": f.name, "default": NOT_GIVEN, "help": help_text.replace("%", "%%")}
         kind = _kind(hints[f.name])
-        name = meta.get("name") or flag(f.name)
+        name = flag_name(f)
         if kind is bool:  # a switch: --name sets True; a field that defaults to True is switched off by --no-name
             kwargs.update(action="store_const", const=not f.default)
-            name = name if not f.default else "--no-" + name[2:]
+        elif kind is list:  # one or more values
+            kwargs.update(nargs="+", type=typing.get_args(_bare(hints[f.name]))[0])
         elif kind is dict:
             kwargs.update(action="append", metavar=meta.get("metavar") or "KEY=VALUE")
             for key, (key_type, key_help) in meta.get("shortcuts", {}).items():
