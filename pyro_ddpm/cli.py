@@ -30,7 +30,7 @@ from pyro_ddpm.files import atomic_write, check_directory, check_output_file
 from pyro_ddpm.importance_weighted import importance_weighted
 from pyro_ddpm.likelihoods import by_name
 from pyro_ddpm.ode import ode_likelihood
-from pyro_ddpm.options import one_of, option, optional, positive
+from pyro_ddpm.options import at_least, one_of, option, optional, positive
 from pyro_ddpm.registry import LIKELIHOODS
 from pyro_ddpm.runtime import Interrupted, Terminated, check_device, torch_threads
 from pyro_ddpm.sample import SAMPLERS, sample, save_png
@@ -290,35 +290,68 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _default_arms_help() -> str:
+    base, _, default_arms = compare_config({})
+    return (
+        f"the arms to run (default for {base.data}: {' '.join(default_arms)}; each data set's default arms and all "
+        "arms: pyro_ddpm.presets)"
+    )
+
+
+def _samples_help() -> str:
+    data = TrainConfig.data
+    return (
+        f"samples per model for the sample scores (default for {data}: {default_samples(data)}; else the data "
+        f"set's, or {DEFAULT_SAMPLES})"
+    )
+
+
+@dataclass
+class Comparison:
+    """The options of ``pyro-ddpm compare`` beside the training settings: the flags are generated from these
+    fields."""
+
+    arms: list[str] | None = option(None, _default_arms_help)
+    seeds: list[int] = option(help="training seeds per arm (default 0)", factory=lambda: [0])
+    samples: int | None = option(None, _samples_help, check=optional(at_least(2, integer=True)))
+    vae: bool = option(True, "skip the Pyro VAE rows")
+    jobs: int | None = option(
+        None,
+        "runs trained side by side, one process each, then measured one after another with every thread "
+        "(default on the CPU: one per torch thread, or per --threads threads, at most one per run; 1 on a GPU)",
+        check=optional(positive),
+    )
+    limit: int | None = option(None, "evaluate only the first N test images", check=optional(positive))
+    max_batch: int = option(
+        1024,
+        "(image, timestep) pairs per network call (the results do not depend on it; on CPU 1024 evaluated the "
+        "digits 1.6x faster than 4096, a GPU may want more)",
+        check=positive,
+    )
+    draws: int = option(1, "noise draws per term", check=positive)
+
+
 def cmd_compare(args) -> int:
     """Train each arm from the same seed; report bound, its split, sample scores and the baselines."""
-    given = _given(args)
-    config, arms, default_arms = compare_config(given)
-    chosen = args.arms or list(default_arms)
+    o = Comparison(**options.given(args, Comparison))
+    options.check_all(o, as_flags=True)
+    config, arms, default_arms = compare_config(_given(args))
+    chosen = o.arms or list(default_arms)
     unknown = [a for a in chosen if a not in arms]
     if unknown:
         raise ValueError(f"unknown arms {unknown}; the arms of {config.data} are {sorted(arms)}")
     if args.download:
         datasets.fetch(config.data)
+    settings = dict(num_samples=o.samples, draws=o.draws, max_batch=o.max_batch, limit=o.limit, vae=o.vae, jobs=o.jobs)
     try:
         result = compare(
-            config,
-            args.out,
-            arms={a: arms[a] for a in chosen},
-            seeds=args.seeds,
-            num_samples=args.samples,
-            draws=args.draws,
-            max_batch=args.max_batch,
-            limit=args.limit,
-            progress=not args.no_progress,
-            vae=not args.no_vae,
-            jobs=args.jobs,
+            config, args.out, {a: arms[a] for a in chosen}, o.seeds, progress=not args.no_progress, **settings
         )
     except Interrupted as e:  # an arm's training stopped with its checkpoint: running the comparison again resumes it
         raise e.with_hint(
             "the same pyro-ddpm compare command (finished arms are kept, unfinished ones resume)"
         ) from None
-    runs = [Path(args.out) / (a if len(args.seeds) == 1 else f"{a}-seed{s}") for a in chosen for s in args.seeds]
+    runs = [Path(args.out) / (a if len(o.seeds) == 1 else f"{a}-seed{s}") for a in chosen for s in o.seeds]
     print("written: " + ", ".join(str(p) for p in result["paths"].values()))
     print(
         "runs (checkpoint.pt, metrics.jsonl, bound_test.nc/.json, samples.pt in each): "
@@ -429,32 +462,8 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="train each arm and compare bounds, their split, sample scores and baselines")
     _add_train_args(p, compare_mode=True)
-    _eval_args(p, standalone=False)
-    base, _, default_arms = compare_config({})
-    p.add_argument(
-        "--arms",
-        nargs="+",
-        default=None,
-        help=f"the arms to run (default for {base.data}: {' '.join(default_arms)}; each data set's "
-        "default arms and all arms: pyro_ddpm.presets)",
-    )
-    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds per arm (default 0)")
-    p.add_argument(
-        "--samples",
-        type=int,
-        default=None,
-        help=f"samples per model for the sample scores (default for {base.data}: {default_samples(base.data)}; "
-        f"else the data set's, or {DEFAULT_SAMPLES})",
-    )
-    p.add_argument("--no-vae", action="store_true", help="skip the Pyro VAE rows")
-    p.add_argument(
-        "--jobs",
-        type=int,
-        default=None,
-        help="runs trained side by side, one process each, then measured one after another with every thread "
-        "(default on the CPU: one per torch thread, or per --threads threads, at most one per run; 1 on a GPU)",
-    )
-    p.add_argument("--out", required=True)
+    options.add_arguments(p, Comparison)
+    p.add_argument("--out", required=True, help="the comparison's folder (a run directory per arm and seed)")
     p.set_defaults(func=cmd_compare)
     return ap
 

@@ -167,12 +167,14 @@ def test_example_script_quick_run(tmp_path):
 
 
 def test_the_main_command_defaults_to_the_digits_preset():
-    from pyro_ddpm.cli import _given, parser
+    from pyro_ddpm import options
+    from pyro_ddpm.cli import Comparison, _given, parser
     from pyro_ddpm.compare import compare_config
     from pyro_ddpm.presets import DATASETS
 
     args = parser().parse_args(["compare", "--out", "x"])
-    assert args.arms is None and not hasattr(args, "steps") and not hasattr(args, "lr")  # the preset's apply
+    assert Comparison(**options.given(args, Comparison)).arms is None
+    assert not hasattr(args, "steps") and not hasattr(args, "lr")  # not given: the preset's apply
     config, arms, default = compare_config(_given(args))
     assert config.data == "digits" and default == DATASETS["digits"]["compare"]["default_arms"]
     assert (config.steps, config.lr) == (

@@ -60,8 +60,9 @@ def test_the_default_is_auto_in_every_subcommand(gpu):
     assert {f.name: f.default for f in dataclasses.fields(TrainConfig)}["device"] == "auto"
     for command in ("evaluate", "sample"):
         args = cli.parser().parse_args([command, "run"])
-        assert args.device == "auto" and resolve_device(args.device) == "cuda"
+        assert getattr(args, "device", "auto") == "auto" and resolve_device("auto") == "cuda"  # not given: auto
         assert cli.parser().parse_args([command, "run", "--device", "cpu"]).device == "cpu"
+    assert cli.Sampling().device == "auto"
     args = cli.parser().parse_args(["train", "--out", "run"])
     assert not hasattr(args, "device")  # not given: TrainConfig's default applies
     assert TrainConfig(**cli._given(args)).device == "cuda"
