@@ -109,89 +109,123 @@ def bound(
     strip_steps = sorted({int(s) for s in (strip_steps or _strip_steps(T))}, reverse=True)
     if strip_steps[0] > T or strip_steps[-1] < 1:
         raise ValueError(f"strip_steps must lie in 1..T = 1..{T}, got {strip_steps}")
+    progressive = "progressive" in getattr(type(model), "capabilities", ())
+    terms = _Terms(draws, N, T, shape, strip_steps, progressive)
+    bar = tqdm(total=draws * N * T, desc="bound (image x t)", unit="term", disable=not progress, dynamic_ncols=True)
+    with _evaluating(model), bar:
+        for d, rows, steps in _chunks(draws, N, T, max_batch, x0.device):
+            x = x0[rows]
+            if noise is not None:
+                eps = noise[d, rows, steps.cpu() - 1]
+            else:
+                eps = image_noise(ids[rows], steps, T, shape, seed, d, guide.noise)
+            _score(model, guide, x, steps, eps.reshape(-1, *shape), terms, d, rows)
+            bar.update(x.shape[0] * len(steps))
+    return az.InferenceData(bound=terms.dataset(x0, ids, seed, model, guide))
+
+
+def _chunks(draws: int, N: int, T: int, max_batch: int, device):
+    """(draw, image rows, timesteps) of each network call: at most ``max_batch`` (image, timestep) pairs,
+    whole images' timesteps together when they fit (draw, then images, then timesteps)."""
     images_per_call = max(1, max_batch // T)
     steps_per_call = min(T, max_batch)
-    progressive = "progressive" in getattr(type(model), "capabilities", ())
-    elbo = TermwiseELBO()
-    L = torch.zeros(draws, N, T + 1, dtype=torch.float64)
-    nan = float("nan")  # progressive coding of a model that does not declare it: NaN distortion
-    sq_error = torch.full((draws, N, T), 0.0 if progressive else nan, dtype=torch.float64)
-    strip = torch.full((len(strip_steps), *shape), 0.0 if progressive else nan, dtype=torch.float64)
+    for d in range(draws):
+        for i in range(0, N, images_per_call):
+            rows = slice(i, min(i + images_per_call, N))
+            for t0 in range(1, T + 1, steps_per_call):
+                yield d, rows, torch.arange(t0, min(t0 + steps_per_call, T + 1), device=device)
+
+
+@contextlib.contextmanager
+def _evaluating(model):
+    """The model in eval mode, a non-finite network output one ValueError saying so; its mode restored after."""
     was_training = model.training
     model.eval()
-    bar = tqdm(total=draws * N * T, desc="bound (image x t)", unit="term", disable=not progress, dynamic_ncols=True)
-    guard = contextlib.ExitStack()  # a non-finite network output: one ValueError saying so
-    guard.enter_context(finite_network_outputs(model))
     try:
-        for d in range(draws):
-            for i in range(0, N, images_per_call):
-                x = x0[i : i + images_per_call]
-                rows = slice(i, i + x.shape[0])
-                for t0 in range(1, T + 1, steps_per_call):
-                    steps = torch.arange(t0, min(t0 + steps_per_call, T + 1), device=x.device)
-                    t = steps.expand(x.shape[0], -1)
-                    eps = (
-                        noise[d, rows, steps.cpu() - 1]
-                        if noise is not None
-                        else image_noise(ids[rows], steps, T, shape, seed, d, guide.noise)
-                    )
-                    eps = eps.reshape(-1, *shape)
-                    model_trace, guide_trace = elbo.traces(
-                        model.per_timestep,
-                        protocol.FixedNoise({protocol.X_t: eps}, guide.from_noise)(guide.per_timestep),
-                        x,
-                        t,
-                    )
-                    terms = elbo.terms_from_traces(model_trace, guide_trace)
-                    per_pair = terms[protocol.X_PREV].value + terms[protocol.X_0].value  # masked t>1 / t=1
-                    L[d, rows, steps.cpu() - 1] = per_pair.reshape(t.shape).double().cpu()
-                    if t0 == 1:
-                        L[d, rows, T] = terms[protocol.X_T].value.double().cpu()
-                    if progressive:
-                        x0_hat = _x0_hat(model, model_trace, guide_trace, t).reshape(*t.shape, *shape)
-                        err = ((x0_hat - x.double().unsqueeze(1)) * 127.5) ** 2
-                        sq_error[d, rows, steps.cpu() - 1] = err.flatten(2).mean(-1).cpu()
-                        if d == 0 and i == 0:
-                            for j, step in enumerate(strip_steps):
-                                if t0 <= step < t0 + len(steps):
-                                    strip[j] = x0_hat[0, step - t0].cpu()
-                    bar.update(t.numel())
+        with finite_network_outputs(model):
+            yield
     finally:
-        guard.close()
-        bar.close()
         model.train(was_training)
-    dims = int(np.prod(shape))
-    ds = xr.Dataset(
-        {
-            "L": (("draw", "image", "t"), L.numpy(), {"units": "nats", "description": "column t holds L_t (Eq. 5)"}),
-            "sq_error": (
-                ("draw", "image", "step"),
-                sq_error.numpy(),
-                {"description": "mean squared error of x0_hat on the 0..255 scale at reverse step"},
-            ),
-            "x0_hat_strip": (("strip_step",) + tuple(f"dim_{k}" for k in range(len(shape))), strip.numpy()),
-            "x0_strip": (tuple(f"dim_{k}" for k in range(len(shape))), x0[0].double().cpu().numpy()),
-        },
-        coords={
-            "draw": np.arange(draws),
-            "image": np.asarray(ids),
-            "t": np.arange(T + 1),
-            "step": np.arange(1, T + 1),
-            "strip_step": np.asarray(strip_steps),
-        },
-        attrs={
-            "T": T,
-            "dims": dims,
-            "draws": draws,
-            "seed": seed,
-            "likelihood": repr(model.likelihood),
-            "discrete": int(bool(getattr(model.likelihood, "discrete", True))),
-            "model": type(model).__name__,
-            "guide": type(guide).__name__,
-            "variance": getattr(model, "variance", ""),
-        },
-    )
-    return az.InferenceData(bound=ds)
+
+
+def _score(model, guide, x, steps, eps, terms: _Terms, d: int, rows: slice) -> None:
+    """The traced terms of images ``x`` at timesteps ``steps`` (the guide's x_t from the noise ``eps``) into
+    ``terms``, and with them progressive coding's prediction of x_0."""
+    t = steps.expand(x.shape[0], -1)
+    elbo = TermwiseELBO()
+    guide_program = protocol.FixedNoise({protocol.X_t: eps}, guide.from_noise)(guide.per_timestep)
+    model_trace, guide_trace = elbo.traces(model.per_timestep, guide_program, x, t)
+    traced = elbo.terms_from_traces(model_trace, guide_trace)
+    per_pair = traced[protocol.X_PREV].value + traced[protocol.X_0].value  # masked t>1 / t=1
+    terms.L[d, rows, steps.cpu() - 1] = per_pair.reshape(t.shape).double().cpu()
+    if int(steps[0]) == 1:
+        terms.L[d, rows, -1] = traced[protocol.X_T].value.double().cpu()
+    if terms.progressive:
+        x0_hat = _x0_hat(model, model_trace, guide_trace, t).reshape(*t.shape, *x.shape[1:])
+        terms.add_coding(d, rows, steps, x0_hat, x)
+
+
+class _Terms:
+    """The bound's values, filled chunk by chunk: ``L`` (draw, image, t = 0..T) in nats, ``sq_error`` (draw,
+    image, step 1..T) of x0_hat on the 0..255 scale and the first image's x0_hat at ``strip_steps``
+    (NaN for a model without progressive coding)."""
+
+    def __init__(self, draws: int, N: int, T: int, shape: tuple, strip_steps: list[int], progressive: bool):
+        fill = 0.0 if progressive else float("nan")
+        self.L = torch.zeros(draws, N, T + 1, dtype=torch.float64)
+        self.sq_error = torch.full((draws, N, T), fill, dtype=torch.float64)
+        self.strip = torch.full((len(strip_steps), *shape), fill, dtype=torch.float64)
+        self.strip_steps, self.progressive = strip_steps, progressive
+
+    def add_coding(self, d: int, rows: slice, steps: torch.Tensor, x0_hat: torch.Tensor, x: torch.Tensor) -> None:
+        """Progressive coding's distortion of images ``rows`` at ``steps``; the strip from the first image."""
+        err = ((x0_hat - x.double().unsqueeze(1)) * 127.5) ** 2
+        self.sq_error[d, rows, steps.cpu() - 1] = err.flatten(2).mean(-1).cpu()
+        if d == 0 and rows.start == 0:
+            t0 = int(steps[0])
+            for j, step in enumerate(self.strip_steps):
+                if t0 <= step < t0 + len(steps):
+                    self.strip[j] = x0_hat[0, step - t0].cpu()
+
+    def dataset(self, x0: torch.Tensor, ids: list[int], seed: int, model, guide) -> xr.Dataset:
+        """The ``bound`` group: the values with their coordinates and what produced them."""
+        draws, N, T1 = self.L.shape
+        shape = tuple(x0.shape[1:])
+        dims = tuple(f"dim_{k}" for k in range(len(shape)))
+        return xr.Dataset(
+            {
+                "L": (
+                    ("draw", "image", "t"),
+                    self.L.numpy(),
+                    {"units": "nats", "description": "column t holds L_t (Eq. 5)"},
+                ),
+                "sq_error": (
+                    ("draw", "image", "step"),
+                    self.sq_error.numpy(),
+                    {"description": "mean squared error of x0_hat on the 0..255 scale at reverse step"},
+                ),
+                "x0_hat_strip": (("strip_step",) + dims, self.strip.numpy()),
+                "x0_strip": (dims, x0[0].double().cpu().numpy()),
+            },
+            coords={
+                "draw": np.arange(draws),
+                "image": np.asarray(ids),
+                "t": np.arange(T1),
+                "step": np.arange(1, T1),
+                "strip_step": np.asarray(self.strip_steps),
+            },
+            attrs={
+                "T": T1 - 1,
+                "dims": int(np.prod(shape)),
+                "draws": draws,
+                "seed": seed,
+                "likelihood": repr(model.likelihood),
+                "discrete": int(bool(getattr(model.likelihood, "discrete", True))),
+                "model": type(model).__name__,
+                "guide": type(guide).__name__,
+                "variance": getattr(model, "variance", ""),
+            },
+        )
 
 
 def _check_finite_guide(guide) -> None:

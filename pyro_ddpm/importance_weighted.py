@@ -75,6 +75,30 @@ def importance_weighted(
         ``network_calls`` (T per traced chunk), ``seconds``; ``log_weights`` (N, K) if asked for.
     """
     start = time.perf_counter()
+    x0 = _checked_images(model, x0, particles, max_chains)
+    K, N = int(particles), x0.shape[0]
+    sums = _WeightSums(N, K, return_log_weights)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng():
+            for rows, k0, kc, chunk in _chunks(N, K, int(max_chains)):
+                torch.manual_seed(int(np.random.SeedSequence([int(seed), chunk]).generate_state(1)[0]))
+                x = x0[rows]
+                lw = log_weights(model, guide, x.repeat((kc,) + (1,) * (x.dim() - 1))).cpu().reshape(kc, x.shape[0])
+                sums.add(rows, k0, lw)
+    finally:
+        model.train(was_training)
+    out = sums.result(int(np.prod(x0.shape[1:])), bool(getattr(model.likelihood, "discrete", True)))
+    out.update(max_chains=int(max_chains), seed=seed, network_calls=model.T * sums.chunks)
+    if return_log_weights:
+        out["log_weights"] = sums.kept.numpy()
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+def _checked_images(model, x0: torch.Tensor, particles: int, max_chains: int) -> torch.Tensor:
+    """``x0`` on the model's grid (integer levels mapped) with the model's data shape, or one clear error."""
     if not x0.dtype.is_floating_point and hasattr(model.likelihood, "levels"):
         x0 = to_grid(x0, int(model.likelihood.levels)).to(model.device)
     if int(particles) < 1 or int(max_chains) < 1:
@@ -86,55 +110,54 @@ def importance_weighted(
             f"importance_weighted: x0 has shape {tuple(x0.shape)}, but the model's data shape is "
             f"(N, {', '.join(map(str, model.shape))})"
         )
-    K, N = int(particles), x0.shape[0]
-    D = int(np.prod(x0.shape[1:]))
-    per_call = min(K, int(max_chains))  # particles per traced chunk
-    images = max(1, int(max_chains) // per_call)  # images per traced chunk
-    lse = torch.full((N,), -math.inf, dtype=torch.float64)
-    lse2 = torch.full((N,), -math.inf, dtype=torch.float64)
-    mean_lw = torch.zeros(N, dtype=torch.float64)
-    kept = torch.zeros(N, K, dtype=torch.float64) if return_log_weights else None
-    calls, chunk = 0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), torch.random.fork_rng():
-            for i in range(0, N, images):
-                x = x0[i : i + images]
-                b = x.shape[0]
-                for k0 in range(0, K, per_call):
-                    kc = min(per_call, K - k0)
-                    torch.manual_seed(int(np.random.SeedSequence([int(seed), chunk]).generate_state(1)[0]))
-                    chunk += 1
-                    lw = log_weights(model, guide, x.repeat((kc,) + (1,) * (x.dim() - 1))).cpu().reshape(kc, b)
-                    calls += model.T
-                    rows = slice(i, i + b)
-                    lse[rows] = torch.logaddexp(lse[rows], torch.logsumexp(lw, 0))
-                    lse2[rows] = torch.logaddexp(lse2[rows], torch.logsumexp(2 * lw, 0))
-                    mean_lw[rows] += lw.sum(0) / K
-                    if kept is not None:
-                        kept[rows, k0 : k0 + kc] = lw.T
-    finally:
-        model.train(was_training)
-    nats = -(lse - math.log(K))
-    discrete = bool(getattr(model.likelihood, "discrete", True))
-    mean, se = stats.mean_se(stats.per_dim(nats, D, discrete))
-    out = {
-        "nats": nats.numpy(),
-        "elbo_nats": (-mean_lw).numpy(),
-        "ess": torch.exp(2 * lse - lse2).numpy(),
-        "discrete": discrete,
-        "unit": stats.unit(discrete),
-        stats.unit(discrete): mean,
-        "se": se,
-        "particles": K,
-        "images": N,
-        "dims": D,
-        "max_chains": int(max_chains),
-        "seed": seed,
-        "network_calls": calls,
-    }
-    if kept is not None:
-        out["log_weights"] = kept.numpy()
-    out["seconds"] = time.perf_counter() - start
-    return out
+    return x0
+
+
+def _chunks(N: int, K: int, max_chains: int):
+    """(image rows, first particle, particles, chunk number) of each traced chunk of at most ``max_chains``
+    chains: all K particles of as many images as fit, or an image's particles in parts."""
+    per_call = min(K, max_chains)  # particles per traced chunk
+    images = max(1, max_chains // per_call)  # images per traced chunk
+    chunk = 0
+    for i in range(0, N, images):
+        for k0 in range(0, K, per_call):
+            yield slice(i, min(i + images, N)), k0, min(per_call, K - k0), chunk
+            chunk += 1
+
+
+class _WeightSums:
+    """Running per-image sums over the K chains' log weights: log sum w, log sum w^2 and the mean of log w
+    (and every log w, when kept)."""
+
+    def __init__(self, N: int, K: int, keep: bool):
+        self.K, self.chunks = K, 0
+        self.lse = torch.full((N,), -math.inf, dtype=torch.float64)
+        self.lse2 = torch.full((N,), -math.inf, dtype=torch.float64)
+        self.mean_lw = torch.zeros(N, dtype=torch.float64)
+        self.kept = torch.zeros(N, K, dtype=torch.float64) if keep else None
+
+    def add(self, rows: slice, k0: int, lw: torch.Tensor) -> None:
+        """The log weights ``lw`` (particles, images) of particles k0.. of images ``rows``."""
+        self.lse[rows] = torch.logaddexp(self.lse[rows], torch.logsumexp(lw, 0))
+        self.lse2[rows] = torch.logaddexp(self.lse2[rows], torch.logsumexp(2 * lw, 0))
+        self.mean_lw[rows] += lw.sum(0) / self.K
+        if self.kept is not None:
+            self.kept[rows, k0 : k0 + lw.shape[0]] = lw.T
+        self.chunks += 1
+
+    def result(self, D: int, discrete: bool) -> dict:
+        """L_K per image (Eq. (2)), its mean in the bound's unit with the standard error, the K = 1 estimate, ESS."""
+        nats = -(self.lse - math.log(self.K))
+        mean, se = stats.mean_se(stats.per_dim(nats, D, discrete))
+        return {
+            "nats": nats.numpy(),
+            "elbo_nats": (-self.mean_lw).numpy(),
+            "ess": torch.exp(2 * self.lse - self.lse2).numpy(),
+            "discrete": discrete,
+            "unit": stats.unit(discrete),
+            stats.unit(discrete): mean,
+            "se": se,
+            "particles": self.K,
+            "images": len(nats),
+            "dims": D,
+        }

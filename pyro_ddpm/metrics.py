@@ -179,11 +179,7 @@ def fit_classifier(
     """
     if not name or any(c in name for c in "/\\:") or name.startswith("."):
         raise ValueError(f"fit_classifier: name {name!r} must be a plain file-name stem (it names the cache file)")
-    _check_labeled(train_x, train_y, f"{name} train")
-    _check_labeled(test_x, test_y, f"{name} test", shape=train_x.shape[1:])
-    classes = int(classes if classes is not None else int(torch.cat([train_y, test_y]).max()) + 1)
-    if int(train_y.min()) < 0 or int(torch.cat([train_y, test_y]).max()) >= classes:
-        raise ValueError(f"{name} labels must lie in 0..{classes - 1}")
+    classes = _checked_classes(train_x, train_y, test_x, test_y, name, classes)
     for key, value in (("epochs", epochs), ("batch_size", batch_size), ("width", width), ("feature_dim", feature_dim)):
         if int(value) < 1:
             raise ValueError(f"fit_classifier: {key} must be a positive integer, got {value}")
@@ -198,50 +194,72 @@ def fit_classifier(
         "classes": classes,
     }
     train_x, test_x = train_x.detach().float().cpu().contiguous(), test_x.detach().float().cpu().contiguous()
-    digest = hashlib.sha256(repr(sorted(settings.items())).encode())
-    for t in (train_x, train_y.cpu().contiguous()):
-        digest.update(str(tuple(t.shape)).encode())
-        digest.update(t.numpy().tobytes())
-    path = cache_root(cache_dir) / f"{name}-{digest.hexdigest()[:16]}.pt"
-
+    path = _cache_file(settings, train_x, train_y, name, cache_dir)
     with torch.random.fork_rng(devices=[]):  # the global RNG state is left as it was
         torch.manual_seed(seed)
         net = Classifier(train_x.shape[1:], classes, width, feature_dim)
     if cache and path.is_file():
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            net.load_state_dict(state["net"])
-            net.train_seconds, net.from_cache = float(state["train_seconds"]), True
-        except Exception as e:  # noqa: BLE001 - one clear message for any unreadable cache file
-            raise ValueError(f"cached classifier {path} is unreadable ({e}); delete it to retrain") from e
+        _load_classifier(net, path)
     else:
-        start = time.perf_counter()
-        with torch.random.fork_rng(devices=[]):
-            gen = torch.Generator().manual_seed(seed)
-            optim = torch.optim.Adam(net.parameters(), lr=lr)
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, epochs * math.ceil(len(train_x) / batch_size))
-            net.train()
-            for _ in range(epochs):
-                for idx in torch.randperm(len(train_x), generator=gen).split(batch_size):
-                    loss = F.cross_entropy(net(train_x[idx]), train_y[idx])
-                    optim.zero_grad()
-                    loss.backward()
-                    optim.step()
-                    sched.step()
-        net.train_seconds, net.from_cache = time.perf_counter() - start, False
+        _train_classifier(net, train_x, train_y, settings)
         if cache:
-            payload = {
-                "net": net.state_dict(),
-                "config": net.config(),
-                "settings": settings,
-                "train_seconds": net.train_seconds,
-            }
+            payload = {"net": net.state_dict(), "config": net.config(), "settings": settings}
+            payload["train_seconds"] = net.train_seconds
             atomic_write(path, lambda f: torch.save(payload, f))
     net.eval()
     net.cache_path = path if cache else None
     with torch.no_grad():
         net.accuracy = float((predict_proba(net, test_x).argmax(1) == test_y.numpy()).mean())
     return net
+
+
+def _checked_classes(train_x, train_y, test_x, test_y, name: str, classes: int | None) -> int:
+    """The number of classes (default: the largest label + 1), after checking both labeled splits."""
+    _check_labeled(train_x, train_y, f"{name} train")
+    _check_labeled(test_x, test_y, f"{name} test", shape=train_x.shape[1:])
+    classes = int(classes if classes is not None else int(torch.cat([train_y, test_y]).max()) + 1)
+    if int(train_y.min()) < 0 or int(torch.cat([train_y, test_y]).max()) >= classes:
+        raise ValueError(f"{name} labels must lie in 0..{classes - 1}")
+    return classes
+
+
+def _cache_file(settings: dict, train_x: torch.Tensor, train_y: torch.Tensor, name: str, cache_dir) -> Path:
+    """The cache file of a classifier: named by a hash of its settings and its training data."""
+    digest = hashlib.sha256(repr(sorted(settings.items())).encode())
+    for t in (train_x, train_y.cpu().contiguous()):
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.numpy().tobytes())
+    return cache_root(cache_dir) / f"{name}-{digest.hexdigest()[:16]}.pt"
+
+
+def _load_classifier(net: Classifier, path: Path) -> None:
+    """The cached weights into ``net`` (with its training time), or one error naming the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(state["net"])
+        net.train_seconds, net.from_cache = float(state["train_seconds"]), True
+    except Exception as e:  # noqa: BLE001 - one clear message for any unreadable cache file
+        raise ValueError(f"cached classifier {path} is unreadable ({e}); delete it to retrain") from e
+
+
+def _train_classifier(net: Classifier, train_x: torch.Tensor, train_y: torch.Tensor, settings: dict) -> None:
+    """Adam with a cosine learning-rate decay over ``settings["epochs"]`` epochs of minibatches in an order
+    drawn from ``settings["seed"]``; the global RNG is left as it was."""
+    start = time.perf_counter()
+    epochs, batch_size = settings["epochs"], settings["batch_size"]
+    with torch.random.fork_rng(devices=[]):
+        gen = torch.Generator().manual_seed(settings["seed"])
+        optim = torch.optim.Adam(net.parameters(), lr=settings["lr"])
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, epochs * math.ceil(len(train_x) / batch_size))
+        net.train()
+        for _ in range(epochs):
+            for idx in torch.randperm(len(train_x), generator=gen).split(batch_size):
+                loss = F.cross_entropy(net(train_x[idx]), train_y[idx])
+                optim.zero_grad()
+                loss.backward()
+                optim.step()
+                sched.step()
+    net.train_seconds, net.from_cache = time.perf_counter() - start, False
 
 
 def classifier(

@@ -47,6 +47,7 @@ standard error over images, and (several draws) the noise-only part, as :mod:`py
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
@@ -148,9 +149,9 @@ def _generator(seed: int, draw: int, image: int, stream: int) -> torch.Generator
     return torch.Generator().manual_seed(int(state))
 
 
-def _rk4(f, state, grid):
-    """Classic fourth-order Runge-Kutta on the fixed grid (4 evaluations per step); ``state`` is a tuple."""
-    for a, b in itertools.pairwise(grid):
+def _rk4(f, state, points):
+    """Classic fourth-order Runge-Kutta on the fixed grid ``points`` (4 evaluations per step); ``state`` is a tuple."""
+    for a, b in itertools.pairwise(points):
         h = b - a
 
         def add(s, k, c):
@@ -169,100 +170,173 @@ class _Counter:
         self.calls = self.backward = self.evaluations = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class ODEOptions:
+    """How :func:`ode_likelihood` and :func:`log_density` solve the ODE and estimate its divergence.
+
+    :param divergence: ``auto`` (exact up to :data:`EXACT_MAX_DIMS` dimensions, else Rademacher),
+        ``exact``, ``rademacher`` or ``gaussian`` (Hutchinson's estimator with ``probes`` probes per image).
+    :param draws: independent dequantization (and probe) draws per image.
+    :param method: ``rk4`` (this module's fixed grid of ``steps`` steps in rho) or a torchdiffeq method
+        (``dopri5``, ... with ``rtol``/``atol``; ``euler``/``midpoint`` with ``steps``).
+    :param t_min: the time at which the data enter (as x_{t_min}); 0 = the data themselves.
+    :param sigma_c: the integration grid's scale (default sigma_1, see the module docstring).
+    :param max_batch: images per solve. With ``rk4`` the results do not depend on it; adaptive methods
+        choose one step size per batch.
+    :param seed: seeds each image's dequantization noise and probes (with the draw and the image's id).
+    :param dtype: the solver's dtype (the network runs in its own parameters' dtype).
+    """
+
+    divergence: str = "auto"
+    probes: int = 1
+    draws: int = 1
+    method: str = "rk4"
+    steps: int = 100
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    t_min: float = 0.0
+    sigma_c: float | None = None
+    max_batch: int = 256
+    seed: int = 0
+    dtype: torch.dtype = torch.float64
+
+    def __post_init__(self):
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"ode: unknown divergence {self.divergence!r}; choose one of {DIVERGENCES}")
+        if self.draws < 1 or self.probes < 1 or self.max_batch < 1:
+            raise ValueError(
+                f"ode: draws, probes and max_batch must be positive, got {self.draws}, {self.probes}, {self.max_batch}"
+            )
+
+    @classmethod
+    def of(cls, options: ODEOptions | None, settings: dict) -> ODEOptions:
+        """``options`` (default: the defaults) with the fields named in ``settings`` replaced."""
+        unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TypeError(f"ode: unknown settings {unknown}; the options are the fields of ODEOptions")
+        return dataclasses.replace(options if options is not None else cls(), **settings)
+
+    def divergence_for(self, dims: int) -> str:
+        """The divergence estimator for data of ``dims`` dimensions (``auto`` resolved)."""
+        if self.divergence != "auto":
+            return self.divergence
+        return "exact" if dims <= EXACT_MAX_DIMS else "rademacher"
+
+    @property
+    def fixed_grid(self) -> bool:
+        """Whether the method takes ``steps`` (a fixed grid) rather than tolerances."""
+        return self.method in ("rk4", "euler", "midpoint")
+
+
+class _Flow:
+    """The right-hand side of Eq. (1) and of the log-density's change in rho, for one batch of B points of D
+    dimensions: ``flow(rho, (y, ell)) -> (dy/drho, d ell/drho)``."""
+
+    def __init__(self, net, cs: ContinuousSchedule, options: ODEOptions, x: torch.Tensor, probe_noise, counter):
+        self.net, self.cs, self.counter = net, cs, counter
+        self.dtype, self.device = options.dtype, x.device
+        self.net_dtype = _net_dtype(net, options.dtype)
+        self.B, self.D = x.shape[0], int(np.prod(x.shape[1:]))
+        self.sigma_T, self.sigma_min = cs.sigma_of_t(cs.T), cs.sigma_of_t(options.t_min)
+        self.sc = float(options.sigma_c) if options.sigma_c is not None else cs.sigma_of_t(1.0)
+        self.L = math.log1p(self.sigma_T / self.sc)
+        self.rho_min = math.log1p(self.sigma_min / self.sc) / self.L
+        self.probe_noise = probe_noise  # None: the exact divergence
+
+    def __call__(self, rho, state):
+        """(dy/drho, d ell/drho): Eq. (1) and the divergence, times dsigma/drho = L (sigma + sigma_c)."""
+        rho = float(rho)
+        sigma = self.sc * math.expm1(rho * self.L)
+        dsigma = self.L * (sigma + self.sc)
+        t = torch.full((self.B,), self.cs.t_of_sigma(sigma), dtype=self.net_dtype, device=self.device)
+        with torch.enable_grad():
+            y = state[0].detach().requires_grad_(True)
+            xin = (y / math.sqrt(1.0 + sigma * sigma)).to(self.net_dtype)
+            f = _eps_only(self.net(xin, t), xin).to(self.dtype)
+            self.counter.calls += 1
+            div = self._divergence(f.reshape(self.B, self.D), y)
+        self.counter.evaluations += 1
+        return f.detach() * dsigma, div.detach() * dsigma
+
+    def _divergence(self, flat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """div_y f per point: D backward passes (exact), or Hutchinson's z^T (df/dy) z averaged over the probes."""
+        B, D = self.B, self.D
+        div = torch.zeros(B, dtype=self.dtype, device=self.device)
+        if self.probe_noise is None:
+            for i in range(D):
+                g = torch.autograd.grad(flat[:, i].sum(), y, retain_graph=i < D - 1)[0]
+                div = div + g.reshape(B, D)[:, i]
+            self.counter.backward += D
+            return div
+        probes = self.probe_noise.shape[0]
+        for k in range(probes):
+            z = self.probe_noise[k]
+            g = torch.autograd.grad((flat * z).sum(), y, retain_graph=k < probes - 1)[0]
+            div = div + (g.reshape(B, D) * z).sum(1)
+        self.counter.backward += probes
+        return div / probes
+
+    def log_prior(self, y_T: torch.Tensor) -> torch.Tensor:
+        """log p_T(y_T): the prior N(0, I) of x_T = sqrt(abar_T) y_T, in y."""
+        var_T = 1.0 + self.sigma_T * self.sigma_T
+        D = self.D
+        return -0.5 * (y_T.reshape(self.B, D) ** 2).sum(1) / var_T - 0.5 * D * math.log(2 * math.pi * var_T)
+
+
+def _integrate(flow: _Flow, state, options: ODEOptions):
+    """The state (y, ell) carried from rho_min to 1 by ``options.method``."""
+    if options.method == "rk4":
+        if int(options.steps) < 1:
+            raise ValueError(f"ode: steps must be positive, got {options.steps}")
+        return _rk4(flow, state, np.linspace(flow.rho_min, 1.0, int(options.steps) + 1))
+    try:
+        from torchdiffeq import odeint
+    except ImportError as e:
+        raise ValueError(f'ode: method {options.method!r} needs torchdiffeq: pip install -e ".[ode]" ({e})') from None
+    span = torch.tensor([flow.rho_min, 1.0], dtype=options.dtype, device=flow.device)
+    step = {"step_size": (1.0 - flow.rho_min) / int(options.steps)} if options.method in ("euler", "midpoint") else None
+    sol = odeint(flow, state, span, method=options.method, rtol=options.rtol, atol=options.atol, options=step)
+    return sol[0][-1], sol[1][-1]
+
+
 def log_density(
     eps_or_model,
     x: torch.Tensor,
     schedule=None,
-    divergence: str = "exact",
-    probes: int = 1,
+    options: ODEOptions | None = None,
+    *,
     probe_noise: torch.Tensor | None = None,
-    method: str = "rk4",
-    steps: int = 100,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    t_min: float = 0.0,
-    sigma_c: float | None = None,
-    dtype: torch.dtype = torch.float64,
     counter: _Counter | None = None,
+    **settings,
 ) -> torch.Tensor:
     """log p(x) of the probability-flow model by Eq. (2) of the module docstring: a (B,) tensor, nats.
 
     :param x: points ``(B, *shape)``, any real values (a dequantized image, or continuous data).
-    :param divergence: ``exact``, ``rademacher`` or ``gaussian`` (Hutchinson; give ``probe_noise`` of
-        shape (probes, B, D) for a reproducible estimate, else the global RNG draws it).
-    :param method: ``rk4`` (this module's fixed grid of ``steps`` steps in rho) or a torchdiffeq
-        method (``dopri5``, ... with ``rtol``/``atol``; ``euler``/``midpoint`` with ``steps``).
-    :param t_min: the time at which the data enter (as x_{t_min}); 0 = the data themselves.
-    :param sigma_c: the grid's scale (default sigma_1).
+    :param options: an :class:`ODEOptions` (its ``divergence``, ``probes``, ``method``, ``steps``, ``rtol``,
+        ``atol``, ``t_min``, ``sigma_c`` and ``dtype`` apply); ``settings`` replace single fields, e.g.
+        ``log_density(eps, x, schedule, steps=50)``.
+    :param probe_noise: the Hutchinson probes, (probes, B, D), for a reproducible estimate; without it the
+        global RNG draws them.
     """
+    options = ODEOptions.of(options, settings)
     net, schedule, _ = _network(eps_or_model, schedule)
-    if divergence not in DIVERGENCES[1:]:
-        raise ValueError(f"ode: unknown divergence {divergence!r}; choose one of {DIVERGENCES[1:]}")
     cs = ContinuousSchedule(schedule)
-    if not 0.0 <= t_min < cs.T:
-        raise ValueError(f"ode: t_min must lie in [0, T) = [0, {cs.T}), got {t_min}")
-    counter = counter if counter is not None else _Counter()
-    net_dtype = _net_dtype(net, dtype)
+    if not 0.0 <= options.t_min < cs.T:
+        raise ValueError(f"ode: t_min must lie in [0, T) = [0, {cs.T}), got {options.t_min}")
     B, D = x.shape[0], int(np.prod(x.shape[1:]))
-    sigma_T, sigma_min = cs.sigma_of_t(cs.T), cs.sigma_of_t(t_min)
-    sc = float(sigma_c) if sigma_c is not None else cs.sigma_of_t(1.0)
-    L = math.log1p(sigma_T / sc)
-    rho_min = math.log1p(sigma_min / sc) / L
+    divergence = options.divergence_for(D)
     if divergence != "exact":
         if probe_noise is None:
-            z = torch.randn(probes, B, D, dtype=dtype, device=x.device)
+            z = torch.randn(options.probes, B, D, dtype=options.dtype, device=x.device)
             probe_noise = z.sign() if divergence == "rademacher" else z
-        probe_noise = probe_noise.to(dtype=dtype, device=x.device)
-
-    def field(rho, state):
-        """(dy/drho, d ell/drho): Eq. (1) and the divergence, times dsigma/drho = L (sigma + sigma_c)."""
-        rho = float(rho)
-        sigma = sc * math.expm1(rho * L)
-        dsigma = L * (sigma + sc)
-        t = torch.full((B,), cs.t_of_sigma(sigma), dtype=net_dtype, device=x.device)
-        with torch.enable_grad():
-            y = state[0].detach().requires_grad_(True)
-            xin = (y / math.sqrt(1.0 + sigma * sigma)).to(net_dtype)
-            f = _eps_only(net(xin, t), xin).to(dtype)
-            counter.calls += 1
-            flat = f.reshape(B, D)
-            if divergence == "exact":
-                div = torch.zeros(B, dtype=dtype, device=x.device)
-                for i in range(D):
-                    g = torch.autograd.grad(flat[:, i].sum(), y, retain_graph=i < D - 1)[0]
-                    div = div + g.reshape(B, D)[:, i]
-                counter.backward += D
-            else:
-                div = torch.zeros(B, dtype=dtype, device=x.device)
-                for k in range(probe_noise.shape[0]):
-                    z = probe_noise[k]
-                    g = torch.autograd.grad((flat * z).sum(), y, retain_graph=k < probe_noise.shape[0] - 1)[0]
-                    div = div + (g.reshape(B, D) * z).sum(1)
-                div = div / probe_noise.shape[0]
-                counter.backward += probe_noise.shape[0]
-        counter.evaluations += 1
-        return f.detach() * dsigma, div.detach() * dsigma
-
-    y0 = x.to(dtype) * math.sqrt(1.0 + sigma_min * sigma_min)
-    state = (y0, torch.zeros(B, dtype=dtype, device=x.device))
+        probe_noise = probe_noise.to(dtype=options.dtype, device=x.device)
+    else:
+        probe_noise = None
+    flow = _Flow(net, cs, options, x, probe_noise, counter if counter is not None else _Counter())
+    y0 = x.to(options.dtype) * math.sqrt(1.0 + flow.sigma_min * flow.sigma_min)
     with torch.no_grad():
-        if method == "rk4":
-            if int(steps) < 1:
-                raise ValueError(f"ode: steps must be positive, got {steps}")
-            grid = np.linspace(rho_min, 1.0, int(steps) + 1)
-            y_T, ell = _rk4(field, state, grid)
-        else:
-            try:
-                from torchdiffeq import odeint
-            except ImportError as e:
-                raise ValueError(f'ode: method {method!r} needs torchdiffeq: pip install -e ".[ode]" ({e})') from None
-            span = torch.tensor([rho_min, 1.0], dtype=dtype, device=x.device)
-            options = {"step_size": (1.0 - rho_min) / int(steps)} if method in ("euler", "midpoint") else None
-            sol = odeint(field, state, span, method=method, rtol=rtol, atol=atol, options=options)
-            y_T, ell = sol[0][-1], sol[1][-1]
-    var_T = 1.0 + sigma_T * sigma_T  # the prior N(0, I) of x_T = sqrt(abar_T) y_T, in y
-    log_prior = -0.5 * (y_T.reshape(B, D) ** 2).sum(1) / var_T - 0.5 * D * math.log(2 * math.pi * var_T)
-    return log_prior + ell + 0.5 * D * math.log1p(sigma_min * sigma_min)
+        y_T, ell = _integrate(flow, (y0, torch.zeros(B, dtype=options.dtype, device=x.device)), options)
+    return flow.log_prior(y_T) + ell + 0.5 * D * math.log1p(flow.sigma_min * flow.sigma_min)
 
 
 def ode_likelihood(
@@ -271,19 +345,9 @@ def ode_likelihood(
     schedule=None,
     levels="auto",
     dequantize: bool = True,
-    divergence: str = "auto",
-    probes: int = 1,
-    draws: int = 1,
-    method: str = "rk4",
-    steps: int = 100,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    t_min: float = 0.0,
-    sigma_c: float | None = None,
-    max_batch: int = 256,
-    seed: int = 0,
+    options: ODEOptions | None = None,
     image_ids=None,
-    dtype: torch.dtype = torch.float64,
+    **settings,
 ) -> dict:
     """The probability-flow likelihood of ``x0`` per image, with bits/dim and standard errors.
 
@@ -296,11 +360,9 @@ def ode_likelihood(
         ``levels`` (0 for a continuous decoder), 256 for a bare network.
     :param dequantize: uniform dequantization, Eq. (3) (an upper bound on the discrete NLL). Without
         it the value is -log p(x0) - D log Delta at the grid points: an approximation, not a bound.
-    :param divergence: ``auto`` (exact up to 16 dimensions, else Rademacher), ``exact``,
-        ``rademacher``, ``gaussian``; ``probes`` Hutchinson probes per image and draw.
-    :param draws: independent dequantization (and probe) draws per image.
-    :param max_batch: images per solve. With ``rk4`` the results do not depend on it; adaptive
-        methods choose one step size per batch.
+    :param options: an :class:`ODEOptions` (solver, divergence, draws, batching, seed, dtype); ``settings``
+        replace single fields, e.g. ``ode_likelihood(model, x0, steps=50, seed=1)``.
+    :param image_ids: identifiers seeding each image's noise (default 0..N-1).
     :returns: dict with ``nats`` (N,) per image (mean over draws; the bound (3) for discrete data,
         -log p for continuous), ``nats_draws`` (draws, N), ``log_density`` (draws, N) of the points
         scored, ``bits_per_dim`` (discrete) or ``nats_per_dim`` (continuous) with ``se`` (over images)
@@ -311,70 +373,88 @@ def ode_likelihood(
     if not torch.is_tensor(x0) or isinstance(schedule, torch.Tensor):
         raise ValueError("ode: call ode_likelihood(eps_or_model, x0, schedule=None, ...) with x0 an (N, *shape) tensor")
     net, schedule, shape = _network(eps_or_model, schedule)
+    levels = _levels(eps_or_model, levels)
+    x0 = _checked_points(x0, shape, levels)
+    options = ODEOptions.of(options, settings)
+    ids = list(range(x0.shape[0])) if image_ids is None else [int(i) for i in image_ids]
+    counter = _Counter()
+    logp = _log_densities(net, schedule, x0, ids, levels if dequantize else 0, options, counter)
+    out = _summary(logp, int(np.prod(x0.shape[1:])), levels, dequantize, counter)
+    out["settings"] = _settings(options, options.divergence_for(out["dims"]), levels, dequantize, schedule)
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+def _levels(eps_or_model, levels) -> int:
+    """K of the data (0 for continuous data), ``"auto"`` read off the model's decoder (256 for a bare network)."""
     if isinstance(levels, str):
         if levels != "auto":
             raise ValueError(f"ode: levels must be an integer K >= 2, 0/None (continuous) or 'auto', got {levels!r}")
         likelihood = getattr(eps_or_model, "likelihood", None)
         if likelihood is None:
-            levels = 256
-        else:
-            levels = int(getattr(likelihood, "levels", 256)) if getattr(likelihood, "discrete", True) else 0
+            return 256
+        return int(getattr(likelihood, "levels", 256)) if getattr(likelihood, "discrete", True) else 0
+    return 0 if levels is None else int(levels)
+
+
+def _checked_points(x0: torch.Tensor, shape, levels: int) -> torch.Tensor:
+    """``x0`` checked against the model's data shape and the grid (integer levels mapped onto it)."""
     if x0.dim() < 2:
         raise ValueError(f"ode: x0 must be (N, *shape), got shape {tuple(x0.shape)}")
     if shape is not None and tuple(x0.shape[1:]) != tuple(shape):
         raise ValueError(
             f"ode: x0 has shape {tuple(x0.shape)}, but the model's data shape is (N, {', '.join(map(str, shape))})"
         )
-    discrete = levels is not None and int(levels) != 0
-    if discrete and not x0.dtype.is_floating_point:
-        x0 = to_grid(x0, int(levels))
-    check_images(x0, int(levels) if discrete else None)
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"ode: unknown divergence {divergence!r}; choose one of {DIVERGENCES}")
-    if draws < 1 or probes < 1 or max_batch < 1:
-        raise ValueError(f"ode: draws, probes and max_batch must be positive, got {draws}, {probes}, {max_batch}")
+    if levels and not x0.dtype.is_floating_point:
+        x0 = to_grid(x0, levels)
+    check_images(x0, levels or None)
+    return x0
+
+
+def _log_densities(net, schedule, x0, ids, dequantize_levels: int, options: ODEOptions, counter) -> torch.Tensor:
+    """log p of every image and draw, (draws, N) float64: batches of ``max_batch`` images, each image's
+    dequantization noise (on a grid of ``dequantize_levels`` levels; 0: none) and probes from its own seeds."""
     N, D = x0.shape[0], int(np.prod(x0.shape[1:]))
-    div = divergence if divergence != "auto" else ("exact" if D <= EXACT_MAX_DIMS else "rademacher")
-    ids = list(range(N)) if image_ids is None else [int(i) for i in image_ids]
-    delta = grid.width(int(levels)) if discrete else None
-    counter = _Counter()
-    logp = torch.zeros(draws, N, dtype=torch.float64)
-    for d in range(draws):
-        for i in range(0, N, max_batch):
-            x = x0[i : i + max_batch].to(dtype)
+    divergence = options.divergence_for(D)
+    solve = dataclasses.replace(options, divergence=divergence)
+    logp = torch.zeros(options.draws, N, dtype=torch.float64)
+    for d in range(options.draws):
+        for i in range(0, N, options.max_batch):
+            x = x0[i : i + options.max_batch].to(options.dtype)
             rows = ids[i : i + x.shape[0]]
-            if discrete and dequantize:
-                u = torch.stack(
-                    [torch.rand(x.shape[1:], generator=_generator(seed, d, r, 0), dtype=dtype) for r in rows]
-                )
-                x = x + (u.to(x.device) - 0.5) * delta
-            noise = None
-            if div != "exact":
-                z = torch.stack(
-                    [torch.randn(probes, D, generator=_generator(seed, d, r, 1), dtype=dtype) for r in rows], 1
-                )
-                noise = z.sign() if div == "rademacher" else z
-            logp[d, i : i + x.shape[0]] = (
-                log_density(
-                    net,
-                    x,
-                    schedule,
-                    divergence=div,
-                    probes=probes,
-                    probe_noise=noise,
-                    method=method,
-                    steps=steps,
-                    rtol=rtol,
-                    atol=atol,
-                    t_min=t_min,
-                    sigma_c=sigma_c,
-                    dtype=dtype,
-                    counter=counter,
-                )
-                .double()
-                .cpu()
-            )
-    nats_draws = -logp - (D * math.log(delta) if discrete else 0.0)
+            if dequantize_levels:
+                x = x + (_uniform_noise(x, rows, d, options).to(x.device) - 0.5) * grid.width(dequantize_levels)
+            noise = _probes(rows, d, D, divergence, options)
+            density = log_density(net, x, schedule, solve, probe_noise=noise, counter=counter)
+            logp[d, i : i + x.shape[0]] = density.double().cpu()
+    return logp
+
+
+def _uniform_noise(x: torch.Tensor, rows, draw: int, options: ODEOptions) -> torch.Tensor:
+    """u ~ U[0, 1) per image of the batch ``x``, each from the generator of (seed, draw, image, 0)."""
+    return torch.stack(
+        [torch.rand(x.shape[1:], generator=_generator(options.seed, draw, r, 0), dtype=options.dtype) for r in rows]
+    )
+
+
+def _probes(rows, draw: int, D: int, divergence: str, options: ODEOptions) -> torch.Tensor | None:
+    """Hutchinson probes (probes, B, D) from the generators of (seed, draw, image, 1); None for the exact divergence."""
+    if divergence == "exact":
+        return None
+    z = torch.stack(
+        [
+            torch.randn(options.probes, D, generator=_generator(options.seed, draw, r, 1), dtype=options.dtype)
+            for r in rows
+        ],
+        1,
+    )
+    return z.sign() if divergence == "rademacher" else z
+
+
+def _summary(logp: torch.Tensor, D: int, levels: int, dequantize: bool, counter: _Counter) -> dict:
+    """Per-image nats (Eq. (3) for grid data), the mean in the bound's unit with its standard errors, the work."""
+    discrete = levels != 0
+    nats_draws = -logp - (D * math.log(grid.width(levels)) if discrete else 0.0)
     unit = stats.nats_per_unit(D, discrete)
     per_image = nats_draws.mean(0)
     mean, se = stats.mean_se(per_image / unit)
@@ -387,33 +467,36 @@ def ode_likelihood(
         "unit": stats.unit(discrete),
         stats.unit(discrete): mean,
         "se": se,
-        "images": N,
+        "images": logp.shape[1],
         "dims": D,
         "network_calls": counter.calls,
         "backward_passes": counter.backward,
         "function_evaluations": counter.evaluations,
     }
-    if draws > 1:
+    if logp.shape[0] > 1:
         out["se_noise"] = stats.noise_se(nats_draws / unit)
+    return out
+
+
+def _settings(options: ODEOptions, divergence: str, levels: int, dequantize: bool, schedule) -> dict:
+    """What the result was computed with, as stored beside it."""
     cs = ContinuousSchedule(schedule)
-    out["settings"] = {
-        "method": method,
-        "steps": int(steps) if method in ("rk4", "euler", "midpoint") else None,
-        "rtol": rtol if method not in ("rk4", "euler", "midpoint") else None,
-        "atol": atol if method not in ("rk4", "euler", "midpoint") else None,
-        "divergence": div,
-        "probes": probes if div != "exact" else None,
-        "draws": draws,
-        "levels": int(levels) if discrete else 0,
-        "dequantize": bool(discrete and dequantize),
-        "t_min": float(t_min),
+    return {
+        "method": options.method,
+        "steps": int(options.steps) if options.fixed_grid else None,
+        "rtol": options.rtol if not options.fixed_grid else None,
+        "atol": options.atol if not options.fixed_grid else None,
+        "divergence": divergence,
+        "probes": options.probes if divergence != "exact" else None,
+        "draws": options.draws,
+        "levels": levels,
+        "dequantize": bool(levels and dequantize),
+        "t_min": float(options.t_min),
         "T": cs.T,
         "sigma_T": cs.sigma_of_t(cs.T),
-        "sigma_c": float(sigma_c) if sigma_c is not None else cs.sigma_of_t(1.0),
+        "sigma_c": float(options.sigma_c) if options.sigma_c is not None else cs.sigma_of_t(1.0),
         "prior": "p(x_T) = N(0, I) (the model's)",
-        "dtype": str(dtype).replace("torch.", ""),
-        "seed": seed,
-        "max_batch": max_batch,
+        "dtype": str(options.dtype).replace("torch.", ""),
+        "seed": options.seed,
+        "max_batch": options.max_batch,
     }
-    out["seconds"] = time.perf_counter() - start
-    return out
