@@ -1,4 +1,5 @@
-"""Networks: the paper's CIFAR-10 U-Net size, presets' shapes, and one network call per training step."""
+"""Networks: the paper's CIFAR-10 U-Net size, presets' shapes, one network call per training step, and the
+callable wrapper's description."""
 
 import pyro
 import pytest
@@ -10,7 +11,7 @@ from pyro_ddpm.elbo import objective
 from pyro_ddpm.guides import ForwardProcess
 from pyro_ddpm.likelihoods import DiscretizedGaussianLikelihood
 from pyro_ddpm.models import ReverseProcess
-from pyro_ddpm.nets import MLP, UNet, build_network, network_config, timestep_embedding
+from pyro_ddpm.nets import MLP, EpsNetwork, UNet, build_network, network_config, timestep_embedding
 from pyro_ddpm.presets import NETWORKS as PRESETS
 from pyro_ddpm.schedule import Schedule
 
@@ -27,6 +28,22 @@ def test_presets_map_inputs_to_outputs_of_the_same_shape(preset):
     x = torch.randn(3, *net.shape)
     assert net(x, torch.tensor([1, 500, 1000])).shape == x.shape
     assert build_network(network_config(net)).config() == net.config()
+
+
+def test_the_wrapper_describes_itself_without_the_callable_and_names_its_dtype():
+    def fn(x, t):
+        return x * t[:, None]
+
+    wrapped = EpsNetwork(fn, zero_based=True, time_scale=0.5, dtype=torch.float64, shape=(2,))
+    config = wrapped.config()
+    assert config == {"zero_based": True, "time_scale": 0.5, "dtype": "float64", "shape": [2]}
+    again = EpsNetwork.from_config(fn=fn, **config)
+    x, t = torch.ones(2, 2), torch.tensor([1, 3])
+    # (t - 1) * 0.5 in float64, the output cast back to the input's dtype
+    torch.testing.assert_close(again(x, t), torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
+    assert again.dtype is torch.float64 and again.shape == (2,) and again.config() == config
+    with pytest.raises(ValueError, match="'float65' names no torch dtype"):
+        EpsNetwork(fn, dtype="float65")
 
 
 def test_zero_initialized_output_and_time_dependence():
