@@ -33,6 +33,8 @@ Two refinements, both written in the class itself:
 
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
 
 import numpy as np
@@ -58,12 +60,18 @@ def snapshot(value):
     return value
 
 
+@functools.cache
+def _signature(init) -> inspect.Signature:
+    """A constructor's signature, read once per constructor (objects are made often, e.g. decoders)."""
+    return inspect.signature(init)
+
+
 def _bind(cls: type, args: tuple, kwargs: dict) -> dict | None:
     """The named arguments of the call ``cls(*args, **kwargs)``, defaults filled in, ``**kwargs`` merged,
-    ``built_around`` left out, values snapshotted; None when the call does not fit the constructor (then
-    the constructor refuses it itself, or the object is being copied or unpickled and gets its record
-    with the rest of its state)."""
-    signature = inspect.signature(cls.__init__)
+    ``built_around`` and ``chosen_at_use`` left out, values snapshotted; None when the call does not fit
+    the constructor (then the constructor refuses it itself, or the object is being copied or unpickled
+    and gets its record with the rest of its state)."""
+    signature = _signature(cls.__init__)
     try:
         bound = signature.bind(None, *args, **kwargs)
     except TypeError:
@@ -152,7 +160,7 @@ class Configurable:
                     "not plain data: list it in built_around if whoever rebuilds the object passes it in, or store "
                     "it as data in an override of config() and from_config()"
                 ) from None
-        return arguments
+        return copy.deepcopy(arguments)  # plain data: the caller may change it without changing the record
 
     @classmethod
     def from_config(cls, **config):

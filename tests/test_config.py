@@ -153,6 +153,8 @@ def test_resolved_defaults_are_recorded():
     assert net.config() == {"dim": 2, "hidden": 128, "depth": 3, "temb_dim": 64, "out_channels": 2}
     model = ReverseProcess(net, Schedule.linear(4, 0.01, 0.2))
     assert model.config() == {"variance": "large", "shape": [2]}  # the first variance rule, the network's shape
+    model.config()["shape"].append(3)  # a config is the caller's to change: the record is not
+    assert model.config() == {"variance": "large", "shape": [2]}
     learned = LearnedVarianceReverseProcess(MLP(dim=2, out_channels=4), Schedule.linear(4, 0.01, 0.2))
     assert learned.config() == {"variance": "learned", "shape": [2]}
     unet = UNet(4, in_channels=1, ch=4, ch_mult=(1,), attn_resolutions=(), groups=4)
