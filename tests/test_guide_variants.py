@@ -1,9 +1,10 @@
 """Guide variants: fixed schedules, the learned (VDM-style) schedule, importance-sampled timesteps.
 
 Every forward-process variant goes through one parametrized suite (per-term values against the
-closed forms of conftest.py, unbiasedness of the training form, sampling shapes and ranges, bad
-input). Expected betas are recomputed independently: the paper's and Nichol and Dhariwal's formulas
-from conftest.py, and the learned schedule's gamma network re-evaluated in plain Python floats.
+closed forms of conftest.py, its rebuild from its stored description, unbiasedness of the training
+form, sampling shapes and ranges, bad input). Expected betas are recomputed independently: the
+paper's and Nichol and Dhariwal's formulas from conftest.py, and the learned schedule's gamma network
+re-evaluated in plain Python floats.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pyro_ddpm.guides import (
 from pyro_ddpm.likelihoods import DiscretizedGaussianLikelihood
 from pyro_ddpm.models import ReverseProcess
 from pyro_ddpm.nets import MLP
+from pyro_ddpm.registry import GUIDES as REGISTERED
 from pyro_ddpm.schedule import Schedule
 from pyro_ddpm.timesteps import FixedProposal, LossAwareSampler
 
@@ -232,6 +234,17 @@ def test_chain_terms_are_the_closed_form_kls(name, variance, ref):
     c = ref.constants(GUIDES[name][1](ref, guide))
     for site, value in reference_chain_terms(c, net, variance, ref, np_(x0), xs).items():
         np.testing.assert_allclose(np_(terms[site].value), value, rtol=1e-8, atol=1e-11, err_msg=site)
+
+
+@pytest.mark.parametrize("name", list(GUIDES))
+def test_every_guide_rebuilds_from_its_description(name, ref):
+    guide = GUIDES[name][0]()
+    stored = REGISTERED.describe(guide)
+    again = REGISTERED.build(stored)
+    again.load_state_dict(guide.state_dict())  # a learned schedule's values travel in the state dict
+    assert type(again) is type(guide) and again.event_dim == guide.event_dim
+    np.testing.assert_allclose(np_(again.schedule.betas), GUIDES[name][1](ref, guide), rtol=1e-10, atol=0)
+    assert REGISTERED.describe(again) == stored
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine", "user-config", "learned"])

@@ -3,7 +3,8 @@
 Every expected number is recomputed in numpy/scipy float64 from the beta array (conftest.py's
 references); the networks are called directly, never through the model. Each variant goes through the
 same suite: per-term values against closed forms, equality with the eps model for the same implied
-mean, training form against chain form, unbiasedness, sampling, bad input.
+mean, training form against chain form, unbiasedness, sampling, bad input, the rebuild from its stored
+description.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pyro_ddpm.models.learned_variance import HYBRID_LAMBDA
 from pyro_ddpm.nets import MLP, UNet, build_network, network_config
 from pyro_ddpm.presets import NETWORKS as PRESETS
 from pyro_ddpm.protocol import DataSpec
+from pyro_ddpm.registry import MODELS
 from pyro_ddpm.schedule import Schedule
 
 pytestmark = [
@@ -551,6 +553,21 @@ def test_ancestral_sampling(variant, likelihood, net):
 
 
 # ------------------------------------------------------------------------ f. networks
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_each_variant_rebuilds_from_its_description(variant, ref):
+    cls, variance, kind = VARIANTS[variant]
+    model, _, net, c = make(variant, "user", ref=ref)
+    stored = MODELS.describe(model)
+    assert stored == {"class": cls.__name__, "config": {"variance": variance, "shape": [3]}}
+    again = MODELS.build(stored, eps=net, schedule=model.schedule, likelihood=model.likelihood)
+    x, t = 0.7 * grid_data(4, (3,), 17, seed=1), torch.tensor([1, 2, 3, 5])
+    with torch.no_grad():
+        loc, scale = again.transition(x, t)
+    mu, var = transition_np(c, kind, variance, call(net, x, t), np_(x), t.numpy())
+    np.testing.assert_allclose(np_(loc), mu, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(np_(scale) ** 2, var, rtol=1e-10, atol=0)
+
+
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_network_config_of_each_class(preset):
     data = DataSpec((3,) if PRESETS[preset]["kind"] == "mlp" else (1, 8, 8), levels=17)
