@@ -34,6 +34,7 @@ from pyro.distributions.util import scale_and_mask
 from pyro.infer import TraceMeanField_ELBO
 from pyro.infer.enum import get_importance_trace
 from pyro.infer.util import is_validation_enabled, torch_item
+from pyro.poutine.util import site_is_subsample
 from pyro.util import check_if_enumerated, warn_if_nan
 from torch.distributions import kl_divergence
 
@@ -58,35 +59,51 @@ class TermwiseELBO(TraceMeanField_ELBO):
 
     Subclassed because Pyro's ELBOs return only the total, while a diffusion model is read term by
     term (L_T, each L_{t-1}, L_0; rate against distortion). It overrides only the public entry points
-    ``loss`` and ``loss_and_grads``, and takes the traces as Pyro's ELBOs do, with Pyro's public
-    ``get_importance_trace`` (model replayed against the guide, log-probs and score parts computed) and
-    ``check_if_enumerated``. Per site it applies ``TraceMeanField_ELBO``'s rule: the analytic
+    ``loss`` and ``loss_and_grads``. Per site it applies ``TraceMeanField_ELBO``'s rule: the analytic
     KL(guide || model) scaled and masked as the guide site is for a latent site, falling back to
     log q - log p (the guide's entropy term) where no KL is registered; -log p, scaled and masked as
     the model site is, for an observed site or ``pyro.factor``; -log q for an auxiliary guide site.
-    ``sum(value * scale)`` over all terms is the loss of one particle; under Pyro's validation every
-    call checks that sum against Pyro's own ``TraceMeanField_ELBO`` loss of the same traces.
+    ``sum(value * scale)`` over all terms is the loss of one particle.
+
+    The traces are taken as Pyro's ELBOs take them (the guide traced, the model replayed against it).
+    Under Pyro's validation that is Pyro's public ``get_importance_trace`` with its checks (sites of the
+    model and guide match, site shapes against the plates, no enumerated site, no NaN log-probability),
+    and every call also checks the terms' sum against Pyro's own ``TraceMeanField_ELBO`` loss of the same
+    traces. Without validation only what the terms read is computed: a latent site's KL, not the
+    log-probabilities of both programs at every site (a log-probability where a term needs one).
 
     :meth:`loss_and_grads` (what ``SVI.step`` calls) keeps the last particle's terms, detached, in
     ``last_terms``: the trainer reads each pair's term from it (for importance sampling and logs)
     without tracing the programs again.
 
     :param max_plate_nesting: the programs of :mod:`pyro_ddpm.protocol` nest one plate.
+    :param register_once: run the programs' module registrations (:func:`pyro_ddpm.protocol.register`)
+        under one :class:`~pyro_ddpm.protocol.RegisterOnce` for the life of this ELBO: parameters become
+        ``param`` sites on the first step only. For ``SVI`` with an optimizer that keeps stepping every
+        parameter it was once given (:class:`~pyro_ddpm.optim.JointOptimizer`, as the trainer's).
     """
 
     last_terms: dict | None = None
 
-    def __init__(self, num_particles: int = 1, max_plate_nesting: int = 1, **kwargs):
+    def __init__(self, num_particles: int = 1, max_plate_nesting: int = 1, register_once: bool = False, **kwargs):
         super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting, **kwargs)
+        self.registration = protocol.RegisterOnce() if register_once else None
 
     def traces(self, model, guide, *args, **kwargs):
-        """The model and guide traces of one particle, as Pyro's ELBOs take them."""
+        """The model and guide traces of one particle, as Pyro's ELBOs take them (see the class docstring)."""
+        if self.registration is not None:
+            model, guide = self.registration(model), self.registration(guide)
         try:
-            model_trace, guide_trace = get_importance_trace("flat", self.max_plate_nesting, model, guide, args, kwargs)
+            if is_validation_enabled():
+                model_trace, guide_trace = get_importance_trace(
+                    "flat", self.max_plate_nesting, model, guide, args, kwargs
+                )
+                check_if_enumerated(guide_trace)
+            else:
+                guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+                model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
         except ValueError as e:  # Pyro re-raises with its table of trace shapes appended: the cause names the problem
             raise ValueError(unwrap(e)) from None
-        if is_validation_enabled():
-            check_if_enumerated(guide_trace)
         return model_trace, guide_trace
 
     def loss(self, model, guide, *args, **kwargs) -> float:
@@ -121,41 +138,48 @@ class TermwiseELBO(TraceMeanField_ELBO):
         return terms
 
     def terms_from_traces(self, model_trace, guide_trace) -> dict[str, Term]:
+        """Each sample site's term (see the class docstring); sites masked out entirely give none."""
         out = {}
         for name, site in model_trace.nodes.items():
-            if site["type"] != "sample":
+            if site["type"] != "sample" or site_is_subsample(site):
                 continue
             plates = tuple(f.name for f in site["cond_indep_stack"])
             if site["is_observed"]:
                 mask, scale = site["mask"], site["scale"]
-                log_p = site.get("unscaled_log_prob")  # computed by the trace already
-                value = -(log_p if log_p is not None else site["fn"].log_prob(site["value"]))
+                if mask is False:
+                    continue
+                value = -log_prob(site)
             else:
                 guide_site = guide_trace.nodes[name]
                 mask, scale = guide_site["mask"], guide_site["scale"]
-                if not guide_site["fn"].has_rsample and guide_site["unscaled_log_prob"].requires_grad:
+                if not guide_site["fn"].has_rsample and log_prob(guide_site).requires_grad:
                     raise ValueError(
                         f"guide site {name!r} is not reparameterizable but depends on parameters: its "
                         "gradient would be wrong (a discrete guide must have no parameters)"
                     )
+                if mask is False:
+                    continue
                 try:
                     value = kl_divergence(guide_site["fn"], site["fn"])
                 except NotImplementedError:  # no analytic KL: the Monte-Carlo term, as Pyro falls back to
-                    value = guide_site["unscaled_log_prob"] - site["unscaled_log_prob"]
-            if mask is False:
-                continue
+                    value = log_prob(guide_site) - log_prob(site)
             out[name] = Term(scale_and_mask(value, 1.0, mask), scale, plates)
         for name, site in guide_trace.nodes.items():  # auxiliary guide sites: -entropy term
-            if site["type"] == "sample" and name not in model_trace.nodes:
+            if site["type"] == "sample" and name not in model_trace.nodes and not site_is_subsample(site):
                 plates = tuple(f.name for f in site["cond_indep_stack"])
                 if site["mask"] is not False:
-                    out[name] = Term(
-                        scale_and_mask(site["unscaled_log_prob"], 1.0, site["mask"]), site["scale"], plates
-                    )
+                    out[name] = Term(scale_and_mask(log_prob(site), 1.0, site["mask"]), site["scale"], plates)
         return out
 
     def loss_from_terms(self, terms: dict[str, Term]) -> torch.Tensor:
         return sum((term.value * term.scale).sum() for term in terms.values())
+
+
+def log_prob(site) -> torch.Tensor:
+    """The site's unscaled, unmasked log-probability: the one its trace computed, else computed once here."""
+    if "unscaled_log_prob" not in site:
+        site["unscaled_log_prob"] = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+    return site["unscaled_log_prob"]
 
 
 def unwrap(error: BaseException) -> str:

@@ -165,7 +165,7 @@ class ForwardProgram(Complete, nn.Module, abc.ABC):
         model, built around the same schedule object, follows."""
         schedule = getattr(self, "schedule", None)
         if isinstance(schedule, nn.Module) and next(schedule.parameters(), None) is not None:
-            pyro.module("schedule", schedule)
+            protocol.register("schedule", schedule)
 
     def _event(self, d, x0):
         return d.to_event(self.event_dim if self.event_dim is not None else x0.dim() - 1)
@@ -203,7 +203,8 @@ class ReverseProgram(Complete, nn.Module, abc.ABC):
     """A reverse process p_theta(x_{0:T}) as a Pyro model, defined by :meth:`p_xT`, :meth:`p_prev` and
     :meth:`p_x0` around one network output :meth:`network_output`.
 
-    A subclass holds its network as ``self.eps`` (registered with ``pyro.module("eps", ...)``), the data
+    A subclass holds its network as ``self.eps`` (registered with :func:`~pyro_ddpm.protocol.register`, which
+    is ``pyro.module("eps", ...)`` unless the trainer has registered it already), the data
     shape as ``self.shape``, and defines the four methods, :attr:`T` and :meth:`check_data`.
 
     What the class declares for the rest of the package:
@@ -299,7 +300,7 @@ class ReverseProgram(Complete, nn.Module, abc.ABC):
         With ``x0=None`` this is Algorithm 2 (ancestral sampling) of ``num_images`` data; the returned
         x_0 is an exact draw of the decoder.
         """
-        pyro.module("eps", self.eps)
+        protocol.register("eps", self.eps)
         num_images, like = self.chain_start(x0, num_images)
         with pyro.plate(protocol.IMAGES, num_images):
             x = pyro.sample(protocol.chain_site(self.T), self._event(self.p_xT(num_images, like)))
@@ -315,7 +316,7 @@ class ReverseProgram(Complete, nn.Module, abc.ABC):
     def begin_per_timestep(self, x0: torch.Tensor, t: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
         """What every training form starts with: the network registered, the input checked, the site
         ``x_T`` (L_T, per image); returns B and the pairs (x_0 repeated per timestep, flat t)."""
-        pyro.module("eps", self.eps)
+        protocol.register("eps", self.eps)
         self.check_data(x0, t)
         B = x0.shape[0]
         with pyro.plate(protocol.IMAGES, B):

@@ -56,7 +56,9 @@ from typing import NamedTuple
 import pyro
 import torch
 from pyro import poutine
+from pyro.params import param_with_module_name
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import effectful
 
 
 class DataSpec(NamedTuple):
@@ -172,6 +174,48 @@ def elementwise(fn):
     while hasattr(fn, "base_dist"):
         fn = fn.base_dist
     return fn
+
+
+def register(name: str, module: torch.nn.Module) -> torch.nn.Module:
+    """``pyro.module(name, module)`` as an effect of its own: how the programs register their networks.
+
+    With no handler that answers it, it is ``pyro.module`` itself: each parameter becomes a ``param``
+    site that ``SVI`` collects for its optimizer. :class:`RegisterOnce` runs it the first time only.
+    """
+    return _register(name, module, name=name)
+
+
+@effectful(type="register")
+def _register(name: str, module: torch.nn.Module) -> torch.nn.Module:
+    return pyro.module(name, module)
+
+
+class RegisterOnce(Messenger):
+    """Run each module's :func:`register` the first time this handler sees it, and answer later calls
+    with the module itself (no ``param`` sites then).
+
+    Registration walks every parameter through every handler of the step (about 144 ``param`` sites
+    for the digits U-Net, each recorded by the traces), which is what it costs to say again what Pyro
+    already holds. A module is registered again when the parameter store no longer holds it (e.g. after
+    ``pyro.clear_param_store()``).
+
+    Only for an optimizer that keeps stepping every parameter it was once given
+    (:class:`~pyro_ddpm.optim.JointOptimizer`): after the first step ``SVI`` collects no parameters from
+    the programs and hands the optimizer an empty set.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.registered: dict[str, tuple[torch.nn.Module, str | None]] = {}
+
+    def _pyro_register(self, msg) -> None:
+        name, module = msg["args"]
+        seen = self.registered.get(name)
+        if seen is not None and seen[0] is module and (seen[1] is None or seen[1] in pyro.get_param_store()):
+            msg["value"], msg["done"], msg["stop"] = module, True, True
+            return
+        first = next((n for n, p in module.named_parameters() if p.requires_grad), None)
+        self.registered[name] = (module, None if first is None else param_with_module_name(name, first))
 
 
 class FixedNoise(Messenger):
