@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pyro_ddpm import evaluate, grid
+from pyro_ddpm import grid
 from pyro_ddpm.guides import ForwardProcess
 from pyro_ddpm.likelihoods import check_images, default_likelihood
 from pyro_ddpm.models import LearnedVarianceReverseProcess, ReverseProcess
@@ -279,6 +279,8 @@ def bound_of(source, images, levels: int = 256, draws: int = 1, max_batch: int =
     pipeline folder. ``images`` are integer levels (uint8) or floats on the grid (:func:`to_grid`);
     ``kwargs`` go to :func:`pyro_ddpm.evaluate.bound`.
     """
+    from pyro_ddpm import evaluate  # it imports this module (to evaluate diffusers pipelines)
+
     if isinstance(source, (str, Path)):
         model, guide = from_diffusers_pipeline(source, levels=levels)
     else:

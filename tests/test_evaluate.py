@@ -1,6 +1,8 @@
 """The evaluator: traced terms equal the chain's, chunking does not matter, variants plug in."""
 
+import json
 import math
+import re
 
 import numpy as np
 import pyro
@@ -233,3 +235,154 @@ def test_a_guide_with_non_finite_weights_is_named_in_one_line():
     ) as e:
         bound(model, guide, data.load("digits").test[:2].double())
     assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- evaluating a run
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from pyro_ddpm.cli import main
+
+    out = tmp_path_factory.mktemp("evaluate_run") / "digits"
+    argv = ["train", "--data", "digits", "--steps", "4", "--T", "10", "--ch", "8", "--batch-size", "16"]
+    assert main([*argv, "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+@pytest.fixture
+def digits_run(trained, float64):
+    """A short digits run, evaluated as the command does: with torch's default dtype float32 (a checkpoint's
+    network is built in the default dtype, the data sets are float32)."""
+    torch.set_default_dtype(torch.float32)
+    return trained
+
+
+def test_evaluate_run_writes_the_bound_and_estimates_of_the_same_images(digits_run, tmp_path):
+    from pyro_ddpm import checkpoint
+    from pyro_ddpm.evaluate import Evaluation, evaluate_run
+    from pyro_ddpm.importance_weighted import importance_weighted
+    from pyro_ddpm.ode import ode_likelihood
+
+    out = tmp_path / "ev"
+    options = Evaluation(limit=5, seed=2, ode=True, ode_steps=4, particles=2, out=str(out), progress=False)
+    report = evaluate_run(digits_run, options)
+    # the same images and noise, by the library's pieces; the bound's total and s.e. from L by hand
+    model, guide = checkpoint.load(digits_run).build()
+    x = data.load("digits").test[:5]
+    L = bound(model, guide, x, seed=2).bound["L"].values[0]  # (images, T + 1), nats
+    per_image = L.sum(1) / (64 * math.log(2))
+    total = report.summary["total"]
+    assert total["bits_per_dim"] == pytest.approx(per_image.mean(), rel=1e-12)
+    assert total["se"] == pytest.approx(per_image.std(ddof=1) / math.sqrt(5), rel=1e-10)
+    assert total["nats_per_image"] == pytest.approx(L.sum(1).mean(), rel=1e-12)
+    ode = report.estimates["probability-flow ODE"]
+    iw = report.estimates["importance-weighted, K = 2"]
+    assert ode["bits_per_dim"] == pytest.approx(ode_likelihood(model, x, steps=4, seed=2)["bits_per_dim"], rel=1e-12)
+    want_iw = importance_weighted(model, guide, x, particles=2, seed=2)
+    assert iw["bits_per_dim"] == pytest.approx(want_iw["bits_per_dim"], rel=1e-12)
+    # what it says it wrote is what is there, the summary as JSON
+    written = {p.name for p in out.iterdir()}
+    assert (
+        written
+        == {p.name for p in report.paths.values()}
+        == {
+            "bound_test.nc",
+            "bound_test.json",
+            "ode_test.json",
+            "iw_test.json",
+            "bound_test_terms.png",
+            "bound_test_rate_distortion.png",
+            "bound_test_strip.png",
+        }
+    )
+    stored = json.loads((out / "bound_test.json").read_text())
+    assert stored["total"]["bits_per_dim"] == total["bits_per_dim"] and stored["step"] == 4
+    assert json.loads((out / "iw_test.json").read_text())["nats"] == pytest.approx(list(iw["nats"]), rel=1e-15)
+
+
+def test_format_report_prints_what_was_evaluated_the_table_and_the_files(digits_run, tmp_path):
+    from pyro_ddpm.evaluate import Evaluation, evaluate_run, format_report
+
+    out = tmp_path / "ev"
+    options = Evaluation(limit=3, particles=2, draws=2, figures=False, split="train", out=str(out), progress=False)
+    report = evaluate_run(digits_run, options)
+    lines = format_report(report).splitlines()
+    assert lines[0] == (
+        "digits train split, ReverseProcess, objective elbo, step 4; "
+        "decoder DiscretizedGaussianLikelihood(levels=17), clip_denoised=False"
+    )
+    assert lines[1].split() == ["term", "bits/dim", "+-", "s.e.", "(noise)", "nats/image", "+-", "s.e."]
+    L = report.idata.bound["L"].values  # (draws, images, T + 1)
+    per_image = L.sum(-1).mean(0) / (64 * math.log(2))
+    assert lines[2].split()[:3] == ["total", f"{per_image.mean():.5f}", f"{per_image.std(ddof=1) / math.sqrt(3):.5f}"]
+    assert "(3 images x 2 noise draw(s), D = 64, T = 10)" in lines
+    iw = report.estimates["importance-weighted, K = 2"]
+    assert re.fullmatch(
+        rf"importance-weighted, K = 2 +{iw['bits_per_dim']:.5f} +{iw['se']:.5f} bits/dim  \(\d+\.\d s\)",
+        lines[lines.index("other estimators on the same images (mean, s.e. over images):") + 1],
+    )
+    assert lines[-1] == f"written: {out / 'bound_train.nc'}, {out / 'bound_train.json'}, {out / 'iw_train.json'}"
+    assert sorted(p.name for p in out.iterdir()) == ["bound_train.json", "bound_train.nc", "iw_train.json"]
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"limit": 0}, "--limit must be a positive number of images, got 0"),
+        ({"max_batch": 0}, "--max-batch must be a positive integer, got 0"),
+        ({"draws": -1}, "--draws must be a positive integer, got -1"),
+        ({"particles": 0}, "--particles must be a positive integer, got 0"),
+        ({"ode_steps": 0}, "--ode-steps must be a positive integer, got 0"),
+        ({"divergence": "hutch"}, "unknown --divergence 'hutch'; choose one of"),
+        ({"split": "valid"}, "unknown --split 'valid'; choose one of \\['train', 'test'\\]"),
+        ({"T": 20}, "schedule mismatch: the checkpoint has T = 10, --T asked 20"),
+        ({"data": "swiss_roll"}, "shape \\(2,\\), the checkpoint was trained on shape \\(1, 8, 8\\)"),
+        ({"diffusers": "somewhere"}, "give a run directory \\(or checkpoint\\) or --diffusers DIR, not both"),
+    ],
+)
+def test_bad_options_are_one_error_before_anything_is_written(digits_run, tmp_path, settings, message):
+    from pyro_ddpm.evaluate import Evaluation, evaluate_run
+
+    with pytest.raises(ValueError, match=message):
+        evaluate_run(digits_run, Evaluation(out=str(tmp_path / "ev"), progress=False, **settings))
+    assert not (tmp_path / "ev").exists()
+
+
+def test_neither_a_run_nor_a_pipeline_is_refused():
+    from pyro_ddpm.evaluate import Evaluation, evaluate_run
+
+    with pytest.raises(ValueError, match="give a run directory"):
+        evaluate_run(None, Evaluation())
+    with pytest.raises(ValueError, match="--data"):
+        evaluate_run(None, Evaluation(diffusers="somewhere"))
+
+
+def test_the_command_line_flags_are_the_fields():
+    """The flags generated from Evaluation: names, switches, choices and defaults as the command has them."""
+    import argparse
+
+    from pyro_ddpm import options
+    from pyro_ddpm.evaluate import Evaluation
+
+    parser = argparse.ArgumentParser()
+    options.add_arguments(parser, Evaluation)
+    argv = ["--no-figures", "--no-progress", "--clip-denoised", "--ode", "--ode-steps", "7", "--T", "10"]
+    argv += ["--max-batch", "64", "--split", "train", "--divergence", "exact", "--diffusers", "pipe", "--seed", "5"]
+    given = options.given(parser.parse_args(argv), Evaluation)
+    assert Evaluation(**given) == Evaluation(
+        figures=False,
+        progress=False,
+        clip_denoised=True,
+        ode=True,
+        ode_steps=7,
+        T=10,
+        max_batch=64,
+        split="train",
+        divergence="exact",
+        diffusers="pipe",
+        seed=5,
+    )
+    assert options.given(parser.parse_args([]), Evaluation) == {}
+    text = " ".join(parser.format_help().split())
+    assert "--diffusers DIR" in text and "--ode-method ODE_METHOD" in text and "(default 1024)" in text
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--split", "valid"])
