@@ -3,7 +3,8 @@
 Mean and standard error. A per-image quantity v_1..v_n (a bound, a likelihood) is reported as its mean
 and the standard error std(ddof=1) / sqrt(n) of that mean (NaN for a single image: no spread to
 estimate); with several independent noise draws per image, the part of it the draws contribute is
-sqrt(sum_i var_draws(v_i) / draws) / n. Torch tensors are reduced by torch, numpy arrays by numpy.
+sqrt(sum_i var_draws(v_i) / draws) / n. Torch tensors are reduced by torch, numpy arrays by numpy, a list of
+floats by Python's sum in its order (each gives the float its callers have always reported).
 
 Units. A code length in nats per datum becomes bits/dim by dividing by D ln 2 (D the dimensions of one
 datum). The negative log of a *density* (continuous data) is no code length: it is reported in nats/dim,
@@ -21,12 +22,16 @@ LN2 = math.log(2)
 
 
 def mean_se(values):
-    """(mean, standard error of the mean) over the first axis (images) of ``values``, a tensor or an array.
+    """(mean, standard error of the mean) over the first axis (images) of ``values``: a tensor, an array or a
+    list of floats.
 
     One-dimensional values give two floats; several columns give two arrays (tensors), one entry per
     column. The s.e. is NaN for a single image.
     """
     n = len(values)
+    if isinstance(values, list):
+        mean = sum(values) / n
+        return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else math.nan
     if torch.is_tensor(values):
         if values.dim() == 1:
             return float(values.mean()), float(values.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.nan

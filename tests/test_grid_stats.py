@@ -114,6 +114,20 @@ def test_mean_se_matches_numpy_and_scipy():
     assert se == pytest.approx(scipy_stats.sem(v, ddof=1), rel=1e-12)
 
 
+def test_mean_se_of_a_list_is_the_written_out_sum_in_order():
+    values = [0.1 * k + 1 / (k + 3) for k in range(23)]
+    mean = 0.0
+    for v in values:
+        mean += v
+    mean /= len(values)
+    square = 0.0
+    for v in values:
+        square += (v - mean) ** 2
+    assert stats.mean_se(values) == (mean, math.sqrt(square / (len(values) - 1) / len(values)))
+    assert stats.mean_se(values) == pytest.approx(stats.mean_se(np.array(values)), rel=1e-14)
+    assert stats.mean_se([4.0])[0] == 4.0 and math.isnan(stats.mean_se([4.0])[1])
+
+
 def test_mean_se_of_a_tensor_equals_the_arrays():
     v = torch.linspace(-2.0, 5.0, 31, dtype=torch.float64) ** 2
     mean, se = stats.mean_se(v)
