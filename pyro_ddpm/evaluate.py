@@ -30,6 +30,11 @@ Standard errors: over images, std / sqrt(N) of the per-image values (each averag
 with several draws, the noise-only part sqrt(sum_i var_draws(i) / draws) / N as well. Draws and
 images are independent, so these are the Monte-Carlo standard errors ArviZ's ``mcse`` estimates for
 correlated chains, computed exactly.
+
+Evaluating a run. :func:`evaluate_run` is what ``pyro-ddpm evaluate`` runs: it loads a run (or a saved
+diffusers pipeline), computes the bound on a data split and, when asked, the probability-flow ODE and
+importance-weighted estimates on the same images, and writes them; its options are the fields of
+:class:`Evaluation` (the command's flags are generated from them), :func:`format_report` the printed table.
 """
 
 from __future__ import annotations
