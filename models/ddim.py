@@ -104,7 +104,7 @@ class DDIM(nn.Module):
     def chain(self, x0: torch.Tensor | None = None, num_images: int | None = None) -> torch.Tensor:
         """x_T ~ N(0, I), the DDIM steps down to x_{tau_1}, then x_0 from the decoder (see the module docstring)."""
         model = self.model
-        pyro.module("eps", model.eps)
+        protocol.register("eps", model.eps)
         num_images, like = model.chain_start(x0, num_images)
         with pyro.plate(protocol.IMAGES, num_images):
             x = pyro.sample(protocol.chain_site(self.T), model.prior(num_images, like))

@@ -89,10 +89,15 @@ class TermwiseELBO(TraceMeanField_ELBO):
         super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting, **kwargs)
         self.registration = protocol.RegisterOnce() if register_once else None
 
+    def registered(self, model, guide):
+        """The model and the guide, each under this ELBO's :class:`~pyro_ddpm.protocol.RegisterOnce` if it has one."""
+        if self.registration is None:
+            return model, guide
+        return self.registration(model), self.registration(guide)
+
     def traces(self, model, guide, *args, **kwargs):
         """The model and guide traces of one particle, as Pyro's ELBOs take them (see the class docstring)."""
-        if self.registration is not None:
-            model, guide = self.registration(model), self.registration(guide)
+        model, guide = self.registered(model, guide)
         try:
             if is_validation_enabled():
                 model_trace, guide_trace = get_importance_trace(
@@ -134,6 +139,7 @@ class TermwiseELBO(TraceMeanField_ELBO):
         model_trace, guide_trace = self.traces(model, guide, *args, **kwargs)
         terms = self.terms_from_traces(model_trace, guide_trace)
         if is_validation_enabled():
+            model, guide = self.registered(model, guide)
             check_against_pyro(terms, model, guide, guide_trace, args, kwargs, self.max_plate_nesting)
         return terms
 
