@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import io
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -346,6 +347,19 @@ def resolve(path: str | os.PathLike) -> Path:
     if not path.is_file():
         raise ValueError(f"no checkpoint at {path} (expected a file or a run directory holding {FILENAME})")
     return path
+
+
+def load_run(run: str | os.PathLike) -> tuple[TrainState, Path]:
+    """A run's checkpoint (the run directory or the file) and the run's folder; a run that has not finished
+    training (still training, or interrupted) is said on stderr."""
+    state = TrainState.load(run)
+    if not state.finished:
+        print(
+            f"pyro-ddpm: note: {resolve(run)} is at step {state.step} of {state.config['steps']}: the run is "
+            "not finished (still training, or interrupted)",
+            file=sys.stderr,
+        )
+    return state, Path(run) if Path(run).is_dir() else Path(run).parent
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import signal
 import sys
 import threading
@@ -20,36 +19,15 @@ import torch
 
 from pyro_ddpm import data as datasets
 from pyro_ddpm import options, presets
-from pyro_ddpm.adapters import from_diffusers_pipeline
-from pyro_ddpm.checkpoint import FILENAME, TrainState, resolve
+from pyro_ddpm.checkpoint import FILENAME, TrainState, load_run
 from pyro_ddpm.compare import DEFAULT_SAMPLES, compare, compare_config, default_samples
 from pyro_ddpm.elbo import unwrap
-from pyro_ddpm.evaluate import bound, format_summary, save, summarize
-from pyro_ddpm.figures import save_all
-from pyro_ddpm.files import atomic_write, check_directory, check_output_file
-from pyro_ddpm.importance_weighted import importance_weighted
-from pyro_ddpm.likelihoods import by_name
-from pyro_ddpm.ode import ode_likelihood
+from pyro_ddpm.evaluate import Evaluation, evaluate_run, format_report
+from pyro_ddpm.files import check_output_file
 from pyro_ddpm.options import at_least, one_of, option, optional, positive
-from pyro_ddpm.registry import LIKELIHOODS
-from pyro_ddpm.runtime import Interrupted, Terminated, check_device, torch_threads
+from pyro_ddpm.runtime import DEVICE_HELP, THREADS_HELP, Interrupted, Terminated, check_device, torch_threads
 from pyro_ddpm.sample import SAMPLERS, sample, save_png
 from pyro_ddpm.train import RESUMABLE, TrainConfig, train
-
-DEFAULTS = TrainConfig()
-DEVICE_HELP = "cpu, cuda, cuda:N, or auto: CUDA when torch sees a GPU, else the CPU"
-DOWNLOAD_HELP = (
-    "fetch mnist / cifar10 into the data cache ($PYRO_DDPM_DATA, else ~/.cache/pyro-ddpm) first, MD5-checked "
-    "(files already there are kept); without it nothing is downloaded"
-)
-THREADS_HELP = (
-    "torch threads (default: $OMP_NUM_THREADS when set, 1 under pytest-xdist, else torch's choice); "
-    "two jobs side by side on N cores: --threads N/2 each"
-)
-
-
-def _names(registry) -> str:
-    return ", ".join(registry.names())
 
 
 def _add_train_args(p: argparse.ArgumentParser, compare_mode: bool = False) -> None:
@@ -70,7 +48,7 @@ def _add_train_args(p: argparse.ArgumentParser, compare_mode: bool = False) -> N
         return None
 
     options.add_arguments(p, TrainConfig, defaults=defaults, note=note, skip=("objective",) if compare_mode else ())
-    p.add_argument("--download", action="store_true", help=DOWNLOAD_HELP)
+    p.add_argument("--download", action="store_true", help=datasets.DOWNLOAD_HELP)
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -108,150 +86,9 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _load_run(args) -> tuple[TrainState, Path]:
-    state = TrainState.load(args.run)
-    if not state.finished:
-        print(
-            f"pyro-ddpm: note: {resolve(args.run)} is at step {state.step} of {state.config['steps']}: the run is "
-            "not finished (still training, or interrupted)",
-            file=sys.stderr,
-        )
-    run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
-    return state, run_dir
-
-
-def _positive(name: str, value, what: str = "a positive integer") -> None:
-    if value is not None and value < 1:
-        raise ValueError(f"{name} must be {what}, got {value}")
-
-
-def _json_ready(result: dict) -> dict:
-    """A result dict of the ODE or importance-weighted estimator with its arrays as lists (for JSON)."""
-    return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in result.items()}
-
-
-def _estimator_line(name: str, result: dict) -> str:
-    unit = result.get("unit", "bits_per_dim")
-    label = "bits/dim" if unit == "bits_per_dim" else "nats/dim"
-    return f"{name:<28} {result[unit]:>10.5f} {result['se']:>9.5f} {label}  ({result['seconds']:.1f} s)"
-
-
 def cmd_evaluate(args) -> int:
-    _positive("--limit", args.limit, "a positive number of images")
-    _positive("--max-batch", args.max_batch)
-    _positive("--draws", args.draws)
-    _positive("--particles", args.particles)
-    _positive("--ode-steps", args.ode_steps)
-    _positive("--probes", args.probes)
-    args.device = check_device(args.device)
-    if (args.run is None) == (args.diffusers is None):
-        raise ValueError("evaluate: give a run directory (or checkpoint) or --diffusers DIR, not both")
-    if args.diffusers is not None:
-        if args.data is None:
-            raise ValueError("evaluate --diffusers: name the data to score with --data (a data set or a path)")
-        out = check_directory(args.out or args.diffusers, "evaluation output folder", create=False)
-        dataset = datasets.load(args.data, download=args.download)
-        model, guide = from_diffusers_pipeline(args.diffusers, levels=dataset.levels)
-        model, guide = model.to(args.device), guide.to(args.device)
-        if args.clip_denoised:
-            model = model.with_clipping()
-        if args.likelihood is not None:
-            model = model.with_likelihood(by_name(args.likelihood, dataset, trust_code=args.trust_code))
-        source = {
-            "model": f"diffusers pipeline {args.diffusers}",
-            "objective": "elsewhere",
-            "step": None,
-            "checkpoint": str(args.diffusers),
-        }
-    else:
-        state, run_dir = _load_run(args)
-        # before computing anything; a missing --out folder is made only when the results are written
-        out = check_directory(args.out or run_dir, "evaluation output folder", create=False)
-        stored = state.data
-        spec = args.data or (f"{stored['name']}:{stored['source']}" if stored.get("source") else stored["name"])
-        if args.download and not args.data and stored.get("source") and not Path(stored["source"]).exists():
-            spec = stored["name"]  # the files it was trained on are not on this machine: fetch into its cache
-        dataset = datasets.load(spec, download=args.download)
-        state.check_data(dataset.shape, dataset.levels, what=f"data set {dataset.name!r}")
-        if args.T is not None and args.T != int(state.config["T"]):
-            raise ValueError(f"schedule mismatch: the checkpoint has T = {state.config['T']}, --T asked {args.T}")
-        model, guide = state.build(
-            device=args.device,
-            trust_code=args.trust_code,
-            clip_denoised=args.clip_denoised,
-            likelihood=None
-            if args.likelihood is None
-            else by_name(args.likelihood, dataset, trust_code=args.trust_code),
-        )
-        source = {
-            "model": state.programs["model"]["class"],
-            "objective": state.config["objective"],
-            "step": state.step,
-            "checkpoint": str(resolve(args.run)),
-        }
-    x = getattr(dataset, args.split)[: args.limit].to(args.device)
-    idata = bound(
-        model, guide, x, draws=args.draws, max_batch=args.max_batch, seed=args.seed, progress=not args.no_progress
-    )
-    idata.bound.attrs.update(
-        split=args.split,
-        data=dataset.name,
-        clip_denoised=int(args.clip_denoised),
-        decoder=repr(model.likelihood),
-        checkpoint=source["checkpoint"],
-        step=-1 if source["step"] is None else source["step"],
-        objective=source["objective"],
-    )
-    summary = summarize(idata)
-    summary.update(
-        split=args.split,
-        data=dataset.name,
-        clip_denoised=args.clip_denoised,
-        decoder=repr(model.likelihood),
-        **{k: source[k] for k in ("objective", "step", "model")},
-    )
-    stem = f"bound_{args.split}"
-    estimates = {}
-    if args.ode:
-        estimates["probability-flow ODE"] = ode_likelihood(
-            model,
-            x,
-            method=args.ode_method,
-            steps=args.ode_steps,
-            divergence=args.divergence,
-            probes=args.probes,
-            seed=args.seed,
-        )
-    if args.particles is not None:
-        estimates[f"importance-weighted, K = {args.particles}"] = importance_weighted(
-            model, guide, x, particles=args.particles, seed=args.seed
-        )
-    paths = save(idata, summary, out, stem)
-    for name, result in estimates.items():
-        kind = "ode" if name.startswith("probability") else "iw"
-        paths[kind] = atomic_write(
-            out / f"{kind}_{args.split}.json",
-            lambda f, r=result: f.write(json.dumps(_json_ready(r), indent=2).encode()),
-        )
-    if not args.no_figures:
-        paths.update(save_all(idata, out, stem))
-    header = (
-        f"{summary['data']} {summary['split']} split, {summary['model']}, objective {summary['objective']}, "
-        f"step {summary['step']}; decoder {summary['decoder']}, "
-        f"clip_denoised={args.clip_denoised}"
-    )
-    print(format_summary(summary, header))
-    if estimates:
-        print("\nother estimators on the same images (mean, s.e. over images):")
-        for name, result in estimates.items():
-            print(_estimator_line(name, result))
-        if "probability-flow ODE" in estimates:
-            st = estimates["probability-flow ODE"]["settings"]
-            print(
-                f"  ODE: {st['method']} {st['steps'] or ''} steps, divergence {st['divergence']}, dequantized "
-                f"{st['dequantize']} (an upper bound on the discrete NLL)"
-            )
-    print("written: " + ", ".join(str(p) for p in paths.values()))
+    report = evaluate_run(args.run, Evaluation(**options.given(args, Evaluation)), trust_code=args.trust_code)
+    print(format_report(report))
     return 0
 
 
@@ -279,7 +116,7 @@ def cmd_sample(args) -> int:
     o = Sampling(**options.given(args, Sampling))
     options.check_all(o, as_flags=True)
     device = check_device(o.device)
-    state, run_dir = _load_run(args)
+    state, run_dir = load_run(args.run)
     out = check_output_file(Path(o.out) if o.out else run_dir / "samples.png", "sample grid", create=False)
     model, _ = state.build(device=device, trust_code=args.trust_code)
     torch.manual_seed(o.seed)
@@ -360,63 +197,6 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def _eval_args(p: argparse.ArgumentParser, standalone: bool = True) -> None:
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of the split")
-    p.add_argument(
-        "--max-batch",
-        type=int,
-        default=1024,
-        help="(image, timestep) pairs per network call (default %(default)s; the results do not depend on it; on "
-        "CPU 1024 evaluated the digits 1.6x faster than 4096, a GPU may want more)",
-    )
-    p.add_argument("--draws", type=int, default=1, help="noise draws per term (default %(default)s)")
-    if standalone:
-        p.add_argument(
-            "--clip-denoised",
-            action="store_true",
-            help="clip the x_0 prediction to [-1, 1] in the mean, as the official evaluation does",
-        )
-        p.add_argument(
-            "--likelihood",
-            default=None,
-            help=f"evaluate with another decoder: {_names(LIKELIHOODS)} (tanh_discretized_gaussian: the official "
-            "code's tanh-approximated CDF) or 'module:Class' (default: the model's own)",
-        )
-        p.add_argument("--no-figures", action="store_true")
-        p.add_argument("--split", default="test", choices=["train", "test"])
-        p.add_argument("--data", default=None, help="data set (default: the checkpoint's)")
-        p.add_argument("--download", action="store_true", help=DOWNLOAD_HELP)
-        p.add_argument("--seed", type=int, default=0, help="seed of the evaluation noise")
-        p.add_argument("--T", type=int, default=None, help="the T the checkpoint must have")
-        p.add_argument(
-            "--diffusers",
-            default=None,
-            metavar="DIR",
-            help="evaluate a diffusers pipeline saved with save_pretrained (local files only) instead of "
-            "a run; needs --data",
-        )
-        p.add_argument(
-            "--ode",
-            action="store_true",
-            help="also the probability-flow ODE likelihood (dequantized: an upper bound on the NLL)",
-        )
-        p.add_argument("--ode-method", default="rk4", help="ODE solver: rk4 (fixed grid) or a torchdiffeq method")
-        p.add_argument("--ode-steps", type=int, default=100, help="solver steps for rk4 (default %(default)s)")
-        p.add_argument(
-            "--divergence",
-            default="auto",
-            choices=["auto", "exact", "rademacher", "gaussian"],
-            help="the ODE's divergence: exact for small D, Hutchinson otherwise (default %(default)s)",
-        )
-        p.add_argument("--probes", type=int, default=1, help="Hutchinson probes per image (default %(default)s)")
-        p.add_argument(
-            "--particles", type=int, default=None, help="also the importance-weighted bound over K full chains"
-        )
-        p.add_argument("--device", default="auto", help=DEVICE_HELP)
-        p.add_argument("--out", default=None, help="folder for the netCDF, JSON and figures (default: the run's)")
-        p.add_argument("--no-progress", action="store_true")
-
-
 def _trust_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--trust-code",
@@ -424,10 +204,6 @@ def _trust_arg(p: argparse.ArgumentParser) -> None:
         help="allow importing a program class the checkpoint names that is not registered ('module:Class'): "
         "it runs that module's code",
     )
-
-
-def _threads_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -449,9 +225,8 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="per-term bits/dim of a trained model on a data split")
     p.add_argument("run", nargs="?", default=None, help="run directory or checkpoint file (or --diffusers DIR)")
-    _eval_args(p)
+    options.add_arguments(p, Evaluation)
     _trust_arg(p)
-    _threads_arg(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("sample", help="ancestral sampling (Algorithm 2) or DDIM to a PNG")

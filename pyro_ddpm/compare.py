@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from pyro_ddpm import data as datasets
-from pyro_ddpm import presets
+from pyro_ddpm import presets, stats
 from pyro_ddpm.checkpoint import FILENAME, TrainState
 from pyro_ddpm.evaluate import bound, format_summary, save, summarize
 from pyro_ddpm.figures import (
@@ -176,8 +176,7 @@ def _mean_se_over(values: list[float], ses: list[float]) -> tuple[float, float]:
     """Mean and standard error: over seeds when there are several, else the one run's own s.e."""
     if len(values) == 1:
         return float(values[0]), float(ses[0])
-    v = np.asarray(values, dtype=np.float64)
-    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v)))
+    return stats.mean_se(np.asarray(values, dtype=np.float64))
 
 
 BOUND_COLUMNS = (
@@ -336,14 +335,13 @@ def vae_rows(dataset, x: torch.Tensor, seed: int, settings: dict | None = None, 
     s = dict(VAE_SETTINGS, **(settings or {}))
     vae, _ = train_vae(dataset, s["steps"], s["z_dim"], hidden=s["hidden"], seed=seed)
     b = vae_bounds(vae, x, s["draws"], s["particles"])
-    to_bpd = 1.0 / (dataset.dims * math.log(2))
+    to_bpd = stats.unit_scale(dataset.dims)
     rows = {}
     for key, label in (
         ("elbo", f"Pyro VAE (z {s['z_dim']}), negative ELBO"),
         ("iwae", f"Pyro VAE (z {s['z_dim']}), IWAE-{s['particles']}"),
     ):
-        v = b[key] * to_bpd
-        rows[label] = (float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))))
+        rows[label] = stats.mean_se(b[key] * to_bpd)
     log("VAE: " + ", ".join(f"{k} {m:.4f} ± {e:.4f}" for k, (m, e) in rows.items()))
     return rows
 

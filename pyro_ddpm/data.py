@@ -469,6 +469,13 @@ DOWNLOAD_TIMEOUT = 30.0  # seconds a connection or a read may stall before the d
 _BLOCK = 1 << 20
 
 
+# what a command's --download does (its help)
+DOWNLOAD_HELP = (
+    "fetch mnist / cifar10 into the data cache ($PYRO_DDPM_DATA, else ~/.cache/pyro-ddpm) first, MD5-checked "
+    "(files already there are kept); without it nothing is downloaded"
+)
+
+
 def cache_dir() -> str:
     """The data cache: ``$PYRO_DDPM_DATA`` when set, else ``~/.cache/pyro-ddpm`` (absolute); each
     downloadable set has its own sub-folder (``mnist/``, ``cifar10/``)."""

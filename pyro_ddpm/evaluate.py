@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +53,7 @@ from tqdm.auto import tqdm
 from pyro_ddpm import data as datasets
 from pyro_ddpm import protocol, stats
 from pyro_ddpm.adapters import from_diffusers_pipeline
-from pyro_ddpm.checkpoint import TrainState, resolve
+from pyro_ddpm.checkpoint import load_run, resolve
 from pyro_ddpm.elbo import TermwiseELBO
 from pyro_ddpm.figures import save_all
 from pyro_ddpm.files import atomic_path, atomic_write, check_directory
@@ -66,7 +65,7 @@ from pyro_ddpm.nets import EpsNetwork
 from pyro_ddpm.ode import DIVERGENCES, ode_likelihood
 from pyro_ddpm.options import check_all, one_of, option, optional, positive
 from pyro_ddpm.registry import LIKELIHOODS
-from pyro_ddpm.runtime import check_device, torch_threads
+from pyro_ddpm.runtime import DEVICE_HELP, THREADS_HELP, check_device, torch_threads
 from pyro_ddpm.sample import finite_network_outputs, non_finite_tensors
 
 with warnings.catch_warnings():
@@ -441,11 +440,7 @@ class Evaluation:
     figures: bool = option(True, "write no figures")
     split: str = option("test", "the data split to evaluate", choices=SPLITS, check=one_of(SPLITS))
     data: str | None = option(None, "data set (default: the checkpoint's)")
-    download: bool = option(
-        False,
-        "fetch mnist / cifar10 into the data cache ($PYRO_DDPM_DATA, else ~/.cache/pyro-ddpm) first, MD5-checked "
-        "(files already there are kept); without it nothing is downloaded",
-    )
+    download: bool = option(False, datasets.DOWNLOAD_HELP)
     seed: int = option(0, "seed of the evaluation noise")
     T: int | None = option(None, "the T the checkpoint must have")
     diffusers: str | None = option(
@@ -466,15 +461,10 @@ class Evaluation:
     particles: int | None = option(
         None, "also the importance-weighted bound over K full chains", check=optional(positive)
     )
-    device: str = option("auto", "cpu, cuda, cuda:N, or auto: CUDA when torch sees a GPU, else the CPU")
+    device: str = option("auto", DEVICE_HELP)
     out: str | None = option(None, "folder for the netCDF, JSON and figures (default: the run's)")
     progress: bool = option(True, "no progress bar")
-    threads: int | None = option(
-        None,
-        "torch threads (default: $OMP_NUM_THREADS when set, 1 under pytest-xdist, else torch's choice); "
-        "two jobs side by side on N cores: --threads N/2 each",
-        check=optional(positive),
-    )
+    threads: int | None = option(None, THREADS_HELP, check=optional(positive))
 
 
 @dataclass
@@ -552,7 +542,7 @@ def _pipeline_subject(options: Evaluation, device: str, trust_code: bool) -> _Su
 
 def _run_subject(run, options: Evaluation, device: str, trust_code: bool) -> _Subject:
     """The run's model and guide, checked against the data set it is evaluated on."""
-    state, run_dir = _load_run(run)
+    state, run_dir = load_run(run)
     # before computing anything; a missing output folder is made only when the results are written
     out = check_directory(options.out or run_dir, "evaluation output folder", create=False)
     dataset = datasets.load(_data_spec(state.data, options), download=options.download)
@@ -570,18 +560,6 @@ def _run_subject(run, options: Evaluation, device: str, trust_code: bool) -> _Su
         "checkpoint": str(resolve(run)),
     }
     return _Subject(model, guide, dataset, source, out)
-
-
-def _load_run(run) -> tuple[TrainState, Path]:
-    """The run's checkpoint and its folder; a run that has not finished is said on stderr."""
-    state = TrainState.load(run)
-    if not state.finished:
-        print(
-            f"pyro-ddpm: note: {resolve(run)} is at step {state.step} of {state.config['steps']}: the run is "
-            "not finished (still training, or interrupted)",
-            file=sys.stderr,
-        )
-    return state, Path(run) if Path(run).is_dir() else Path(run).parent
 
 
 def _data_spec(stored: dict, options: Evaluation) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pyro_ddpm import checkpoint, protocol
+from pyro_ddpm import checkpoint, protocol, stats
 from pyro_ddpm.elbo import TermwiseELBO
 from pyro_ddpm.files import atomic_write
 from pyro_ddpm.runtime import Interrupted, own_rng
@@ -189,17 +189,10 @@ class MetricsLog:
             self.bounds.append(bound)
         self.images += images
 
-    @staticmethod
-    def _mean_se(values: list[float]) -> tuple[float, float]:
-        n = len(values)
-        mean = sum(values) / n
-        se = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else float("nan")
-        return mean, se
-
     def flush(self, step: int, objective: str, processes) -> dict:
         elapsed = time.perf_counter() - self.t0
         losses = processes.mean(torch.tensor(self.losses, dtype=torch.float64)).tolist()
-        loss, loss_se = self._mean_se(losses)
+        loss, loss_se = stats.mean_se(losses)
         record = {
             "step": step,
             "objective": objective,
@@ -209,10 +202,10 @@ class MetricsLog:
             "window_steps": len(losses),
         }
         if self.bounds:
-            b = processes.mean(torch.stack(self.bounds)) / (self.dims * math.log(2))  # (steps, 3) bits/dim
+            b = stats.bits_per_dim(processes.mean(torch.stack(self.bounds)), self.dims)  # (steps, 3)
             for j, name in enumerate(("L_T", "rate", "L_0")):
-                record[f"{name}_bits_per_dim"], record[f"{name}_bits_per_dim_se"] = self._mean_se(b[:, j].tolist())
-            record["bits_per_dim"], record["bits_per_dim_se"] = self._mean_se(b.sum(1).tolist())
+                record[f"{name}_bits_per_dim"], record[f"{name}_bits_per_dim_se"] = stats.mean_se(b[:, j].tolist())
+            record["bits_per_dim"], record["bits_per_dim_se"] = stats.mean_se(b.sum(1).tolist())
             record["bound_steps"] = len(self.bounds)
         if self.write:
             with open(self.path, "a") as f:

@@ -28,6 +28,11 @@ import torch.distributed as dist
 from pyro import poutine
 
 AUTO_DEVICE = "auto"
+DEVICE_HELP = "cpu, cuda, cuda:N, or auto: CUDA when torch sees a GPU, else the CPU"
+THREADS_HELP = (
+    "torch threads (default: $OMP_NUM_THREADS when set, 1 under pytest-xdist, else torch's choice); "
+    "two jobs side by side on N cores: --threads N/2 each"
+)
 
 
 def resolve_device(device: str | None) -> str | None:

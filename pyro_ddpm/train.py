@@ -66,7 +66,16 @@ from pyro_ddpm.options import (
 )
 from pyro_ddpm.programs import check_pair
 from pyro_ddpm.registry import GUIDES, LIKELIHOODS, MODELS, TIMESTEPS
-from pyro_ddpm.runtime import Processes, check_device, device_line, resolve_device, stop_on_signals, torch_threads
+from pyro_ddpm.runtime import (
+    DEVICE_HELP,
+    THREADS_HELP,
+    Processes,
+    check_device,
+    device_line,
+    resolve_device,
+    stop_on_signals,
+    torch_threads,
+)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 LR_DECAYS = ("constant", "cosine")
@@ -168,7 +177,7 @@ class TrainConfig:
         check=at_least(1),
     )
     seed: int = option(0, "the run's seed (weights, data order, timesteps, noise)")
-    device: str = option("auto", "cpu, cuda, cuda:N, or auto: CUDA when torch sees a GPU, else the CPU", resumable=True)
+    device: str = option("auto", DEVICE_HELP, resumable=True)
     precision: str = option(
         "fp32",
         "bf16: the network under autocast; the bound's algebra stays fp32",
@@ -182,13 +191,7 @@ class TrainConfig:
     )
     checkpoint_every: int = option(1000, "steps between checkpoints", check=positive, resumable=True)
     validate: bool = option(False, "pyro.enable_validation during training (slower)", resumable=True)
-    threads: int | None = option(
-        None,
-        "torch threads (default: $OMP_NUM_THREADS when set, 1 under pytest-xdist, else torch's choice); two "
-        "jobs side by side on N cores: --threads N/2 each",
-        check=optional(positive),
-        resumable=True,
-    )
+    threads: int | None = option(None, THREADS_HELP, check=optional(positive), resumable=True)
 
     def __post_init__(self):
         # "auto" is resolved here, once, so every later use (and the checkpoint) sees the device itself

@@ -642,7 +642,7 @@ def test_outputs_that_cannot_be_written_are_one_line_each_and_nothing_is_written
 
 
 def test_a_read_only_folder_is_refused_before_any_work(run, tmp_path, capsys, monkeypatch):
-    import pyro_ddpm.cli
+    import pyro_ddpm.evaluate
 
     real = files.tempfile.mkstemp
 
@@ -652,7 +652,7 @@ def test_a_read_only_folder_is_refused_before_any_work(run, tmp_path, capsys, mo
         return real(*args, dir=dir, **kwargs)
 
     monkeypatch.setattr(files.tempfile, "mkstemp", mkstemp)
-    monkeypatch.setattr(pyro_ddpm.cli, "bound", lambda *a, **k: pytest.fail("evaluated before checking the folder"))
+    monkeypatch.setattr(pyro_ddpm.evaluate, "bound", lambda *a, **k: pytest.fail("evaluated before checking the folder"))
     monkeypatch.setattr(pyro_ddpm.cli, "sample", lambda *a, **k: pytest.fail("sampled before checking the folder"))
     before = tree(run)
     rc, _, err = cli(capsys, "evaluate", run, "--no-progress")
@@ -856,13 +856,13 @@ def test_sigint_and_sigterm_save_a_checkpoint_say_how_to_resume_and_resume(tmp_p
 
 
 def test_sigterm_outside_training_stops_with_one_line_and_writes_nothing(run, capsys, monkeypatch):
-    import pyro_ddpm.cli
+    import pyro_ddpm.evaluate
 
     def bound(*args, **kwargs):
         signal.raise_signal(signal.SIGTERM)  # arrives while evaluating (it used to end the process silently)
         pytest.fail("SIGTERM did not stop the evaluation")
 
-    monkeypatch.setattr(pyro_ddpm.cli, "bound", bound)
+    monkeypatch.setattr(pyro_ddpm.evaluate, "bound", bound)
     before, handler = tree(run), signal.getsignal(signal.SIGTERM)
     rc, out, err = cli(capsys, "evaluate", run, "--no-progress")
     assert (
