@@ -72,7 +72,7 @@ def edges(k, levels: int):
 
 
 def off_grid(x, levels: int):
-    """|position - round(position)|: how far each value lies from its nearest level, in levels."""
+    """``|position - round(position)|``: how far each value lies from its nearest level, in levels."""
     k = position(x, levels)
     return (k - k.round()).abs()
 
