@@ -6,10 +6,12 @@ loop a user would otherwise write with diffusers?
 
 The plain-torch and Pyro steps use the same network (same initial weights), batch, dtype and device. The
 baseline is Algorithm 1 in plain torch: t ~ U{1..T}, x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, the
-eps-MSE, backward, one Adam step over all parameters. The Pyro steps are exactly the trainer's
-(:func:`pyro_ddpm.train.make_svi`: ``svi.step`` of the objective's program with ``TermwiseELBO``, the
-guide drawing x_t from the given noise, Adam with global-norm clipping and warm-up), for the ``elbo``
-and ``simple`` objectives.
+eps-MSE, backward, one Adam step over all parameters. The same step with the gradient's global norm
+clipped as the trainer clips it (``TrainConfig.grad_clip``) is the next row: the trainer's optimizer
+step without Pyro, so that what the SVI steps cost beyond it is what Pyro costs. The Pyro steps are
+exactly the trainer's (:func:`pyro_ddpm.train.make_svi`: ``svi.step`` of the objective's program with
+``TermwiseELBO``, the guide drawing x_t from the given noise, Adam with global-norm clipping and
+warm-up), for the ``elbo`` and ``simple`` objectives. Ratios are to the first row.
 
 ``diffusers``: what a user would pick instead, the ecosystem's default loop (when diffusers is
 installed; ``--no-diffusers`` skips it): a ``diffusers.UNet2DModel`` built from the same preset (the
@@ -18,9 +20,11 @@ parameter count, printed beside the preset's), ``DDPMScheduler(num_train_timeste
 the mean eps-MSE, backward and one ``AdamW`` step.
 
 ``--fixed-cost``: the same plain-torch and SVI steps with a one-parameter network (eps = w x_t) in
-place of the U-Net, measured in the same interleaved loop: the SVI step's time there minus the plain
-step's is the fixed per-step cost of tracing the two programs (sites, plates, masks, scales, KLs),
-the part of the Pyro step that does not grow with the network.
+place of the U-Net: the SVI step's time there minus the plain step's is the fixed per-step cost of
+tracing the two programs (sites, plates, masks, scales, KLs), the part of the Pyro step that does not
+grow with the network. They are timed in an interleaved loop of their own, after the U-Net's: a small
+step that follows a U-Net step runs with the caches that step left cold, which would bill whichever
+small variant comes first for it.
 
 Median over repeats after warm-up; the variants are interleaved so that load on a shared machine hits
 all alike. Peak memory: CUDA max allocated per variant; on CPU each variant is re-run in a fresh
@@ -64,11 +68,12 @@ from pyro_ddpm.train import TrainConfig, make_svi  # noqa: E402
 
 SHAPES = {"digits": ((1, 8, 8), 17), "mnist": ((1, 28, 28), 256), "cifar10": ((3, 32, 32), 256)}
 BASELINE = "plain torch (Algorithm 1)"
+CLIPPED = "plain torch, gradient norm clipped as the trainer's"
 SVI = ("SVI elbo", "SVI simple")
 DIFFUSERS = "diffusers (UNet2DModel, DDPMScheduler.add_noise, AdamW)"
 ONE = "1-parameter network"
 FIXED = tuple(f"{name}, {ONE}" for name in ("plain torch", *SVI))
-MAIN = (BASELINE, *SVI, DIFFUSERS)
+MAIN = (BASELINE, CLIPPED, *SVI, DIFFUSERS)
 VARIANTS = MAIN + FIXED
 
 
@@ -116,7 +121,7 @@ class OneParameter(torch.nn.Module):
 
 def wanted(args) -> list[str]:
     """The variants this run measures (diffusers only when installed and not switched off)."""
-    names = [BASELINE, *SVI]
+    names = [BASELINE, CLIPPED, *SVI]
     if args.diffusers and diffusers_available():
         names.append(DIFFUSERS)
     if args.fixed_cost:
@@ -141,8 +146,9 @@ def make_steps(args, names) -> dict:
         net.load_state_dict(initial)
         return net.train()
 
-    def torch_step_of(net):
+    def torch_step_of(net, clip=False):
         adam = torch.optim.Adam(net.parameters(), lr=2e-4)
+        params, max_norm = list(net.parameters()), TrainConfig().grad_clip
 
         def torch_step():
             t = torch.randint(1, args.T + 1, (args.batch,), device=args.device)
@@ -151,6 +157,8 @@ def make_steps(args, names) -> dict:
             loss = ((eps - net(x_t, t)) ** 2).sum()
             adam.zero_grad()
             loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(params, max_norm)
             adam.step()
 
         return torch_step
@@ -190,8 +198,8 @@ def make_steps(args, names) -> dict:
 
     steps = {}
     for name in names:
-        if name == BASELINE:
-            steps[name] = (torch_step_of(fresh_net()), None)
+        if name in (BASELINE, CLIPPED):
+            steps[name] = (torch_step_of(fresh_net(), clip=name == CLIPPED), None)
         elif name in SVI:
             steps[name] = (svi_step_of(fresh_net(), name.split()[1]), {"params": {}, "constraints": {}})
         elif name == DIFFUSERS:
@@ -209,6 +217,8 @@ def make_steps(args, names) -> dict:
 
 
 def run(args, names, only: bool = False) -> dict:
+    """``{name: (median seconds, peak MiB)}``: the U-Net variants in one interleaved loop, then the
+    one-parameter variants (``--fixed-cost``) in another (see the module docstring)."""
     steps = make_steps(args, names)
     store = pyro.get_param_store()
     times, peaks = {k: [] for k in steps}, {}
@@ -219,10 +229,12 @@ def run(args, names, only: bool = False) -> dict:
             for _ in range(3):
                 step()
         peaks[name] = peak_mib(args.device)
-    for _ in range(args.repeats):
-        for name, (step, state) in steps.items():
-            with store.scope(state) if state is not None else contextlib.nullcontext():
-                times[name].append(timed(step, args.device))
+    for group in ([n for n in steps if n not in FIXED], [n for n in steps if n in FIXED]):
+        for _ in range(args.repeats):
+            for name in group:
+                step, state = steps[name]
+                with store.scope(state) if state is not None else contextlib.nullcontext():
+                    times[name].append(timed(step, args.device))
     if only:
         print(f"peak_mib {peaks[names[0]]:.1f} increase_mib {peaks[names[0]] - start_peak:.1f}")
     return {name: (statistics.median(ts), peaks[name]) for name, ts in times.items()}
@@ -283,7 +295,7 @@ def main(argv=None) -> dict:
             ],
         ),
     )
-    base = result[BASELINE][0]
+    base, clipped = result[BASELINE][0], result[CLIPPED][0]
     params = sum(p.numel() for p in build_network(PRESETS[args.preset]).parameters())
     diffusers_params = sum(p.numel() for p in diffusers_unet(args.preset).parameters()) if DIFFUSERS in result else None
     if not args.diffusers:
@@ -306,15 +318,24 @@ def main(argv=None) -> dict:
         med, peak = result[name]
         print(
             f"{name:<{width}} {1000 * med:8.2f} ms/step {args.batch / med:9.1f} images/s   ratio {med / base:5.3f}   "
-            f"{memory_kind} {memory[name]}"
+            f"to clipped {med / clipped:5.3f}   {memory_kind} {memory[name]}"
         )
-        rows.append([name, f"{1000 * med:.2f}", f"{args.batch / med:.1f}", f"{med / base:.3f}", memory[name]])
-        out[name] = {"seconds": med, "images_per_s": args.batch / med, "ratio": med / base, "peak_mib": peak}
+        rows.append(
+            [name, f"{1000 * med:.2f}", f"{args.batch / med:.1f}", f"{med / base:.3f}", f"{med / clipped:.3f}"]
+            + [memory[name]]
+        )
+        out[name] = {
+            "seconds": med,
+            "images_per_s": args.batch / med,
+            "ratio": med / base,
+            "ratio_to_clipped": med / clipped,
+            "peak_mib": peak,
+        }
     if diffusers_note:
         print(diffusers_note)
-        rows.append([DIFFUSERS, "-", "-", "-", "skipped" if args.diffusers else "not run"])
+        rows.append([DIFFUSERS, "-", "-", "-", "-", "skipped" if args.diffusers else "not run"])
         out[DIFFUSERS] = {"skipped": diffusers_note}
-    table = markdown_table(["step", "ms/step", "images/s", "ratio", memory_kind], rows)
+    table = markdown_table(["step", "ms/step", "images/s", "ratio", "ratio to clipped", memory_kind], rows)
     if diffusers_note:
         table += f"\n{diffusers_note}.\n"
     if args.fixed_cost:

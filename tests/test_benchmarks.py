@@ -35,16 +35,25 @@ def test_train_speed_script_prints_ratios_and_writes_the_table(tmp_path):
     ]
     out = _run("train_speed.py", args)
     lines = [line for line in out.splitlines() if "ratio" in line]
-    assert len(lines) == 3 and "ratio 1.000" in lines[0]
+    assert len(lines) == 4 and "ratio 1.000" in lines[0] and "to clipped 1.000" in lines[1]
     text = (tmp_path / "t.md").read_text().splitlines()
     rows = [line for line in text if line.startswith("| ") and "ms/step" not in line]
     names = [r.split("|")[1].strip() for r in rows]
-    assert names == ["plain torch (Algorithm 1)", "SVI elbo", "SVI simple", DIFFUSERS]
-    assert rows[-1].split("|")[5].strip() == "not run"  # --no-diffusers: a note, not a measurement
-    for r in rows[:3]:
-        cells = [c.strip() for c in r.split("|")[1:-1]]
-        assert abs(float(cells[2]) - 4 / (float(cells[1]) / 1000)) <= 0.01 * float(cells[2]) + 0.1  # images/s
-        assert float(cells[4].split()[0]) > 50  # peak RSS of a process running torch, in MiB
+    assert names == [
+        "plain torch (Algorithm 1)",
+        "plain torch, gradient norm clipped as the trainer's",
+        "SVI elbo",
+        "SVI simple",
+        DIFFUSERS,
+    ]
+    assert rows[-1].split("|")[6].strip() == "not run"  # --no-diffusers: a note, not a measurement
+    cells = [[c.strip() for c in r.split("|")[1:-1]] for r in rows[:4]]
+    for row in cells:
+        ms = float(row[1])
+        assert abs(float(row[2]) - 4 / (ms / 1000)) <= 0.01 * float(row[2]) + 0.1  # images/s
+        assert float(row[3]) == pytest.approx(ms / float(cells[0][1]), rel=0.01, abs=0.002)  # to the first row
+        assert float(row[4]) == pytest.approx(ms / float(cells[1][1]), rel=0.01, abs=0.002)  # to the clipped step
+        assert float(row[5].split()[0]) > 50  # peak RSS of a process running torch, in MiB
     assert text[-1] == "`python benchmarks/train_speed.py " + " ".join(args) + "`"
 
 
