@@ -22,7 +22,7 @@ from pyro_ddpm import options, presets
 from pyro_ddpm.checkpoint import FILENAME, TrainState, load_run
 from pyro_ddpm.compare import DEFAULT_SAMPLES, compare, compare_config, default_samples
 from pyro_ddpm.elbo import unwrap
-from pyro_ddpm.evaluate import Evaluation, evaluate_run, format_report
+from pyro_ddpm.evaluate import BoundSettings, Evaluation, evaluate_run, format_report
 from pyro_ddpm.files import check_output_file
 from pyro_ddpm.options import at_least, one_of, option, optional, positive
 from pyro_ddpm.runtime import DEVICE_HELP, THREADS_HELP, Interrupted, Terminated, check_device, torch_threads
@@ -144,9 +144,9 @@ def _samples_help() -> str:
 
 
 @dataclass
-class Comparison:
-    """The options of ``pyro-ddpm compare`` beside the training settings: the flags are generated from these
-    fields."""
+class Comparison(BoundSettings):
+    """The options of ``pyro-ddpm compare`` beside the training settings (the bound's on the test split, and
+    these): the flags are generated from these fields."""
 
     arms: list[str] | None = option(None, _default_arms_help)
     seeds: list[int] = option(help="training seeds per arm (default 0)", factory=lambda: [0])
@@ -158,14 +158,6 @@ class Comparison:
         "(default on the CPU: one per torch thread, or per --threads threads, at most one per run; 1 on a GPU)",
         check=optional(positive),
     )
-    limit: int | None = option(None, "evaluate only the first N test images", check=optional(positive))
-    max_batch: int = option(
-        1024,
-        "(image, timestep) pairs per network call (the results do not depend on it; on CPU 1024 evaluated the "
-        "digits 1.6x faster than 4096, a GPU may want more)",
-        check=positive,
-    )
-    draws: int = option(1, "noise draws per term", check=positive)
 
 
 def cmd_compare(args) -> int:

@@ -422,8 +422,8 @@ def _likelihood_help() -> str:
 
 
 @dataclass
-class Evaluation:
-    """The options of :func:`evaluate_run` (``pyro-ddpm evaluate``'s flags are generated from these fields)."""
+class BoundSettings:
+    """How the bound is computed on a split: the options ``evaluate`` and ``compare`` share."""
 
     limit: int | None = option(None, "evaluate only the first N images of the split", check=optional(_positive_images))
     max_batch: int = option(
@@ -433,6 +433,12 @@ class Evaluation:
         check=positive,
     )
     draws: int = option(1, "noise draws per term", check=positive)
+
+
+@dataclass
+class Evaluation(BoundSettings):
+    """The options of :func:`evaluate_run` (``pyro-ddpm evaluate``'s flags are generated from these fields)."""
+
     clip_denoised: bool = option(
         False, "clip the x_0 prediction to [-1, 1] in the mean, as the official evaluation does"
     )
