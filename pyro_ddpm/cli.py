@@ -24,7 +24,7 @@ from pyro_ddpm.compare import DEFAULT_SAMPLES, compare, compare_config, default_
 from pyro_ddpm.elbo import unwrap
 from pyro_ddpm.evaluate import BoundSettings, Evaluation, evaluate_run, format_report
 from pyro_ddpm.files import check_output_file
-from pyro_ddpm.options import at_least, one_of, option, optional, positive
+from pyro_ddpm.options import at_least, option, optional, positive
 from pyro_ddpm.runtime import DEVICE_HELP, THREADS_HELP, Interrupted, Terminated, check_device, torch_threads
 from pyro_ddpm.sample import SAMPLERS, sample, save_png
 from pyro_ddpm.train import RESUMABLE, TrainConfig, train
@@ -101,7 +101,6 @@ class Sampling:
         "ancestral",
         "ancestral (Algorithm 2; respaced when --steps < T) or DDIM",
         choices=SAMPLERS,
-        check=one_of(SAMPLERS),
     )
     steps: int | None = option(None, "network calls per image, 2..T (default T)", check=optional(positive))
     eta: float = option(0.0, "DDIM's eta (0: deterministic given x_T)")

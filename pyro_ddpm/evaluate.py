@@ -63,7 +63,7 @@ from pyro_ddpm.likelihoods import by_name
 from pyro_ddpm.models import ReverseProcess
 from pyro_ddpm.nets import EpsNetwork
 from pyro_ddpm.ode import DIVERGENCES, ode_likelihood
-from pyro_ddpm.options import check_all, one_of, option, optional, positive
+from pyro_ddpm.options import check_all, option, optional, positive
 from pyro_ddpm.registry import LIKELIHOODS
 from pyro_ddpm.runtime import DEVICE_HELP, THREADS_HELP, check_device, torch_threads
 from pyro_ddpm.sample import finite_network_outputs, non_finite_tensors
@@ -444,7 +444,7 @@ class Evaluation(BoundSettings):
     )
     likelihood: str | None = option(None, _likelihood_help)
     figures: bool = option(True, "write no figures")
-    split: str = option("test", "the data split to evaluate", choices=SPLITS, check=one_of(SPLITS))
+    split: str = option("test", "the data split to evaluate", choices=SPLITS)
     data: str | None = option(None, "data set (default: the checkpoint's)")
     download: bool = option(False, datasets.DOWNLOAD_HELP)
     seed: int = option(0, "seed of the evaluation noise")
@@ -461,7 +461,6 @@ class Evaluation(BoundSettings):
         "auto",
         "the ODE's divergence: exact for small D, Hutchinson otherwise",
         choices=DIVERGENCES,
-        check=one_of(DIVERGENCES),
     )
     probes: int = option(1, "Hutchinson probes per image", check=positive)
     particles: int | None = option(

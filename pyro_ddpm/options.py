@@ -42,12 +42,15 @@ def option(
         X)" is added unless the default is None, whose meaning the help states.
     :param check: ``check(name, value)`` raises one ValueError naming the field (see :func:`positive` etc.).
     :param resumable: a resumed run may set it again (every other field must match the stored run).
-    :param choices: the allowed values (or a function returning them), offered by the flag.
+    :param choices: the allowed values (or a function returning them), offered by the flag; a fixed list is
+        also the field's check when it has no other.
     :param flags: extra flag spellings (e.g. ``("-K",)``) beside ``--field-name``.
     :param name: the flag instead of ``--field-name`` (e.g. ``--model-option`` for ``model_options``).
     :param shortcuts: for a ``dict`` field, ``{key: (type, help)}``: a flag ``--key`` that sets that key.
     :param factory: a default factory (for a ``dict`` field), instead of ``default``.
     """
+    if check is None and choices is not None and not callable(choices):  # a fixed list checks itself
+        check = optional(one_of(choices))
     metadata = {
         "help": help,
         "check": check,

@@ -56,7 +56,6 @@ from pyro_ddpm.optim import JointOptimizer
 from pyro_ddpm.options import (
     at_least,
     check_all,
-    one_of,
     option,
     optional,
     positive,
@@ -159,9 +158,7 @@ class TrainConfig:
         "warm-up steps (default min(5000, steps/10) of the first run; stored: resuming keeps it)",
         check=optional(at_least(0, integer=True)),
     )
-    lr_decay: str = option(
-        "constant", "after the warm-up: constant, or cosine decay to 0", choices=LR_DECAYS, check=one_of(LR_DECAYS)
-    )
+    lr_decay: str = option("constant", "after the warm-up: constant, or cosine decay to 0", choices=LR_DECAYS)
     lr_decay_steps: int | None = option(
         None, "length of the cosine decay (default: the first run's steps)", check=optional(positive)
     )
@@ -182,7 +179,6 @@ class TrainConfig:
         "fp32",
         "bf16: the network under autocast; the bound's algebra stays fp32",
         choices=list(PRECISIONS),
-        check=one_of(PRECISIONS),
     )
     compile: bool = option(False, "torch.compile the network (in place, parameter names unchanged)")
     log_every: int = option(100, "steps per metrics record", check=positive, resumable=True)
