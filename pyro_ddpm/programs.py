@@ -203,9 +203,9 @@ class ReverseProgram(Complete, nn.Module, abc.ABC):
     """A reverse process p_theta(x_{0:T}) as a Pyro model, defined by :meth:`p_xT`, :meth:`p_prev` and
     :meth:`p_x0` around one network output :meth:`network_output`.
 
-    A subclass holds its network as ``self.eps`` (registered with :func:`~pyro_ddpm.protocol.register`, which
-    is ``pyro.module("eps", ...)`` unless the trainer has registered it already), the data
-    shape as ``self.shape``, and defines the four methods, :attr:`T` and :meth:`check_data`.
+    A subclass holds its network as ``self.eps`` (registered with ``protocol.register("eps", ...)``, which is
+    ``pyro.module``), the data shape as ``self.shape``, and defines the four methods, :attr:`T` and
+    :meth:`check_data`.
 
     What the class declares for the rest of the package:
 

@@ -35,7 +35,9 @@ What the rest of the package reads from a pair:
 - both draw x_t from their own seeded standard noise of the guide's kind (``guide.noise``) through
   :class:`FixedNoise` and the guide's ``from_noise``;
 - progressive coding asks the model for its prediction of x_0 read off the traced ``x_{t-1}``
-  distribution (``model.x0_from_transition``), for a model class that declares it.
+  distribution (``model.x0_from_transition``), for a model class that declares it;
+- the programs register their modules (the network, a learned schedule) with :func:`register`, which is
+  ``pyro.module``; the trainer answers it after the first step (:class:`RegisterOnce`).
 
 The programs themselves are defined by their distributions (:mod:`pyro_ddpm.programs`): the two forms
 above are derived there once for every family. How a program is built (so that ``pyro-ddpm train
@@ -194,14 +196,15 @@ class RegisterOnce(Messenger):
     """Run each module's :func:`register` the first time this handler sees it, and answer later calls
     with the module itself (no ``param`` sites then).
 
-    Registration walks every parameter through every handler of the step (about 144 ``param`` sites
-    for the digits U-Net, each recorded by the traces), which is what it costs to say again what Pyro
-    already holds. A module is registered again when the parameter store no longer holds it (e.g. after
-    ``pyro.clear_param_store()``).
+    Registering sends every parameter through every handler of the step (144 ``param`` sites for the
+    digits U-Net, each recorded by the traces), to tell Pyro again what its parameter store already
+    holds. A module is registered again when the store no longer holds it (e.g. after
+    ``pyro.clear_param_store()``) or when another module takes its name.
 
     Only for an optimizer that keeps stepping every parameter it was once given
     (:class:`~pyro_ddpm.optim.JointOptimizer`): after the first step ``SVI`` collects no parameters from
-    the programs and hands the optimizer an empty set.
+    the programs and hands the optimizer an empty set. The trainer's ELBO runs both programs under one
+    (:class:`~pyro_ddpm.elbo.TermwiseELBO` with ``register_once=True``).
     """
 
     def __init__(self):
