@@ -127,7 +127,8 @@ class TermwiseELBO(TraceMeanField_ELBO):
         loss = 0.0
         for _ in range(self.num_particles):
             terms = self.terms(model, guide, *args, **kwargs)
-            loss = loss + self.loss_from_terms(terms) / self.num_particles
+            particle = self.loss_from_terms(terms)
+            loss = particle if self.num_particles == 1 else loss + particle / self.num_particles
         self.last_terms = {name: Term(term.value.detach(), term.scale, term.plates) for name, term in terms.items()}
         if torch.is_tensor(loss) and loss.requires_grad:
             loss.backward(retain_graph=self.retain_graph)
@@ -178,7 +179,14 @@ class TermwiseELBO(TraceMeanField_ELBO):
         return out
 
     def loss_from_terms(self, terms: dict[str, Term]) -> torch.Tensor:
-        return sum((term.value * term.scale).sum() for term in terms.values())
+        """``sum(value * scale)`` over the terms (a scale of 1 is not multiplied by: the same numbers, fewer
+        operations for the backward pass to run)."""
+        total = None
+        for term in terms.values():
+            unscaled = isinstance(term.scale, (int, float)) and term.scale == 1
+            scaled = (term.value if unscaled else term.value * term.scale).sum()
+            total = scaled if total is None else total + scaled
+        return 0 if total is None else total
 
 
 def log_prob(site) -> torch.Tensor:

@@ -150,7 +150,7 @@ def timestep_plate(t: torch.Tensor, T: int) -> pyro.plate:
 
 def pairs(x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x_0 repeated for each of its K timesteps and the flat timesteps: shapes (B*K, ...), (B*K,)."""
-    return x0.repeat_interleave(t.shape[1], dim=0), t.reshape(-1)
+    return x0 if t.shape[1] == 1 else x0.repeat_interleave(t.shape[1], dim=0), t.reshape(-1)
 
 
 def weighted(weight: torch.Tensor | None, t: torch.Tensor, like: torch.Tensor):
