@@ -241,9 +241,6 @@ def _load_weights(module: torch.nn.Module, state: dict, what: str, origin: str) 
     module.load_state_dict(state)
 
 
-load_weights = _load_weights  # public name: the trainer loads a resumed run's weights with the same checks
-
-
 # ----------------------------------------------------------------------------- a trainer's state
 def snapshot(trainer, step: int) -> TrainState:
     """The state of a :class:`~pyro_ddpm.train.Trainer` after ``step`` steps: what its resume needs to go on

@@ -420,7 +420,8 @@ def _scores(result: dict) -> str:
 
 def _baselines(dataset, limit: int | None, seed: int, vae: bool, vae_settings: dict | None, log) -> dict:
     """The rows beside the arms: per-pixel categoricals fit on the training split and, for images, the Pyro
-    VAE (discrete data only); ``{"per-pixel": the baseline's record, label: (mean, se), ...}``."""
+    VAE (discrete data only): ``{"record": the per-pixel baseline's record, "rows": {label: (mean, se)}}``,
+    or ``{}`` for continuous data."""
     if dataset.continuous:
         return {}
     test = dataset.test[:limit]

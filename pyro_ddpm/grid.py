@@ -12,8 +12,10 @@ their edges. Every conversion between values, level indices and bins goes throug
     quantize(x, K)   numpy: values rounded to the nearest level
 
 The functions work on torch tensors, numpy arrays and floats alike (``index`` and ``values`` make torch
-tensors). Each keeps one fixed order of floating-point operations, so a value computed twice anywhere in
-the package is the same float.
+tensors). Each keeps one fixed order of floating-point operations, so a value it computes is the same float
+wherever it is called; ``value`` (k * (2/(K-1)) - 1) and ``quantize`` (k * 2/(K-1) - 1) are two orders
+and may differ by one ulp at some levels (both are kept: results computed with each are reproduced
+exactly).
 """
 
 from __future__ import annotations

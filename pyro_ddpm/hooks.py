@@ -140,12 +140,13 @@ class Checkpointer:
             self.pending = None
 
     def __call__(self, trainer, step: int, result) -> None:
-        if step == trainer.config.steps or trainer.stop:
+        stop = list(trainer.stop)  # read once: a signal arriving during a snapshot is honoured after the next step
+        if step == trainer.config.steps or stop:
             self._commit(step, self.snapshot(trainer, step))
         elif step % self.every == 0:
             self.pending = (step, self.snapshot(trainer, step))
-        if trainer.stop:
-            raise Interrupted(trainer.stop[0], step, trainer.config.steps, self.path, self.path.parent)
+        if stop:
+            raise Interrupted(stop[0], step, trainer.config.steps, self.path, self.path.parent)
 
     def snapshot(self, trainer, step: int) -> bytes | None:
         """The checkpoint of this step as bytes (rank 0; None elsewhere), refused if any weight is not finite."""

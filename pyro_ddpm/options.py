@@ -7,7 +7,7 @@ may change it; the command line's flags and the checks are generated from the fi
 
 :func:`add_arguments` turns every field into a flag (``steps`` -> ``--steps``, its type from the
 annotation, ``dict`` fields as repeatable ``KEY=VALUE``, ``bool`` fields as switches: ``--name``, or
-``--no-name`` for one that is on by default) whose default is
+``--no-name`` for one that is on by default, both for one a resumed run may change) whose default is
 "not given", and :func:`given` reads back the fields a command line set, so a caller can tell the
 settings a user chose from the defaults (a resumed run keeps its stored ones).
 """
@@ -71,6 +71,18 @@ def positive(name: str, value) -> None:
     """A positive integer (bools refused)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def integer(name: str, value) -> None:
+    """An integer (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+
+
+def plain_dict(name: str, value) -> None:
+    """A dict with string keys."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"{name} must be a dict with string keys, got {value!r}")
 
 
 def positive_number(name: str, value) -> None:
@@ -212,8 +224,10 @@ def add_arguments(
             help_text = f"{help_text} ({default_text})"
         kwargs = {"dest": f.name, "default": NOT_GIVEN, "help": help_text.replace("%", "%%")}
         kind = _kind(hints[f.name])
-        name = flag_name(f)
-        if kind is bool:  # a switch: --name sets True; a field that defaults to True is switched off by --no-name
+        name = flag(f.name) if kind is bool and meta.get("resumable") else flag_name(f)
+        if kind is bool and meta.get("resumable"):  # a resumed run may turn it on or off: --name / --no-name
+            kwargs.update(action=argparse.BooleanOptionalAction)
+        elif kind is bool:  # a switch: --name sets True; a field that defaults to True is switched off by --no-name
             kwargs.update(action="store_const", const=not f.default)
         elif kind is list:  # one or more values
             kwargs.update(nargs="+", type=typing.get_args(_bare(hints[f.name]))[0])
@@ -259,12 +273,14 @@ def given(args: argparse.Namespace, cls) -> dict:
             for item in value:
                 key, sep, text = item.partition("=")
                 if not sep or not key:
-                    raise ValueError(f"{flag(f.name)} expects KEY=VALUE, got {item!r}")
+                    raise ValueError(f"{flag_name(f)} expects KEY=VALUE, got {item!r}")
                 pairs[key] = parse_value(text)
             value = pairs
         out[f.name] = value
-    for f in dataclasses.fields(cls):  # the dict fields' shortcut flags, merged over their KEY=VALUEs
+    for f in dataclasses.fields(cls):  # the dict fields' shortcut flags, beside their KEY=VALUEs
         for key in f.metadata.get("shortcuts", {}):
             if hasattr(args, f"{f.name}.{key}"):
+                if key in out.get(f.name, {}):
+                    raise ValueError(f"{flag(key)} and {flag_name(f)} {key}=... both set {key}: give one")
                 out[f.name] = {**out.get(f.name, {}), key: getattr(args, f"{f.name}.{key}")}
     return out

@@ -56,8 +56,10 @@ from pyro_ddpm.optim import JointOptimizer
 from pyro_ddpm.options import (
     at_least,
     check_all,
+    integer,
     option,
     optional,
+    plain_dict,
     positive,
     positive_number,
     resumable,
@@ -75,6 +77,8 @@ from pyro_ddpm.runtime import (
     stop_on_signals,
     torch_threads,
 )
+from pyro_ddpm.runtime import Interrupted as Interrupted  # what train() raises on a stop
+from pyro_ddpm.runtime import Terminated as Terminated
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 LR_DECAYS = ("constant", "cosine")
@@ -139,6 +143,7 @@ class TrainConfig:
     model_options: dict = option(
         help="a keyword argument of the model class (VALUE read as a number, true/false or text); repeatable",
         name="--model-option",
+        check=plain_dict,
         factory=dict,
     )
     steps: int = option(3000, "total training steps", check=positive, resumable=True)
@@ -149,6 +154,7 @@ class TrainConfig:
         help="override a key of the network preset (e.g. ch=16); repeatable",
         name="--net-option",
         shortcuts={"ch": (int, "the preset's base channel count"), "dropout": (float, "the preset's dropout")},
+        check=plain_dict,
         factory=dict,
     )
     optimizer: str = option("Adam", "a torch.optim class", check=_optimizer)
@@ -173,7 +179,7 @@ class TrainConfig:
         "n / (ramp - 1) steps early on",
         check=at_least(1),
     )
-    seed: int = option(0, "the run's seed (weights, data order, timesteps, noise)")
+    seed: int = option(0, "the run's seed (weights, data order, timesteps, noise)", check=integer)
     device: str = option("auto", DEVICE_HELP, resumable=True)
     precision: str = option(
         "fp32",
@@ -244,7 +250,6 @@ class TrainConfig:
 RESUMABLE = resumable(TrainConfig)  # the fields a resumed run may change; every other one must match
 
 
-# ----------------------------------------------------------------------------- building the programs
 # ----------------------------------------------------------------------------- building the programs
 def build(config: TrainConfig, dataset: datasets.Dataset, trust_code: bool = True):
     """Model and guide for ``config`` on ``dataset`` (on ``config.device``).

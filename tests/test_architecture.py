@@ -33,7 +33,6 @@ SCHEDULES = {"linear", "cosine", "learned"}
 # Words that are also a program's name but mean something else in that file (reviewed one by one).
 HOMONYMS = {
     "pyro_ddpm/train.py": {"cosine"},  # the learning rate's cosine decay, not the cosine noise schedule
-    "pyro_ddpm/cli.py": {"gaussian"},  # the ODE's Gaussian Hutchinson probes, not the Gaussian decoder
     "pyro_ddpm/protocol.py": {"uniform"},  # the kind of a guide's standard noise, not the timestep sampler
 }
 

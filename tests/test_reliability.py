@@ -652,7 +652,9 @@ def test_a_read_only_folder_is_refused_before_any_work(run, tmp_path, capsys, mo
         return real(*args, dir=dir, **kwargs)
 
     monkeypatch.setattr(files.tempfile, "mkstemp", mkstemp)
-    monkeypatch.setattr(pyro_ddpm.evaluate, "bound", lambda *a, **k: pytest.fail("evaluated before checking the folder"))
+    monkeypatch.setattr(
+        pyro_ddpm.evaluate, "bound", lambda *a, **k: pytest.fail("evaluated before checking the folder")
+    )
     monkeypatch.setattr(pyro_ddpm.cli, "sample", lambda *a, **k: pytest.fail("sampled before checking the folder"))
     before = tree(run)
     rc, _, err = cli(capsys, "evaluate", run, "--no-progress")
