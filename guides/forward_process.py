@@ -16,14 +16,13 @@ from __future__ import annotations
 import pyro.distributions as dist
 import torch
 
-from pyro_ddpm.config import Configurable
 from pyro_ddpm.programs import ForwardProgram
 from pyro_ddpm.registry import GUIDES
 from pyro_ddpm.schedule import Schedule, at
 
 
 @GUIDES.register
-class ForwardProcess(Configurable, ForwardProgram):
+class ForwardProcess(ForwardProgram):
     """The fixed noising process, as the variational family of the reverse process.
 
     :param schedule: the variance schedule (a :class:`~pyro_ddpm.schedule.Schedule`, or a learned one).

@@ -31,7 +31,6 @@ from pyro.distributions import Categorical
 from torch import nn
 
 from pyro_ddpm import protocol
-from pyro_ddpm.config import Configurable
 from pyro_ddpm.discrete import GridCategorical, PosteriorMixture, level_value
 from pyro_ddpm.elbo import simple_weights
 from pyro_ddpm.programs import ReverseProgram
@@ -39,7 +38,7 @@ from pyro_ddpm.registry import MODELS
 
 
 @MODELS.register
-class CategoricalReverseProcess(Configurable, ReverseProgram):
+class CategoricalReverseProcess(ReverseProgram):
     """p_theta(x_{0:T}) over the states of a categorical forward process, x_0-parameterized.
 
     :param eps: the network ``net(h, t)``: ``h`` (B, 2C, ...) holds each element's level value (0 where
@@ -52,7 +51,6 @@ class CategoricalReverseProcess(Configurable, ReverseProgram):
     """
 
     family = "categorical"
-    built_around = ("eps", "schedule", "likelihood")
 
     objectives = ("elbo", "simple")
     capabilities = ("progressive",)

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from pyro_ddpm import protocol
-from pyro_ddpm.config import Configurable
 from pyro_ddpm.elbo import simple_weights
 from pyro_ddpm.likelihoods import DiscretizedGaussianLikelihood, GaussianLikelihood
 from pyro_ddpm.programs import ReverseProgram
@@ -30,7 +29,7 @@ from pyro_ddpm.schedule import Schedule, at
 
 
 @MODELS.register
-class ReverseProcess(Configurable, ReverseProgram):
+class ReverseProcess(ReverseProgram):
     """The generative model: a Markov chain from N(0, I) down to the data through eps_theta.
 
     :param eps: any ``nn.Module`` ``eps(x_t, t)`` with integer ``t`` in 1..T returning a tensor
@@ -56,7 +55,6 @@ class ReverseProcess(Configurable, ReverseProgram):
     """
 
     family = "gaussian"
-    built_around = ("eps", "schedule", "likelihood")
     chosen_at_use = ("clip_denoised",)
 
     def __init_subclass__(cls, **kwargs):

@@ -27,7 +27,6 @@ from pyro.distributions import Categorical, TorchDistribution, constraints
 from torch import nn
 
 from pyro_ddpm import grid, protocol
-from pyro_ddpm.config import Configurable
 from pyro_ddpm.likelihoods import check_images
 from pyro_ddpm.programs import ForwardProgram
 
@@ -127,7 +126,7 @@ class CategoricalSchedule(nn.Module, abc.ABC):
         return torch.logsumexp(log_p0.unsqueeze(-1) + floored_log(q), dim=-2)
 
 
-class CategoricalForwardProcess(Configurable, ForwardProgram):
+class CategoricalForwardProcess(ForwardProgram):
     """A forward process over the states of a :class:`CategoricalSchedule`, as a Pyro guide.
 
     The sites' values are state indices (long tensors); x_0 itself is given on the data grid. Its draws

@@ -26,7 +26,8 @@ from pyro.optim import PyroOptim
 
 
 class JointOptimizer(PyroOptim):
-    """One ``optimizer`` over every parameter SVI hands it.
+    """One ``optimizer`` over every parameter SVI has handed it: once given, a parameter is stepped at every
+    call (the trainer registers its modules on the first step only, after which SVI hands none).
 
     :param optimizer: a ``torch.optim.Optimizer`` class (default Adam).
     :param optim_args: its keyword arguments (e.g. ``{"lr": 2e-4}``).

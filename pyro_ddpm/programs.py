@@ -42,6 +42,7 @@ from pyro.distributions import TorchDistribution, constraints
 from torch import nn
 
 from pyro_ddpm import protocol
+from pyro_ddpm.config import Configurable
 from pyro_ddpm.registry import check_complete
 
 
@@ -113,7 +114,7 @@ class ScoredWhere(TorchDistribution):
         )
 
 
-class ForwardProgram(Complete, nn.Module, abc.ABC):
+class ForwardProgram(Configurable, Complete, nn.Module, abc.ABC):
     """A forward process q(x_{1:T} | x_0) as a Pyro guide, defined by :meth:`q_xt` and :meth:`q_prev`.
 
     It is run in the reverse factorization q(x_T | x_0) prod_{t>=2} q(x_{t-1} | x_t, x_0) of the joint, so
@@ -199,7 +200,7 @@ class ForwardProgram(Complete, nn.Module, abc.ABC):
                 pyro.sample(protocol.X_PREV, self._event(self.q_prev(x_t, x0, t), x0))
 
 
-class ReverseProgram(Complete, nn.Module, abc.ABC):
+class ReverseProgram(Configurable, Complete, nn.Module, abc.ABC):
     """A reverse process p_theta(x_{0:T}) as a Pyro model, defined by :meth:`p_xT`, :meth:`p_prev` and
     :meth:`p_x0` around one network output :meth:`network_output`.
 
@@ -213,6 +214,10 @@ class ReverseProgram(Complete, nn.Module, abc.ABC):
     - :attr:`capabilities`: optional operations it supports (``"ddim"``, ``"respace"``, ``"ode"``,
       ``"progressive"``: progressive coding from the traced transition, :meth:`x0_from_transition`).
     """
+
+    # a model's config (what a checkpoint stores) is its constructor's arguments (pyro_ddpm.config.Configurable),
+    # less the objects it is built around, which the caller passes when it is rebuilt
+    built_around = ("eps", "schedule", "likelihood")
 
     objectives: tuple[str, ...] = ("elbo",)
     family: str = ""  # the guides' family it reverses (ForwardProgram.family)

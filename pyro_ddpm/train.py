@@ -336,7 +336,9 @@ def make_svi(config: TrainConfig, program, guide, processes: Processes | None = 
         with processes.scale(), protocol.FixedNoise({protocol.X_t: eps}, guide.from_noise):
             guide.per_timestep(x0, t, weight)
 
-    elbo = TermwiseELBO()
+    # the programs' modules become param sites on the first step only (pyro.module every step cost about 2 ms
+    # of Pyro's handlers); the JointOptimizer keeps stepping every parameter it was given
+    elbo = TermwiseELBO(register_once=True)
     svi = SVI(svi_model, svi_guide, make_optimizer(config, guide), loss=elbo)
     svi.elbo = elbo  # its last_terms: each pair's term of the last step
     return svi
