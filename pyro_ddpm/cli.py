@@ -172,9 +172,8 @@ def cmd_compare(args) -> int:
         datasets.fetch(config.data)
     settings = dict(num_samples=o.samples, draws=o.draws, max_batch=o.max_batch, limit=o.limit, vae=o.vae, jobs=o.jobs)
     try:
-        result = compare(
-            config, args.out, {a: arms[a] for a in chosen}, o.seeds, progress=not args.no_progress, **settings
-        )
+        chosen_arms = {a: arms[a] for a in chosen}
+        result = compare(config, args.out, arms=chosen_arms, seeds=o.seeds, progress=not args.no_progress, **settings)
     except Interrupted as e:  # an arm's training stopped with its checkpoint: running the comparison again resumes it
         raise e.with_hint(
             "the same pyro-ddpm compare command (finished arms are kept, unfinished ones resume)"
