@@ -242,3 +242,10 @@ def objective(name: str, model):
     if name not in supported:
         raise ValueError(f"{type(model).__name__} does not train on objective {name!r}; it supports {list(supported)}")
     return model.training_program(name)
+
+
+def step_weight(objective_weight: torch.Tensor | None, proposal: torch.Tensor) -> torch.Tensor | None:
+    """The per-timestep weights of one step: the objective's times the proposal's 1/(T p_t) (None: all 1)."""
+    if objective_weight is None:
+        return None if bool((proposal[1:] == 1).all()) else proposal
+    return objective_weight * proposal.to(objective_weight)

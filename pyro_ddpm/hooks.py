@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from pyro_ddpm import checkpoint, protocol, stats
-from pyro_ddpm.elbo import TermwiseELBO
+from pyro_ddpm.elbo import TermwiseELBO, step_weight
 from pyro_ddpm.files import atomic_write
 from pyro_ddpm.runtime import Interrupted, own_rng
 from pyro_ddpm.sample import sample, save_png
@@ -66,35 +66,36 @@ def bound_estimates(terms: dict, t: torch.Tensor, proposal: torch.Tensor, K: int
 
 
 @torch.no_grad()
-def bound_of_batch(model, guide, result, weight) -> torch.Tensor:
-    """The bound's estimates on a step's batch, traced from the model itself (for objectives whose training
+def bound_of_batch(model, guide, result) -> dict:
+    """The bound's terms on a step's batch, traced from the model itself (for objectives whose training
     program is another one), with the training run's random streams left alone."""
     with own_rng():
-        terms = TermwiseELBO().terms(
+        return TermwiseELBO().terms(
             model.per_timestep,
             protocol.FixedNoise({protocol.X_t: result.eps}, guide.from_noise)(guide.per_timestep),
             result.x0,
             result.t,
-            weight,
+            step_weight(None, result.proposal.to(result.x0.device)),
         )
-    return bound_estimates(terms, result.t.reshape(-1), result.proposal, result.K, result.x0.shape[0])
 
 
 class Metrics:
     """Log the loss and the bound's estimates: from the step's own terms when the training program is the
     model, else from the model on every ``log_every // 8``-th batch; one record per ``log_every`` steps."""
 
-    def __init__(self, log: MetricsLog, bound_weight):
-        self.log, self.bound_weight = log, bound_weight  # bound_weight(proposal) -> the bound's weights
+    def __init__(self, log: MetricsLog):
+        self.log = log
 
     def __call__(self, trainer, step: int, result) -> None:
         config = trainer.config
-        bound = None
+        terms = None
         if trainer.program is trainer.model:  # the terms are the bound's own
-            bound = bound_estimates(result.terms, result.t.reshape(-1), result.proposal, result.K, len(result.x0))
+            terms = result.terms
         elif step % max(1, config.log_every // 8) == 0:
-            weight = self.bound_weight(result.proposal.to(result.x0.device))
-            bound = bound_of_batch(trainer.model, trainer.guide, result, weight)
+            terms = bound_of_batch(trainer.model, trainer.guide, result)
+        bound = None
+        if terms is not None:
+            bound = bound_estimates(terms, result.t.reshape(-1), result.proposal, trainer.K, len(result.x0))
         self.log.add(result.loss, bound, len(result.x0))
         if step % config.log_every == 0 or step == config.steps:
             record = self.log.flush(step, config.objective, trainer.processes)
@@ -180,8 +181,8 @@ class MetricsLog:
         """Keep the records up to ``step`` (a resumed run drops what was logged after its checkpoint)."""
         if not self.write or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if _step_of(line) is not None]
-        kept = [line for line in kept if _step_of(line) <= step]
+        lines = [(line, _step_of(line)) for line in self.path.read_text().splitlines()]
+        kept = [line for line, at in lines if at is not None and at <= step]
         atomic_write(self.path, lambda f: f.write("".join(k + "\n" for k in kept).encode()))
 
     def add(self, loss_per_image: float, bound: torch.Tensor | None, images: int) -> None:

@@ -164,10 +164,11 @@ def flag(name: str) -> str:
 
 def flag_name(f: dataclasses.Field) -> str:
     """The flag of a field: its declared ``name``, else ``--field-name`` (``--no-name`` for a switch that is on
-    by default)."""
+    by default and that a resumed run may not change; one it may change has both, under ``--field-name``)."""
     if f.metadata.get("name"):
         return f.metadata["name"]
-    return "--no-" + flag(f.name)[2:] if f.default is True else flag(f.name)
+    switched_off = f.default is True and not f.metadata.get("resumable")
+    return "--no-" + flag(f.name)[2:] if switched_off else flag(f.name)
 
 
 def _bare(annotation):
@@ -224,7 +225,7 @@ def add_arguments(
             help_text = f"{help_text} ({default_text})"
         kwargs = {"dest": f.name, "default": NOT_GIVEN, "help": help_text.replace("%", "%%")}
         kind = _kind(hints[f.name])
-        name = flag(f.name) if kind is bool and meta.get("resumable") else flag_name(f)
+        name = flag_name(f)
         if kind is bool and meta.get("resumable"):  # a resumed run may turn it on or off: --name / --no-name
             kwargs.update(action=argparse.BooleanOptionalAction)
         elif kind is bool:  # a switch: --name sets True; a field that defaults to True is switched off by --no-name

@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 
 from pyro_ddpm import checkpoint, hooks, likelihoods, presets, protocol
 from pyro_ddpm import data as datasets
-from pyro_ddpm.elbo import TermwiseELBO, objective
+from pyro_ddpm.elbo import TermwiseELBO, objective, step_weight
 from pyro_ddpm.files import RunLock, remove_stale_temporaries
 from pyro_ddpm.nets import build_network
 from pyro_ddpm.optim import JointOptimizer
@@ -344,13 +344,6 @@ def make_svi(config: TrainConfig, program, guide, processes: Processes | None = 
     return svi
 
 
-def step_weight(objective_weight: torch.Tensor | None, proposal: torch.Tensor) -> torch.Tensor | None:
-    """The per-timestep weights of one step: the objective's times the proposal's 1/(T p_t) (None: all 1)."""
-    if objective_weight is None:
-        return None if bool((proposal[1:] == 1).all()) else proposal
-    return objective_weight * proposal.to(objective_weight)
-
-
 def pair_losses(terms: dict, t: torch.Tensor, proposal: torch.Tensor, K: int, world: int) -> torch.Tensor:
     """Each pair's term of the optimized objective, as a loss-aware sampler wants it (weights of the
     objective kept, the proposal's 1/(T p_t) and the plate's T/K removed): (B*K,) in nats."""
@@ -385,7 +378,6 @@ class Step:
     t: torch.Tensor
     eps: torch.Tensor
     proposal: torch.Tensor
-    K: int
     terms: dict
 
 
@@ -458,7 +450,7 @@ class Trainer:
             losses = pair_losses(terms, t.reshape(-1), proposal, K, self.processes.world)
             self.sampler.update(gather(t.reshape(-1)).cpu(), gather(losses).cpu())
         self.ema.update_parameters(self.net)
-        return Step(loss / x0.shape[0] / self.processes.world, x0, t, eps, proposal, K, terms)
+        return Step(loss / x0.shape[0] / self.processes.world, x0, t, eps, proposal, terms)
 
     def run(self, run_hooks, progress: bool = True) -> None:
         """Steps ``start`` .. ``config.steps``, each followed by every hook, ``hook(self, step, result)``; a SIGINT or
@@ -553,7 +545,7 @@ def training_hooks(trainer: Trainer, out: Path) -> list:
     return [
         hooks.LossGuard(saver.kept),
         saver.confirm,
-        hooks.Metrics(log, lambda proposal: step_weight(None, proposal)),
+        hooks.Metrics(log),
         hooks.SampleGrid(out / "samples", config.sample_every, reference),
         saver,
     ]
