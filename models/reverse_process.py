@@ -64,6 +64,10 @@ class ReverseProcess(ReverseProgram):
                 f"{cls.__name__} overrides transition(): define mean_and_scale() (or mean() and scale()) instead, "
                 "from which transition(), p_prev() and p_x0() all follow"
             )
+        if ("p_prev" in vars(cls) or "p_x0" in vars(cls)) and "p_step" not in vars(cls):
+            # ReverseProcess.p_step builds both distributions from mean_and_scale; a class that redefines one
+            # of them is scored through its own definitions (the program's generic p_step calls them)
+            cls.p_step = ReverseProgram.p_step
 
     variances: tuple[str, ...] = ("large", "small")
     objectives: tuple[str, ...] = ("elbo", "simple")

@@ -359,6 +359,35 @@ def test_training_form_terms_equal_chain_terms(variant, net, ref):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12, err_msg=f"t={tt}")
 
 
+class _WideTransitions(ReverseProcess):
+    """A model that redefines p_prev (twice the scale) and nothing else."""
+
+    def p_prev(self, x_t, t, out):
+        loc, scale = self.mean_and_scale(x_t, t, out)
+        return pyro.distributions.Normal(loc, 2.0 * scale)
+
+
+def test_a_redefined_transition_is_what_the_training_form_scores():
+    """The training form scores the class's own p_prev (here, not the base class's shortcut that builds both
+    distributions from the mean and scale): its terms equal the chain's, which calls p_prev itself, and
+    differ from the base model's with the same network."""
+    net = make_net("mlp")
+    wide = _WideTransitions(net, Schedule.linear(6), "large", DiscretizedGaussianLikelihood(17))
+    base = ReverseProcess(net, Schedule.linear(6), "large", DiscretizedGaussianLikelihood(17))
+    guide, T, B = ForwardProcess(Schedule.linear(6)), 6, 3
+    x0 = grid_data(B, (3,), 17, seed=5)
+    _, xs, chain = chain_draw(wide, guide, x0)
+    t = protocol.all_timesteps(B, T)
+    x_t = torch.stack([torch.as_tensor(xs[int(t[b, k])][b]) for b in range(B) for k in range(T)])
+    prev = {}
+    for name, model in (("wide", wide), ("base", base)):
+        terms = TermwiseELBO().terms(conditioned(model.per_timestep, x_t), conditioned(guide.per_timestep, x_t), x0, t)
+        prev[name] = np_(terms[protocol.X_PREV].value).reshape(B, T)
+    for k in range(1, T):  # t = k + 1 >= 2
+        np.testing.assert_allclose(prev["wide"][:, k], np_(chain[f"x_{k}"].value), rtol=1e-10, atol=1e-12)
+    assert not np.allclose(prev["wide"][:, 1:], prev["base"][:, 1:])
+
+
 def _totals_chain(model, guide, x0):
     terms = TermwiseELBO().terms(model.chain, guide.chain, x0)
     return sum(np_(term.value) * float(term.scale) for term in terms.values())
