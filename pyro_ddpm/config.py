@@ -93,8 +93,8 @@ def _bind(cls: type, args: tuple, kwargs: dict) -> dict | None:
 class Configurable:
     """Mixin: ``config()`` and ``from_config()`` from the constructor's arguments (see the module docstring).
 
-    Put it first among the bases (``class ReverseProcess(Configurable, ReverseProgram)``), so that it sees
-    the constructor call before any base that drops the arguments.
+    Put it first among the bases (``class ReverseProgram(Configurable, Complete, nn.Module, abc.ABC)``), so
+    that it sees the constructor call before any base that drops the arguments.
     """
 
     built_around: tuple[str, ...] = ()

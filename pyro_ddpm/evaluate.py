@@ -118,8 +118,7 @@ def bound(
     model.check_data(x0)  # one clear error before any tracing
     _check_finite_guide(guide)
     for name, value in (("draws", draws), ("max_batch", max_batch)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        positive(name, value)
     T, N, shape = model.T, x0.shape[0], tuple(x0.shape[1:])
     ids = list(range(N)) if image_ids is None else [int(i) for i in image_ids]
     strip_steps = sorted({int(s) for s in (strip_steps or _strip_steps(T))}, reverse=True)

@@ -20,7 +20,6 @@ Decoders, by data kind (:func:`default_likelihood` picks one from a data set's `
 from __future__ import annotations
 
 import abc
-import inspect
 import math
 
 import numpy as np
@@ -31,7 +30,7 @@ from torch.distributions.utils import broadcast_all
 
 from pyro_ddpm import grid
 from pyro_ddpm.config import Configurable
-from pyro_ddpm.registry import LIKELIHOODS
+from pyro_ddpm.registry import LIKELIHOODS, accepted_arguments
 
 # A per-dimension log-probability floor. It is reached only for |x - mu| / sigma > ~1.4e5, where the
 # true value (about -z^2/2) is not representable in float32 sums over an image; the official code
@@ -213,14 +212,6 @@ def _data_name(dataset) -> str:
     return repr(getattr(dataset, "name", ""))
 
 
-def _arguments(cls: type) -> list[str]:
-    """The named arguments of ``cls``'s constructor (none when it has no constructor of its own)."""
-    if cls.__init__ is object.__init__:
-        return []
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return [n for n, p in inspect.signature(cls.__init__).parameters.items() if n != "self" and p.kind in kinds]
-
-
 class Likelihood(Configurable, abc.ABC):
     """The base of every decoder p_theta(x_0 | x_1): a subclass defines :meth:`__call__` and its data kind.
 
@@ -238,13 +229,13 @@ class Likelihood(Configurable, abc.ABC):
 
     def check(self, x: torch.Tensor, name: str = "x_0") -> None:
         """One ValueError unless ``x`` is data this decoder scores (finite; on the grid when it has levels)."""
-        check_images(x, None if is_continuous(self.levels) else self.levels, name)
+        check_images(x, self.levels, name)
 
     @classmethod
     def for_data(cls, dataset) -> Likelihood:
         """The decoder for a data set: built with the data's levels when the constructor takes ``levels``,
         refused in one line when the data are not of the kind it scores."""
-        takes_levels = "levels" in _arguments(cls)
+        takes_levels = "levels" in accepted_arguments(cls.__init__)[0]
         if takes_levels or not is_continuous(cls.levels):
             if is_continuous(dataset.levels):
                 raise ValueError(

@@ -208,6 +208,10 @@ class ODEOptions:
                 f"ode: draws, probes and max_batch must be positive, got {self.draws}, {self.probes}, {self.max_batch}"
             )
 
+    def grid_scale(self, cs: ContinuousSchedule) -> float:
+        """sigma_c: the integration grid's scale, ``sigma_c`` when given, else the schedule's sigma_1."""
+        return float(self.sigma_c) if self.sigma_c is not None else cs.sigma_of_t(1.0)
+
     @classmethod
     def of(cls, options: ODEOptions | None, settings: dict) -> ODEOptions:
         """``options`` (default: the defaults) with the fields named in ``settings`` replaced."""
@@ -238,7 +242,7 @@ class _Flow:
         self.net_dtype = _net_dtype(net, options.dtype)
         self.B, self.D = x.shape[0], int(np.prod(x.shape[1:]))
         self.sigma_T, self.sigma_min = cs.sigma_of_t(cs.T), cs.sigma_of_t(options.t_min)
-        self.sc = float(options.sigma_c) if options.sigma_c is not None else cs.sigma_of_t(1.0)
+        self.sc = options.grid_scale(cs)
         self.L = math.log1p(self.sigma_T / self.sc)
         self.rho_min = math.log1p(self.sigma_min / self.sc) / self.L
         self.probe_noise = probe_noise  # None: the exact divergence
@@ -494,7 +498,7 @@ def _settings(options: ODEOptions, divergence: str, levels: int, dequantize: boo
         "t_min": float(options.t_min),
         "T": cs.T,
         "sigma_T": cs.sigma_of_t(cs.T),
-        "sigma_c": float(options.sigma_c) if options.sigma_c is not None else cs.sigma_of_t(1.0),
+        "sigma_c": options.grid_scale(cs),
         "prior": "p(x_T) = N(0, I) (the model's)",
         "dtype": str(options.dtype).replace("torch.", ""),
         "seed": options.seed,
