@@ -14,6 +14,7 @@ that trains a comparison's runs side by side. None of it changes what a run comp
 from __future__ import annotations
 
 import contextlib
+import gc
 import multiprocessing
 import os
 import signal
@@ -138,9 +139,20 @@ class Processes:
         if not all(torch.equal(g, gathered[0]) for g in gathered):
             raise RuntimeError(f"processes hold different parameters at step {step}")
 
-    def close(self) -> None:
+    def close(self, completed: bool = True) -> None:
+        """Leave the process group this object created.
+
+        After a completed run every process first waits for the others (rank 0 may still be writing the
+        last checkpoint while another process would be tearing its connections down). The group is then
+        destroyed and the objects still referring to it (the DDP wrapper, which reference cycles can keep
+        alive) are collected now: a group freed only while the interpreter shuts down can abort the process.
+        After a failure there is no wait: the others may never reach it, and ``torchrun`` stops them.
+        """
         if self.created and dist.is_initialized():
+            if completed:
+                dist.barrier()
             dist.destroy_process_group()
+            gc.collect()
 
 
 class Interrupted(Exception):

@@ -509,7 +509,7 @@ def train(
         state.check_fingerprint(fingerprint)
     else:
         config = config.resolved(dataset)
-    processes = Processes(config.device)
+    processes, completed = Processes(config.device), False
     try:  # rank 0 writes and holds the run directory's lock; the other ranks only train
         with (
             RunLock(out) if processes.rank == 0 else contextlib.nullcontext(),
@@ -528,9 +528,11 @@ def train(
             if state is not None:
                 checkpoint.restore(trainer, state, trust_code=trust_code is not False)
             trainer.run(training_hooks(trainer, out), progress)
+            del trainer  # the process group outlives nothing of the run (Processes.close)
+            completed = True
             return path
     finally:
-        processes.close()
+        processes.close(completed)
 
 
 def training_hooks(trainer: Trainer, out: Path) -> list:
