@@ -183,7 +183,8 @@ def _torchrun(nproc: int, out: Path, steps: int):
         "--out",
         str(out),
     ]
-    subprocess.run(cmd, check=True, env=env, timeout=300, capture_output=True)
+    done = subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, f"torchrun exited with {done.returncode}:\n{done.stderr[-4000:]}"
     return checkpoint.load(out)
 
 
