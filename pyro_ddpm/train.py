@@ -528,7 +528,7 @@ def train(
             if state is not None:
                 checkpoint.restore(trainer, state, trust_code=trust_code is not False)
             trainer.run(training_hooks(trainer, out), progress)
-            del trainer  # the process group outlives nothing of the run (Processes.close)
+            del trainer  # so that Processes.close can free what refers to the process group
             completed = True
             return path
     finally:
