@@ -142,11 +142,11 @@ class Processes:
     def close(self, completed: bool = True) -> None:
         """Leave the process group this object created.
 
-        After a completed run every process first waits for the others (rank 0 may still be writing the
-        last checkpoint while another process would be tearing its connections down). The group is then
-        destroyed and the objects still referring to it (the DDP wrapper, which reference cycles can keep
-        alive) are collected now: a group freed only while the interpreter shuts down can abort the process.
-        After a failure there is no wait: the others may never reach it, and ``torchrun`` stops them.
+        After a completed run every process first waits for the others: one that left while another still
+        held the group (rank 0 writing the last checkpoint) could make that one abort as it exited. The
+        group is then destroyed, and what still refers to it (the DDP wrapper, which reference cycles keep
+        alive) is collected at once rather than when the interpreter shuts down. After a failure there is
+        no wait: the others may never reach it, and ``torchrun`` stops them.
         """
         if self.created and dist.is_initialized():
             if completed:
