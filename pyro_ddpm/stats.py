@@ -66,8 +66,9 @@ def per_dim(nats, dims: int, discrete: bool = True):
 
 
 def bits_per_dim(nats, dims: int):
-    """nats / (D ln 2): a code length in nats per datum of D dimensions as bits per dimension."""
-    return nats / (dims * LN2)
+    """nats / (D ln 2): a code length in nats per datum of D dimensions as bits per dimension (:func:`per_dim`
+    of discrete data)."""
+    return per_dim(nats, dims)
 
 
 def unit_scale(dims: int, discrete: bool = True) -> float:
