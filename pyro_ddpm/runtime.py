@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from pyro import poutine
 
+from pyro_ddpm.options import positive
+
 AUTO_DEVICE = "auto"
 DEVICE_HELP = "cpu, cuda, cuda:N, or auto: CUDA when torch sees a GPU, else the CPU"
 THREADS_HELP = (
@@ -251,8 +253,8 @@ def torch_threads(threads: int | None):
     """``torch.set_num_threads(threads)`` inside, restored after; None: :func:`default_threads`."""
     if threads is None:
         threads = default_threads()
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    if threads is not None:
+        positive("threads", threads)
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))
@@ -281,8 +283,8 @@ def parallelism(device: str, threads: int | None, runs: int, jobs: int | None = 
     thread count (``$OMP_NUM_THREADS``, ``--threads``, or torch's choice: the physical cores). Runs on a
     GPU share one process. ``jobs`` fixes the number of training processes.
     """
-    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
-        raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
+    if jobs is not None:
+        positive("jobs", jobs)
     budget = torch.get_num_threads()
     if jobs is None:
         if device != "cpu":
