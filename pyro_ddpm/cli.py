@@ -178,11 +178,10 @@ def cmd_compare(args) -> int:
         raise e.with_hint(
             "the same pyro-ddpm compare command (finished arms are kept, unfinished ones resume)"
         ) from None
-    runs = [Path(args.out) / (a if len(o.seeds) == 1 else f"{a}-seed{s}") for a in chosen for s in o.seeds]
     print("written: " + ", ".join(str(p) for p in result["paths"].values()))
     print(
         "runs (checkpoint.pt, metrics.jsonl, bound_test.nc/.json, samples.pt in each): "
-        + ", ".join(str(r) for r in runs)
+        + ", ".join(str(r) for r in result["runs"])
     )
     return 0
 

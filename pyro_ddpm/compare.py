@@ -362,7 +362,8 @@ def compare(
     jobs: int | None = None,
     log=print,
 ) -> dict:
-    """Train, measure and report every arm and seed; return the aggregated table and the paths.
+    """Train, measure and report every arm and seed; return the aggregated table, the files written
+    (``paths``) and the run folders (``runs``, arm by arm, seed by seed).
 
     :param arms: ``{name: TrainConfig overrides}`` (default: the data set's default arms).
     :param num_samples: samples per model for the sample scores (default: the data set's ``samples``
@@ -399,7 +400,7 @@ def compare(
             log(f"\n== arm {arm}, seed {seed} ==\n{format_summary(r['bound'])}\n{_scores(r)}")
     results = {a: [done[a, s] for s in seeds] for a in arms}
     baselines = _baselines(dataset, limit, seeds[0], vae, vae_settings, log)
-    return report(results, baselines, base, dataset, arms, seeds, out, log)
+    return {**report(results, baselines, base, dataset, arms, seeds, out, log), "runs": list(runs.values())}
 
 
 def _train_side_by_side(configs: dict, runs: dict, jobs: int, threads: int, log) -> None:
