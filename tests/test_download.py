@@ -233,6 +233,7 @@ def test_the_commands_download_on_request(www, tmp_path, capsys, monkeypatch):
     # compare fetches before anything trains
     shutil.rmtree(www["cache"])
     seen = []
-    monkeypatch.setattr(pyro_ddpm.cli, "compare", lambda config, out, **kw: seen.append(config.data) or {"paths": {}})
+    nothing = {"paths": {}, "runs": []}  # what compare returns: the files written and the run folders
+    monkeypatch.setattr(pyro_ddpm.cli, "compare", lambda config, out, **kw: seen.append(config.data) or nothing)
     assert main(["compare", "--data", "cifar10", "--download", "--no-progress", "--out", str(tmp_path / "c")]) == 0
     assert seen == ["cifar10"] and listing(www["cache"] / "cifar10") == ["cifar-10-python.tar.gz"]
